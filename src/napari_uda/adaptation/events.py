@@ -1,0 +1,98 @@
+"""Typed events the adaptation engine yields, and the result it returns.
+
+The UI and the CLI only ever see these: data flows volume -> preprocessing -> model -> method ->
+events -> UI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..core.inference import Prediction
+from ..core.models.adapter import ModelAdapter
+
+
+@dataclass
+class AdaptationEvent:
+    """Progress after one optimiser step.
+
+    Attributes:
+        step: steps done so far (1-based).
+        total_steps: planned steps (the run may end earlier).
+        epoch: current epoch (1-based).
+        losses: named losses of this step (``total`` first).
+        elapsed_seconds: wall time since the run started.
+        mean_entropy: mean normalised entropy of the target prediction (last evaluation).
+        agreement_dice: label-free agreement Dice (method-specific; last value).
+        change_since_start: fraction of target voxels whose label changed since the start.
+        foreground_fraction: per class, fraction of voxels predicted as that class.
+        reference_dice: per foreground class, Dice against the reference (QA only), or None.
+        evaluated: whether the label-free signals were recomputed at this step.
+        preview: an intermediate prediction on the source grid (every N steps), or None.
+        message: a short human note (e.g. "collapse detected: foreground vanished").
+    """
+
+    step: int
+    total_steps: int
+    epoch: int
+    losses: dict[str, float]
+    elapsed_seconds: float
+    mean_entropy: float | None = None
+    agreement_dice: float | None = None
+    change_since_start: float | None = None
+    foreground_fraction: list[float] | None = None
+    reference_dice: list[float] | None = None
+    evaluated: bool = False
+    preview: Prediction | None = None
+    message: str = ""
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able dict without the preview (for histories and reports)."""
+        record = asdict(self)
+        record.pop("preview", None)
+        return record
+
+
+@dataclass
+class CheckpointChoice:
+    """Which weights the result holds, and why."""
+
+    step: int
+    reason: str
+    score: float | None = None
+
+
+@dataclass
+class AdaptationResult:
+    """What a finished (or stopped) run returns.
+
+    Attributes:
+        model: the adapted model (a copy; the user's model is untouched).
+        prediction: final prediction with the kept checkpoint, on the source grid.
+        initial_prediction: the unadapted model's prediction, on the source grid.
+        history: one record per step (:meth:`AdaptationEvent.to_record`).
+        checkpoint: which checkpoint was kept and why.
+        stopped: the caller asked to stop before the planned end.
+        stop_reason: why the run ended ("completed", "converged: ...", "stopped by user", ...).
+        seconds: wall time of the run.
+        method: the method's registry name.
+        settings: the settings used, as a dict.
+        reference_dice_before / reference_dice_after: Dice per class vs. the reference, if any.
+    """
+
+    model: ModelAdapter
+    prediction: Prediction
+    initial_prediction: Prediction
+    history: list[dict[str, Any]]
+    checkpoint: CheckpointChoice
+    stopped: bool
+    stop_reason: str
+    seconds: float
+    method: str
+    settings: dict[str, Any]
+    seed: int | None = None
+    device: str = "cpu"
+    reference_dice_before: list[float] | None = None
+    reference_dice_after: list[float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

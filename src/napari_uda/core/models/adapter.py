@@ -1,0 +1,215 @@
+"""The model adapter interface: everything the engine and the UI need to know about a model.
+
+An adapter wraps one network and says how a volume becomes network input, how output goes back
+onto the scan's grid, which features it exposes (early head, bottleneck, BatchNorm) and which
+parameter groups an adaptation method may update. The product's own U-Net bundles are one
+adapter (:class:`UNetBundleAdapter`); TorchScript models are another; third parties register
+more under the entry-point group ``napari_uda.model_adapters``.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..preprocessing import PreparedVolume, prepare_volume
+from ..volume import Volume
+from .bundle import ModelBundle, SourcePack
+from .unet import UNet2D
+
+#: Capabilities an adapter can declare; methods list the ones they need.
+EARLY_HEAD = "early_head"
+BOTTLENECK = "bottleneck"
+BATCHNORM = "batchnorm"
+NORM_AFFINE = "norm_affine"
+SOURCE_PACK = "source_pack"
+SOURCE_STATISTICS = "source_statistics"
+
+NORM_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+)
+
+
+@dataclass
+class ForwardOutputs:
+    """One forward pass: logits (B, C, ...), and where the model has them, the early head's
+    logits and the bottleneck features."""
+
+    logits: torch.Tensor
+    early_logits: torch.Tensor | None = None
+    bottleneck: torch.Tensor | None = None
+
+
+@dataclass
+class ModelInfo:
+    """What the UI shows about a model."""
+
+    name: str
+    class_names: list[str]
+    spatial_dims: int
+    norm_type: str
+    spacing: tuple[float, ...] | None
+    capabilities: set[str] = field(default_factory=set)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def norm_layers(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, NORM_TYPES)]
+
+
+def norm_affine_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Affine (scale and shift) parameters of every normalisation layer."""
+    params = []
+    for layer in norm_layers(module):
+        for name in ("weight", "bias"):
+            value = getattr(layer, name, None)
+            if isinstance(value, nn.Parameter):
+                params.append(value)
+    return params
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class ModelAdapter(ABC):
+    """A model the product can predict with and adapt.
+
+    Subclasses hold the network in :attr:`network` (an ``nn.Module`` mapping a batch of inputs to
+    logits) and implement :meth:`prepare`. Methods work on copies made by :meth:`clone`.
+    """
+
+    network: nn.Module
+    class_names: list[str]
+    spatial_dims: int = 2
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @abstractmethod
+    def prepare(self, volume: Volume) -> PreparedVolume:
+        """Turn a volume into network input (with the inverse mapping)."""
+
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """Name, classes, norm type, spacing and capabilities for display."""
+
+    def forward(self, inputs: torch.Tensor, *, features: bool = False) -> ForwardOutputs:
+        """Run the network; with ``features`` also the early logits and bottleneck if any."""
+        return ForwardOutputs(self.network(inputs))
+
+    @property
+    def capabilities(self) -> set[str]:
+        return self.info().capabilities
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named parameter subsets a method may update: ``norm``, ``early``, ``all``."""
+        groups = {"all": [p for p in self.network.parameters()]}
+        norm = norm_affine_parameters(self.network)
+        if norm:
+            groups["norm"] = norm
+        return groups
+
+    def clone(self) -> ModelAdapter:
+        """A deep copy whose network can be trained without touching this one."""
+        return copy.deepcopy(self)
+
+    def source_pack(self) -> SourcePack | None:
+        return None
+
+    def source_statistics(self) -> dict:
+        return {}
+
+    def source_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class UNetBundleAdapter(ModelAdapter):
+    """The product's own 2D U-Net bundles."""
+
+    spatial_dims = 2
+
+    def __init__(self, bundle: ModelBundle, name: str = "bundle"):
+        self.bundle = bundle
+        self.network: UNet2D = bundle.build_model()
+        self.class_names = list(bundle.class_names)
+        self.name = name
+
+    def prepare(self, volume: Volume) -> PreparedVolume:
+        return prepare_volume(volume, self.bundle.preprocessing)
+
+    def forward(self, inputs: torch.Tensor, *, features: bool = False) -> ForwardOutputs:
+        if not features:
+            return ForwardOutputs(self.network(inputs))
+        out = self.network.forward_features(inputs)
+        return ForwardOutputs(out.logits, out.early_logits, out.bottleneck)
+
+    def info(self) -> ModelInfo:
+        config = self.bundle.architecture
+        caps = {BOTTLENECK, NORM_AFFINE}
+        if config.early_head:
+            caps.add(EARLY_HEAD)
+        if config.norm == "batch":
+            caps.add(BATCHNORM)
+        if self.bundle.source_pack is not None and len(self.bundle.source_pack):
+            caps.add(SOURCE_PACK)
+        if self.bundle.source_statistics or self.bundle.source_tensors:
+            caps.add(SOURCE_STATISTICS)
+        return ModelInfo(
+            name=self.name,
+            class_names=self.class_names,
+            spatial_dims=2,
+            norm_type=config.norm,
+            spacing=self.bundle.preprocessing.target_spacing,
+            capabilities=caps,
+            details={
+                "architecture": config.to_dict(),
+                "preprocessing": self.bundle.preprocessing.to_dict(),
+                "provenance": self.bundle.provenance,
+                "source_pack_slices": len(self.bundle.source_pack)
+                if self.bundle.source_pack
+                else 0,
+            },
+        )
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = super().parameter_groups()
+        groups["early"] = self.network.early_parameters()
+        return groups
+
+    def source_pack(self) -> SourcePack | None:
+        return self.bundle.source_pack
+
+    def source_statistics(self) -> dict:
+        return self.bundle.source_statistics
+
+    def source_tensors(self) -> dict[str, torch.Tensor]:
+        return self.bundle.source_tensors
+
+    def to_bundle(self, provenance_update: dict | None = None) -> ModelBundle:
+        """The current weights as a new bundle (for saving an adapted model)."""
+        provenance = dict(self.bundle.provenance)
+        if provenance_update:
+            provenance.update(provenance_update)
+        return ModelBundle.from_model(
+            self.network,
+            self.class_names,
+            self.bundle.preprocessing,
+            provenance=provenance,
+            source_statistics=dict(self.bundle.source_statistics),
+            source_tensors=dict(self.bundle.source_tensors),
+            source_pack=self.bundle.source_pack,
+        )

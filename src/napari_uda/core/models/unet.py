@@ -1,0 +1,135 @@
+"""The 2D U-Net of the papers, with an early-feature segmentation head and a bottleneck tap.
+
+* Mean Teacher (Perone et al. 2019) uses a U-Net with GroupNorm and dropout.
+* UDAS (Sheikh & Schultz) adds an *early segmentation head* on the features of the first
+  resolution level; during adaptation only the layers shared by both heads (the first encoder
+  block) update.
+* AIVA aligns *bottleneck* features between sites.
+
+:meth:`UNet2D.forward` returns logits; :meth:`UNet2D.forward_features` returns logits, early
+logits and bottleneck features in one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+NormType = Literal["batch", "group", "instance"]
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of :class:`UNet2D`.
+
+    Attributes:
+        in_channels: image channels. Default 1.
+        num_classes: output classes including background (softmax). Default 2.
+        base_channels: features of the first level, doubled at each level. Default 16.
+        depth: number of down-sampling steps (input sides must be multiples of 2**depth).
+            Default 4.
+        norm: ``"batch"`` (default; lets AdaBN re-estimate statistics), ``"group"`` (Perone et
+            al.) or ``"instance"``.
+        groups: groups for GroupNorm. Default 8.
+        dropout: dropout rate in every block. Default 0.1.
+        early_head: add the UDAS early segmentation head. Default True.
+    """
+
+    in_channels: int = 1
+    num_classes: int = 2
+    base_channels: int = 16
+    depth: int = 4
+    norm: NormType = "batch"
+    groups: int = 8
+    dropout: float = 0.1
+    early_head: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> UNetConfig:
+        return cls(**values)
+
+
+class UNetOutputs(NamedTuple):
+    logits: torch.Tensor
+    early_logits: torch.Tensor | None
+    bottleneck: torch.Tensor
+
+
+def make_norm(kind: NormType, channels: int, groups: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(groups, channels), channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    raise ValueError(f"unknown norm type {kind!r}; choose batch, group or instance")
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by normalisation and ReLU, then dropout."""
+
+    def __init__(self, cin: int, cout: int, norm: NormType, groups: int, dropout: float):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            make_norm(norm, cout, groups),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            make_norm(norm, cout, groups),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
+        )
+
+
+class UNet2D(nn.Module):
+    """2D U-Net. ``encoders[0]`` is the *early* block shared by the final and the early head."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = config = config or UNetConfig()
+        widths = [config.base_channels * 2**level for level in range(config.depth + 1)]
+        block = lambda cin, cout: ConvBlock(cin, cout, config.norm, config.groups, config.dropout)  # noqa: E731
+        self.encoders = nn.ModuleList(
+            [block(config.in_channels, widths[0])]
+            + [block(widths[i - 1], widths[i]) for i in range(1, config.depth)]
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = block(widths[config.depth - 1], widths[config.depth])
+        self.upsamples = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+            for i in reversed(range(config.depth))
+        )
+        self.decoders = nn.ModuleList(
+            block(2 * widths[i], widths[i]) for i in reversed(range(config.depth))
+        )
+        self.head = nn.Conv2d(widths[0], config.num_classes, 1)
+        self.early_head = nn.Conv2d(widths[0], config.num_classes, 1) if config.early_head else None
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def early_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the early block shared by both heads (what UDAS updates)."""
+        return list(self.encoders[0].parameters())
+
+    def forward_features(self, x: torch.Tensor) -> UNetOutputs:
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+            x = self.pool(x)
+        bottleneck = self.bottleneck(x)
+        x = bottleneck
+        for upsample, decoder, skip in zip(self.upsamples, self.decoders, reversed(skips)):
+            x = decoder(torch.cat([upsample(x), skip], dim=1))
+        early = self.early_head(skips[0]) if self.early_head is not None else None
+        return UNetOutputs(self.head(x), early, bottleneck)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).logits
