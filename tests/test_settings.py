@@ -1,0 +1,66 @@
+"""Typed settings: documented fields, CLI parsing, bounds and choices."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from napari_uda.settings import (
+    SettingsError,
+    apply_overrides,
+    describe,
+    setting,
+    settings_to_dict,
+)
+
+
+@dataclass
+class ExampleSettings:
+    epochs: int = setting(10, "Passes over the data.", min=1, max=100)
+    rate: float = setting(1e-3, "Learning rate.", min=0.0)
+    loss: Literal["mse", "ce"] = setting("mse", "Consistency loss.")
+    balanced: bool = setting(False, "Balance classes.")
+    prior: tuple | None = setting(None, "Class-ratio prior.")
+
+
+def test_describe_lists_documented_fields_in_order():
+    specs = describe(ExampleSettings)
+    assert [s.name for s in specs] == ["epochs", "rate", "loss", "balanced", "prior"]
+    assert specs[0].help == "Passes over the data." and specs[0].min == 1 and specs[0].max == 100
+    assert specs[2].choices == ("mse", "ce")
+
+
+def test_overrides_parse_each_type():
+    result = apply_overrides(
+        ExampleSettings(),
+        ["epochs=3", "rate=0.5", "loss=ce", "balanced=yes", "prior=0.8,0.2"],
+    )
+    assert result == ExampleSettings(3, 0.5, "ce", True, (0.8, 0.2))
+    assert ExampleSettings().epochs == 10  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("epochs=0", "below the minimum"),
+        ("epochs=x", "not a valid int"),
+        ("loss=dice", "not one of"),
+        ("unknown=1", "unknown setting"),
+        ("epochs", "expected key=value"),
+    ],
+)
+def test_bad_overrides_give_one_readable_line(override, message):
+    with pytest.raises(SettingsError, match=message) as info:
+        apply_overrides(ExampleSettings(), [override])
+    assert "\n" not in str(info.value)
+
+
+def test_dict_overrides_are_checked_too():
+    assert apply_overrides(ExampleSettings(), {"epochs": 5}).epochs == 5
+    with pytest.raises(SettingsError):
+        apply_overrides(ExampleSettings(), {"epochs": 500})
+
+
+def test_settings_to_dict_is_json_ready():
+    values = settings_to_dict(apply_overrides(ExampleSettings(), ["prior=0.5,0.5"]))
+    assert values["prior"] == [0.5, 0.5]
