@@ -10,18 +10,59 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.casting import able_int_type
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Orientation (nibabel ``ornt``) of the canonical grid: axes in order, all positive (RAS+).
+CANONICAL_ORNT = np.array([[0, 1], [1, 1], [2, 1]])
 
 
 class VolumeError(ValueError):
     """A file that is not a usable 3D NIfTI volume; the message is one readable line."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message squeezed onto one line (its type name if it has no message)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; it replaces ``path`` only on success.
+
+    On any failure the temporary file is removed and an existing ``path`` is left untouched.
+    The result gets the usual permissions (``0o666`` less the umask). ``suffix`` is the
+    temporary file's suffix, for writers that choose the format from it (default none).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o666 & ~_UMASK)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
@@ -68,33 +109,55 @@ class Volume:
         return Volume(data, self.affine.copy(), self.header, None, self._canonical_ornt)
 
     # -- orientation --------------------------------------------------------------------------
+    def _to_canonical_transform(self) -> np.ndarray:
+        return ornt_transform(io_orientation(self.affine), CANONICAL_ORNT)
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        """The affine of :meth:`to_canonical`'s grid, without touching the data."""
+        transform = self._to_canonical_transform()
+        return self.affine @ inv_ornt_aff(transform, self.data.shape[:3])
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        """The shape of :meth:`to_canonical`'s grid, without touching the data."""
+        shape = [0, 0, 0]
+        for axis, (new_axis, _flip) in enumerate(self._to_canonical_transform()):
+            shape[int(new_axis)] = self.data.shape[axis]
+        return tuple(shape)
+
     def to_canonical(self) -> Volume:
         """The same volume with axes permuted and flipped to the closest RAS+ orientation."""
-        ornt = io_orientation(self.affine)
-        target = np.array([[0, 1], [1, 1], [2, 1]])
-        transform = ornt_transform(ornt, target)
+        transform = self._to_canonical_transform()
         data = apply_orientation(self.data, transform)
         affine = self.affine @ inv_ornt_aff(transform, self.data.shape[:3])
         return Volume(np.ascontiguousarray(data), affine, self.header, self.path, transform)
 
     def from_canonical(self, canonical_data: np.ndarray) -> Volume:
-        """Map an array on this volume's canonical grid back onto this volume's own grid."""
-        canonical = self.to_canonical()
-        if canonical_data.shape[:3] != canonical.data.shape[:3]:
+        """Map an array on this volume's canonical grid back onto this volume's own grid.
+
+        Extra trailing axes (for example classes) are carried along.
+        """
+        canonical_shape = self.canonical_shape
+        if canonical_data.shape[:3] != canonical_shape:
             raise VolumeError(
                 f"canonical data of shape {canonical_data.shape} does not fit the canonical "
-                f"grid {canonical.data.shape}"
+                f"grid {canonical_shape}"
             )
-        back = ornt_transform(np.array([[0, 1], [1, 1], [2, 1]]), io_orientation(self.affine))
+        back = ornt_transform(CANONICAL_ORNT, io_orientation(self.affine))
         data = apply_orientation(canonical_data, back)
         return self.with_data(np.ascontiguousarray(data))
 
 
 def load_volume(path: str | os.PathLike, *, allow_4d_singleton: bool = True) -> Volume:
-    """Read a 3D NIfTI file, keeping its affine and header.
+    """Read a 3D NIfTI file into memory, keeping its affine and header.
+
+    Trailing singleton dimensions (a 4D file with one volume) are dropped unless
+    ``allow_4d_singleton`` is False (default True).
 
     Raises:
-        VolumeError: the file is missing, not NIfTI, not 3D, or holds NaN/inf values.
+        VolumeError: the file is missing, not NIfTI, not 3D, empty, not real-valued, or holds
+            NaN/inf values; the message is one line naming the file.
     """
     path = Path(path)
     if not path.exists():
@@ -104,18 +167,40 @@ def load_volume(path: str | os.PathLike, *, allow_4d_singleton: bool = True) -> 
     if not is_nifti_path(path):
         raise VolumeError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(path), mmap=False)  # read into memory: nothing ties us to the file
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many kinds for foreign or corrupt files
-        raise VolumeError(f"{path}: cannot be read as NIfTI ({error})") from error
-    if data.ndim == 4 and allow_4d_singleton and data.shape[3] == 1:
+        raise VolumeError(f"{path}: cannot be read as NIfTI ({one_line(error)})") from error
+    while data.ndim > 3 and allow_4d_singleton and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeError(f"{path}: expected a 3D volume, got {data.ndim}D of shape {data.shape}")
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+    if data.size == 0:
+        raise VolumeError(f"{path}: the volume is empty (shape {data.shape})")
+    if data.dtype.kind not in "biuf":
+        raise VolumeError(f"{path}: holds {data.dtype} values; expected real numbers")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise VolumeError(f"{path}: holds NaN or infinite values")
     header = image.header.copy()
     return Volume(np.asarray(data), image.affine.copy(), header, path)
+
+
+def output_dtype(data: np.ndarray) -> np.dtype:
+    """The data type a volume is written with when none is asked for.
+
+    The array's own type, except those NIfTI readers handle badly: booleans become uint8,
+    64-bit integers the smallest integer type that holds their range, float16 float32.
+    """
+    dtype = data.dtype
+    if dtype.kind == "b":
+        return np.dtype(np.uint8)
+    if dtype in (np.int64, np.uint64):
+        if data.size == 0:
+            return np.dtype(np.uint8)
+        return np.dtype(able_int_type([int(data.min()), int(data.max())]) or np.int64)
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    return dtype
 
 
 def save_volume(
@@ -127,8 +212,13 @@ def save_volume(
 ) -> Path:
     """Write ``volume`` to ``path`` atomically (temporary file in the same folder, then rename).
 
-    The source header is reused (so descriptions, units, qform/sform codes carry over) with the
-    data type set to ``dtype`` (default: the array's own) and the scaling reset.
+    The source header is reused (so descriptions, units, qform/sform codes carry over; codes of
+    0 become 1, scanner) with the data type set to ``dtype`` (default: :func:`output_dtype` of
+    the array), the scaling reset and the display range cleared. If writing fails nothing is
+    left behind and an existing file at ``path`` is untouched.
+
+    Raises:
+        VolumeError: bad output name, existing file without ``overwrite``, or a write error.
     """
     path = Path(path)
     if not is_nifti_path(path):
@@ -136,30 +226,26 @@ def save_volume(
     if path.exists() and not overwrite:
         raise VolumeError(f"{path}: exists already; choose another name or allow overwriting")
     data = np.asarray(volume.data)
-    if dtype is not None:
-        data = data.astype(dtype)
-    header = volume.header.copy() if volume.header is not None else None
-    if header is not None and not isinstance(header, nib.Nifti1Header):
-        header = None
-    image = nib.Nifti1Image(data, volume.affine, header=header)
-    image.header.set_data_dtype(data.dtype)
-    image.header.set_slope_inter(1.0, 0.0)
-    if header is not None:
-        image.set_qform(volume.affine, code=int(header["qform_code"]) or 1)
-        image.set_sform(volume.affine, code=int(header["sform_code"]) or 1)
-    else:
-        image.set_qform(volume.affine, code=1)
-        image.set_sform(volume.affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
+    data = data.astype(dtype if dtype is not None else output_dtype(data), copy=False)
+    header = volume.header.copy() if isinstance(volume.header, nib.Nifti1Header) else None
+    image_type = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     try:
-        nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        image = image_type(data, volume.affine, header=header)
+        image.header.set_data_dtype(data.dtype)
+    except Exception as error:  # nibabel refuses some data types
+        raise VolumeError(f"{path}: cannot be written as NIfTI ({one_line(error)})") from error
+    image.header.set_slope_inter(1.0, 0.0)
+    image.header["cal_min"] = image.header["cal_max"] = 0
+    qform_code = int(header["qform_code"]) if header is not None else 0
+    sform_code = int(header["sform_code"]) if header is not None else 0
+    image.set_qform(volume.affine, code=qform_code or 1)
+    image.set_sform(volume.affine, code=sform_code or 1)
+    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+    try:
+        with atomic_output(path, suffix=suffix) as temporary:
+            nib.save(image, temporary)
+    except OSError as error:
+        raise VolumeError(f"{path}: cannot be written ({one_line(error)})") from error
     return path
 
 
