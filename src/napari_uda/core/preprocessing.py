@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .volume import Volume
 
 Normalization = Literal["percentile_zscore", "zscore", "minmax", "none"]
+NORMALIZATIONS: tuple[str, ...] = ("percentile_zscore", "zscore", "minmax", "none")
 
 
 @dataclass
@@ -41,6 +42,21 @@ class PreprocessingConfig:
     target_spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0)
     slice_axis: int = 2
     pad_multiple: int = 16
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"unknown normalization {self.normalization!r}; choose one of "
+                f"{', '.join(NORMALIZATIONS)}"
+            )
+        if self.slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, not {self.slice_axis!r}")
+        if int(self.pad_multiple) < 1:
+            raise ValueError(f"pad_multiple must be at least 1, not {self.pad_multiple!r}")
+        if self.target_spacing is not None and (
+            len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
+        ):
+            raise ValueError("target_spacing must be 3 positive sizes in mm or None")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,11 +88,16 @@ def normalize_intensity(data: np.ndarray, config: PreprocessingConfig) -> np.nda
 
 
 def resample_channels(array: np.ndarray | torch.Tensor, shape: tuple[int, ...], *, nearest=False):
-    """Resample a (C, X, Y, Z) array to ``shape`` (trilinear, or nearest for labels)."""
+    """Resample a (C, X, Y, Z) array to ``shape`` (trilinear, or nearest for labels).
+
+    Both modes keep the volume's extent: voxel centres sit at ``(i + 0.5) * old / new - 0.5``
+    (``align_corners=False``; ``nearest-exact``, not PyTorch's shifted ``nearest``), so
+    resampling there and back puts labels where they were.
+    """
     tensor = torch.as_tensor(array)
     if tuple(tensor.shape[1:]) == tuple(shape):
         return tensor
-    mode = "nearest" if nearest else "trilinear"
+    mode = "nearest-exact" if nearest else "trilinear"
     kwargs = {} if nearest else {"align_corners": False}
     resampled = F.interpolate(tensor[None].float(), size=tuple(shape), mode=mode, **kwargs)[0]
     return resampled
@@ -116,6 +137,20 @@ class PreparedVolume:
     def num_slices(self) -> int:
         return int(self.inputs.shape[0])
 
+    @property
+    def model_affine(self) -> np.ndarray:
+        """Voxel-to-world (mm) matrix of the model grid (canonical axes, resampled)."""
+        ratio = np.asarray(self.canonical_shape, float) / np.asarray(self.model_shape, float)
+        index_map = np.eye(4)
+        index_map[:3, :3] = np.diag(ratio)
+        index_map[:3, 3] = 0.5 * ratio - 0.5
+        return self.source.canonical_affine @ index_map
+
+    @property
+    def model_spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm of the model grid (close to ``config.target_spacing``)."""
+        return tuple(float(v) for v in np.sqrt((self.model_affine[:3, :3] ** 2).sum(axis=0)))
+
     def slices_to_model_grid(self, outputs: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(N, C, H, W) network output -> (C, X, Y, Z) on the model grid (padding removed)."""
         outputs = torch.as_tensor(outputs)
@@ -125,13 +160,19 @@ class PreparedVolume:
         outputs = outputs.permute(1, 0, 2, 3)
         return torch.movedim(outputs, 1, 1 + self.slice_axis)
 
-    def model_grid_to_slices(self, channels: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(C, X, Y, Z) on the model grid -> (N, C, H, W) padded like :attr:`inputs`."""
+    def model_grid_to_slices(
+        self, channels: torch.Tensor | np.ndarray, value: float = 0.0
+    ) -> torch.Tensor:
+        """(C, X, Y, Z) on the model grid -> (N, C, H, W) padded like :attr:`inputs`.
+
+        Padding holds ``value`` (default 0, the background label; :attr:`inputs` is padded with
+        the image's minimum).
+        """
         channels = torch.as_tensor(channels)
         slices = torch.movedim(channels, 1 + self.slice_axis, 1).permute(1, 0, 2, 3)
         height, width = self.inputs.shape[-2:]
         pad = (0, width - slices.shape[-1], 0, height - slices.shape[-2])
-        return F.pad(slices, pad)
+        return F.pad(slices, pad, value=value)
 
     def to_source_grid(self, outputs: torch.Tensor | np.ndarray, *, nearest=False) -> np.ndarray:
         """Map (N, C, H, W) slice outputs back to (C, *source.shape) on the source grid."""
@@ -141,14 +182,18 @@ class PreparedVolume:
         back = self.source.from_canonical(canonical).data
         return np.ascontiguousarray(np.moveaxis(back, -1, 0))
 
-    def labels_to_slices(self, labels: Volume) -> torch.Tensor:
-        """A label volume on the source grid -> (N, H, W) int64 slices aligned with inputs."""
-        if labels.shape != self.source.shape:
+    def labels_to_slices(self, labels: Volume | np.ndarray) -> torch.Tensor:
+        """A label map on the source grid -> (N, H, W) int64 slices aligned with :attr:`inputs`.
+
+        ``labels`` (a volume or a bare array) must be voxel for voxel on the image's grid; the
+        image's affine is used to orient it. Resampling is nearest-neighbour.
+        """
+        data = np.asarray(labels.data if isinstance(labels, Volume) else labels)
+        if data.shape != self.source.shape:
             raise ValueError(
-                f"labels of shape {labels.shape} do not match the image of shape "
-                f"{self.source.shape}"
+                f"labels of shape {data.shape} do not match the image of shape {self.source.shape}"
             )
-        canonical = labels.with_data(np.asarray(labels.data)).to_canonical().data
+        canonical = self.source.with_data(data).to_canonical().data
         channels = torch.as_tensor(np.asarray(canonical, dtype=np.float32))[None]
         channels = resample_channels(channels, self.model_shape, nearest=True)
         return self.model_grid_to_slices(channels)[:, 0].round().long()
