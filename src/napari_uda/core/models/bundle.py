@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
 
 from ..preprocessing import PreprocessingConfig
+from ..volume import atomic_output, one_line
 from .unet import UNet2D, UNetConfig
 
 BUNDLE_FORMAT = "napari-uda-bundle"
@@ -30,6 +33,49 @@ METADATA_KEY = "napari_uda"
 
 class BundleError(ValueError):
     """A file that is not a usable napari-uda bundle; the message is one readable line."""
+
+
+#: First bytes of files napari-uda refuses to open because loading them can run code.
+_PICKLE_SIGNATURES = {b"PK\x03\x04": "a PyTorch checkpoint, a zip of pickles", b"\x80": "a pickle"}
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for the values provenance and statistics commonly hold (numpy, paths, tensors)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    if isinstance(value, (Path, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} values cannot be stored in a bundle header")
+
+
+def weights_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str | None:
+    """One line saying how ``state_dict`` does not fit ``model``, or ``None`` if it fits."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    reshaped = [
+        key
+        for key in expected
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)
+    ]
+    if not (missing or unexpected or reshaped):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if reshaped:
+        key = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} of another shape (e.g. {key}: {list(state_dict[key].shape)} in "
+            f"the file, {list(expected[key].shape)} in the architecture)"
+        )
+    return "weights do not fit the architecture: " + "; ".join(parts)
 
 
 @dataclass
@@ -78,107 +124,184 @@ class ModelBundle:
         return cls(model.config, list(class_names), preprocessing, state, **extra)
 
     def build_model(self) -> UNet2D:
-        """A fresh :class:`UNet2D` with the bundle's weights, in eval mode on the CPU."""
-        model = UNet2D(self.architecture)
+        """A fresh :class:`UNet2D` with the bundle's weights, in eval mode on the CPU.
+
+        Raises:
+            BundleError: the architecture is invalid or the weights do not fit it (one line).
+        """
+        try:
+            model = UNet2D(self.architecture)
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise BundleError(f"invalid architecture ({one_line(error)})") from error
+        problem = weights_mismatch(model, self.state_dict)
+        if problem is not None:
+            raise BundleError(problem)
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as error:
-            first = str(error).splitlines()[0]
-            raise BundleError(f"weights do not fit the architecture: {first}") from error
+            raise BundleError(f"weights do not fit the architecture: {one_line(error)}") from error
         return model.eval()
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the bundle to ``path`` atomically."""
-        path = Path(path)
-        tensors = {f"model.{key}": value.contiguous() for key, value in self.state_dict.items()}
-        for key, value in self.source_tensors.items():
-            tensors[f"source_stats.{key}"] = value.detach().cpu().contiguous()
-        if self.source_pack is not None:
-            tensors["source_pack.images"] = self.source_pack.images.half().contiguous()
-            tensors["source_pack.labels"] = self.source_pack.labels.to(torch.uint8).contiguous()
-        header = {
+    def header(self) -> dict:
+        """The JSON header stored under the metadata key ``napari_uda``."""
+        return {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
             "architecture": {"name": "unet2d", **self.architecture.to_dict()},
-            "class_names": self.class_names,
+            "class_names": list(self.class_names),
             "preprocessing": self.preprocessing.to_dict(),
             "provenance": self.provenance,
             "source_statistics": self.source_statistics,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(handle)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bundle to ``path`` atomically (nothing is left behind if writing fails).
+
+        Raises:
+            BundleError: class names and classes disagree, or a header value is not JSON-able.
+        """
+        path = Path(path)
+        if len(self.class_names) != self.architecture.num_classes:
+            raise BundleError(
+                f"{path}: {len(self.class_names)} class names for a model with "
+                f"{self.architecture.num_classes} classes"
+            )
+        tensors = {
+            f"model.{key}": value.detach().cpu().contiguous()
+            for key, value in self.state_dict.items()
+        }
+        for key, value in self.source_tensors.items():
+            tensors[f"source_stats.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        if self.source_pack is not None:
+            images = self.source_pack.images.detach().cpu()
+            tensors["source_pack.images"] = images.half().contiguous()
+            tensors["source_pack.labels"] = (
+                self.source_pack.labels.cpu().to(torch.uint8).contiguous()
+            )
         try:
-            save_file(tensors, temporary, metadata={METADATA_KEY: json.dumps(header)})
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+            header = json.dumps(self.header(), default=_json_default)
+        except (TypeError, ValueError) as error:
+            raise BundleError(
+                f"{path}: cannot store the bundle header ({one_line(error)})"
+            ) from error
+        with atomic_output(path) as temporary:
+            save_file(tensors, str(temporary), metadata={METADATA_KEY: header})
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelBundle:
-        """Read a bundle; raises :class:`BundleError` with one line naming the file."""
+        """Read a bundle without executing anything from the file.
+
+        Raises:
+            BundleError: missing, foreign, corrupt, too new, or weights that do not fit; the
+                message is one line naming the file.
+        """
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"{path}: no such model bundle")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+                header = _parse_header(metadata)
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except _HeaderError as error:
             raise BundleError(f"{path}: not a napari-uda model bundle ({error})") from error
-        try:
-            header = json.loads(metadata[METADATA_KEY])
-        except (KeyError, json.JSONDecodeError) as error:
+        except BundleError as error:
+            raise BundleError(f"{path}: {error}") from error
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise BundleError(
-                f"{path}: not a napari-uda model bundle (no bundle header)"
+                f"{path}: not a napari-uda model bundle ({_describe(path, error)})"
             ) from error
-        if header.get("format") != BUNDLE_FORMAT:
-            raise BundleError(
-                f"{path}: not a napari-uda model bundle (format {header.get('format')!r})"
-            )
-        if int(header.get("version", 0)) > BUNDLE_VERSION:
-            raise BundleError(
-                f"{path}: bundle version {header['version']} is newer than this napari-uda "
-                f"understands ({BUNDLE_VERSION}); update napari-uda"
-            )
+        try:
+            return cls._from_parts(header, tensors)
+        except BundleError as error:
+            raise BundleError(f"{path}: {error}") from error
+
+    @classmethod
+    def _from_parts(cls, header: dict, tensors: dict[str, torch.Tensor]) -> ModelBundle:
         architecture = dict(header["architecture"])
         name = architecture.pop("name", "unet2d")
         if name != "unet2d":
-            raise BundleError(f"{path}: unknown architecture {name!r}")
+            raise BundleError(f"unknown architecture {name!r}")
         try:
             config = UNetConfig.from_dict(architecture)
             preprocessing = PreprocessingConfig.from_dict(header["preprocessing"])
-        except (TypeError, KeyError) as error:
-            raise BundleError(f"{path}: bundle header is incomplete ({error})") from error
-        state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        stats = {
-            k[len("source_stats.") :]: v
-            for k, v in tensors.items()
-            if k.startswith("source_stats.")
-        }
-        pack = None
-        if "source_pack.images" in tensors:
-            pack = SourcePack(
-                tensors["source_pack.images"].float(), tensors["source_pack.labels"].long()
+        except (TypeError, KeyError, ValueError) as error:
+            raise BundleError(f"bundle header is invalid ({one_line(error)})") from error
+        class_names = list(header.get("class_names") or [])
+        if not class_names:
+            class_names = [f"class {i}" for i in range(config.num_classes)]
+        if len(class_names) != config.num_classes:
+            raise BundleError(
+                f"{len(class_names)} class names for a model with {config.num_classes} classes"
             )
+        state = _strip(tensors, "model.")
+        if not state:
+            raise BundleError("holds no model weights")
+        pack = None
+        if "source_pack.images" in tensors or "source_pack.labels" in tensors:
+            images, labels = tensors.get("source_pack.images"), tensors.get("source_pack.labels")
+            if images is None or labels is None or images.ndim != 4 or labels.ndim != 3:
+                raise BundleError("source pack is incomplete (needs images and labels)")
+            if images.shape[0] != labels.shape[0] or images.shape[2:] != labels.shape[1:]:
+                raise BundleError(
+                    f"source pack images {list(images.shape)} and labels "
+                    f"{list(labels.shape)} do not match"
+                )
+            pack = SourcePack(images.float(), labels.long())
         bundle = cls(
             architecture=config,
-            class_names=list(
-                header.get("class_names") or [f"class {i}" for i in range(config.num_classes)]
-            ),
+            class_names=class_names,
             preprocessing=preprocessing,
             state_dict=state,
-            provenance=header.get("provenance", {}),
-            source_statistics=header.get("source_statistics", {}),
-            source_tensors=stats,
+            provenance=dict(header.get("provenance") or {}),
+            source_statistics=dict(header.get("source_statistics") or {}),
+            source_tensors=_strip(tensors, "source_stats."),
             source_pack=pack,
         )
-        try:
-            bundle.build_model()
-        except BundleError as error:
-            raise BundleError(f"{path}: {error}") from error
+        bundle.build_model()  # weights that do not fit fail now, not at prediction time
         return bundle
+
+
+class _HeaderError(ValueError):
+    """The safetensors file is fine but its napari-uda header is not."""
+
+
+def _parse_header(metadata: dict[str, str]) -> dict:
+    if METADATA_KEY not in metadata:
+        raise _HeaderError("a safetensors file without a napari-uda header")
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise _HeaderError(f"header is not JSON: {one_line(error)}") from error
+    if not isinstance(header, dict):
+        raise _HeaderError("header is not a JSON object")
+    if header.get("format") != BUNDLE_FORMAT:
+        raise _HeaderError(f"format {header.get('format')!r}")
+    try:
+        version = int(header.get("version", 0))
+    except (TypeError, ValueError) as error:
+        raise _HeaderError(f"version {header.get('version')!r} is not a number") from error
+    if version > BUNDLE_VERSION:
+        raise BundleError(
+            f"bundle version {version} is newer than this napari-uda understands "
+            f"({BUNDLE_VERSION}); update napari-uda"
+        )
+    for key in ("architecture", "preprocessing"):
+        if not isinstance(header.get(key), dict):
+            raise _HeaderError(f"header has no {key!r} section")
+    return header
+
+
+def _describe(path: Path, error: BaseException) -> str:
+    """Why a file could not be opened as safetensors, naming pickles for what they are."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    for signature, kind in _PICKLE_SIGNATURES.items():
+        if start.startswith(signature):
+            return f"it is {kind}, which napari-uda never loads because that could run code"
+    return f"not a valid safetensors file: {one_line(error)}"
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
