@@ -7,7 +7,14 @@ with :func:`napari_uda.settings.setting`), the capabilities it ``requires`` from
 * :meth:`AdaptationMethod.setup` once, before the first step (copy teachers, choose trainable
   parameters, build the optimiser, compute things that need no gradient);
 * :meth:`AdaptationMethod.step` once per optimiser step; returns the losses of that step;
-* :meth:`AdaptationMethod.finished` after each epoch, to stop early (UDAS's convergence rule).
+* :meth:`AdaptationMethod.end_epoch` after each epoch (e.g. refresh pseudo-labels), then
+  :meth:`AdaptationMethod.finished`, to stop early (UDAS's convergence rule);
+* :meth:`AdaptationMethod.report` at the end: facts for ``AdaptationResult.extra``.
+
+Helpers for methods: :meth:`AdaptationMethod.select_trainable` (freeze all but one parameter
+group, so gradients are computed only where parameters change), :meth:`~AdaptationMethod.make_adam`,
+:meth:`~AdaptationMethod.optimise` (mixed precision aware), :meth:`AdaptationContext.batch` and
+:meth:`AdaptationContext.predict_target` (a no-grad pass, reusing the engine's evaluation).
 
 The engine (:mod:`napari_uda.adaptation.engine`) owns the loop, cancellation, evaluation,
 events, the collapse guard and checkpoints; methods own only their losses and updates.
@@ -15,6 +22,7 @@ events, the collapse guard and checkpoints; methods own only their losses and up
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -22,10 +30,25 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
+from ..core.device import autocast
+from ..core.inference import predict_batches
 from ..core.models.adapter import ModelAdapter
 from ..core.models.bundle import SourcePack
 from ..settings import setting
+
+
+@contextlib.contextmanager
+def preserved_modes(network: nn.Module):
+    """Restore every submodule's train/eval mode on exit (``Module.train(mode)`` would set all
+    of them alike, which breaks methods that keep only some layers in training mode)."""
+    modes = {module: module.training for module in network.modules()}
+    try:
+        yield network
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 @dataclass
@@ -42,11 +65,13 @@ class CommonSettings:
 
 @dataclass
 class StepOutput:
-    """What one optimiser step reports: named losses (``total`` first) and optionally a
-    method-specific label-free agreement Dice (e.g. student/teacher, early/final)."""
+    """What one optimiser step reports: named losses (``total`` first), optionally a
+    method-specific label-free agreement Dice (e.g. student/teacher, early/final) and a short
+    note for the user (shown as the event's ``message``)."""
 
     losses: dict[str, float]
     agreement: float | None = None
+    message: str = ""
 
 
 @dataclass
@@ -62,6 +87,12 @@ class AdaptationContext:
         generator: seeded random generator for batches and augmentation.
         initial_probabilities: (N, C, ...) the source model's probabilities on the target,
             computed once with no gradient.
+        valid_mask: (N, 1, ...) boolean, True on image voxels and False on padding (None:
+            all voxels count).
+        mixed_precision: use float16 autocast in training steps (the engine sets it on CUDA
+            only).
+        inference_batch_size: slices per no-grad forward pass in :meth:`predict_target`.
+        steps_done: optimiser steps completed so far (kept by the engine).
     """
 
     model: ModelAdapter
@@ -72,10 +103,50 @@ class AdaptationContext:
     initial_probabilities: torch.Tensor
     source_pack: SourcePack | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    valid_mask: torch.Tensor | None = None
+    mixed_precision: bool = False
+    inference_batch_size: int = 32
+    steps_done: int = 0
+    _latest_prediction: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_target(self) -> int:
         return int(self.target_inputs.shape[0])
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target inputs and their valid-voxel mask at ``index``, on the device."""
+        inputs = self.target_inputs[index].to(self.device, non_blocking=True)
+        mask = None if self.valid_mask is None else self.valid_mask[index].to(self.device)
+        return inputs, mask
+
+    def autocast(self):
+        """Context for a training forward pass: float16 autocast on CUDA if enabled."""
+        return autocast(self.device, enabled=self.mixed_precision)
+
+    def predict_target(self, model: ModelAdapter | None = None) -> torch.Tensor:
+        """(N, C, ...) probabilities on all target inputs, no gradient, eval mode, on the CPU.
+
+        For the adapted model (the default) the engine's latest evaluation is reused when no
+        step happened since, so a method that refreshes pseudo-labels at the end of an epoch
+        costs no extra pass. The modules' train/eval modes are restored afterwards.
+        """
+        model = model or self.model
+        adapted = model is self.model
+        if adapted and self._latest_prediction is not None:
+            step, probabilities = self._latest_prediction
+            if step == self.steps_done:
+                return probabilities
+        with preserved_modes(model.network):
+            probabilities = predict_batches(
+                model, self.target_inputs, device=self.device, batch_size=self.inference_batch_size
+            )
+        if adapted:
+            self.remember_prediction(probabilities)
+        return probabilities
+
+    def remember_prediction(self, probabilities: torch.Tensor) -> None:
+        """Record the adapted model's probabilities at the current step (engine use)."""
+        self._latest_prediction = (self.steps_done, probabilities)
 
     def target_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Indices of one shuffled epoch over the target inputs, in batches."""
@@ -144,7 +215,46 @@ class AdaptationMethod(ABC):
     def end_epoch(self, epoch: int) -> None:  # noqa: B027 - optional hook
         """Called after each epoch (e.g. to refresh pseudo-labels)."""
 
+    def report(self) -> dict[str, Any]:
+        """JSON-able facts about the run for ``AdaptationResult.extra`` (e.g. which prior)."""
+        return {}
+
     # -- helpers for subclasses -----------------------------------------------------------------
+    def select_trainable(self, group: str = "all") -> list[nn.Parameter]:
+        """Freeze every parameter except the model's parameter group ``group`` and return it.
+
+        Gradients are then computed only where parameters change. Groups come from
+        :meth:`ModelAdapter.parameter_groups` (``all``, ``norm``, ``early``, ...).
+        """
+        groups = self.context.model.parameter_groups()
+        if group not in groups or not groups[group]:
+            known = ", ".join(name for name, params in groups.items() if params)
+            raise ValueError(f"this model has no {group!r} parameters; it has: {known}")
+        self.context.model.network.requires_grad_(False)
+        parameters = groups[group]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        return parameters
+
+    def make_adam(self, parameters, learning_rate: float | None = None) -> torch.optim.Adam:
+        """An Adam optimiser (the methods' default) stored as :attr:`optimizer`."""
+        rate = self.settings.learning_rate if learning_rate is None else learning_rate
+        self.optimizer = torch.optim.Adam(parameters, lr=rate)
+        return self.optimizer
+
+    def optimise(self, loss: torch.Tensor) -> None:
+        """Zero the gradients, back-propagate ``loss`` (scaled under mixed precision) and step."""
+        if self.optimizer is None:
+            raise RuntimeError("call make_adam (or set self.optimizer) in setup() first")
+        scaler = getattr(self, "_grad_scaler", None)
+        if scaler is None:
+            enabled = self.context.mixed_precision and self.context.device.type == "cuda"
+            scaler = self._grad_scaler = torch.amp.GradScaler("cuda", enabled=enabled)
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(self.optimizer)
+        scaler.update()
+
     @classmethod
     def unmet_needs(cls, capabilities: set[str]) -> list[str]:
         """Human reasons this method cannot run on a model with ``capabilities`` (empty: can)."""
@@ -159,8 +269,14 @@ class AdaptationMethod(ABC):
 CAPABILITY_REASONS = {
     "early_head": "needs a model with an early segmentation head (UDAS bundles have one)",
     "bottleneck": "needs access to the model's bottleneck features",
-    "batchnorm": "needs BatchNorm layers (this model has none to re-estimate)",
-    "norm_affine": "needs normalisation layers with affine parameters",
+    "batchnorm": (
+        "needs BatchNorm layers to re-estimate on the target, and this model has none "
+        "(it normalises with GroupNorm, InstanceNorm or nothing)"
+    ),
+    "norm_affine": (
+        "needs normalisation layers with affine (scale and shift) parameters, and this model "
+        "has none"
+    ),
     "source_pack": "needs labelled source slices in the bundle (a source pack)",
     "source_statistics": "needs source statistics stored in the bundle",
 }
