@@ -79,6 +79,10 @@ class AdaptationResult:
         method: the method's registry name.
         settings: the settings used, as a dict.
         reference_dice_before / reference_dice_after: Dice per class vs. the reference, if any.
+        extra: JSON-able facts (signals at the start, of the kept checkpoint and at the end,
+            collapse details, the method's own report such as AdaEnt's prior).
+        predictions / initial_predictions: one prediction per target volume, in order
+            (``prediction`` and ``initial_prediction`` are the first of each).
     """
 
     model: ModelAdapter
@@ -96,3 +100,5 @@ class AdaptationResult:
     reference_dice_before: list[float] | None = None
     reference_dice_after: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    predictions: list[Prediction] = field(default_factory=list)
+    initial_predictions: list[Prediction] = field(default_factory=list)
