@@ -1,0 +1,243 @@
+"""The adaptation engine: copies, stop, determinism, evaluation, previews, collapse guard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from napari_uda.adaptation.base import AdaptationMethod, CommonSettings, StepOutput
+from napari_uda.adaptation.engine import (
+    AdaptationError,
+    EngineOptions,
+    Signals,
+    adapt,
+    collapse_reasons,
+    run_adaptation,
+)
+from napari_uda.adaptation.events import AdaptationEvent
+from napari_uda.core.inference import predict_volume
+from napari_uda.core.models import ModelBundle, UNet2D, UNetBundleAdapter, UNetConfig
+from napari_uda.core.volume import Volume
+from napari_uda.settings import SettingsError, setting
+
+FAST = {"epochs": 2, "batch_size": 8}
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.network.state_dict().items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class ForceBackground(AdaptationMethod):
+    """A deliberately destructive method: cross-entropy towards background everywhere, with a
+    large learning rate, so the foreground vanishes within a few steps."""
+
+    name = "force_background"
+    title = "Force background (test only)"
+
+    @dataclass
+    class Settings(CommonSettings):
+        epochs: int = setting(3, "Passes.", min=1)
+        batch_size: int = setting(8, "Slices per step.", min=1)
+        learning_rate: float = setting(0.05, "Adam learning rate.", min=0.0)
+        gentle_steps: int = setting(2, "Steps that change nothing before the damage.", min=0)
+
+    def setup(self):
+        self.make_adam(self.select_trainable("all"))
+        self.context.model.network.eval()
+
+    def step(self, batch_index, step):
+        inputs, _ = self.context.batch(batch_index)
+        logits = self.context.model.forward(inputs).logits
+        target = torch.zeros(logits.shape[0], *logits.shape[2:], dtype=torch.long)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        if step > self.settings.gentle_steps:
+            self.optimise(loss)
+        return StepOutput({"total": float(loss)})
+
+
+def test_user_model_is_never_modified(tiny_model, tiny_target):
+    before = weights(tiny_model)
+    result = adapt(tiny_model, tiny_target, "tent", FAST, device="cpu")
+    assert same_weights(before, weights(tiny_model))
+    assert result.model is not tiny_model
+    assert not same_weights(before, weights(result.model))  # the copy did adapt
+    assert all(p.requires_grad for p in tiny_model.network.parameters())
+
+
+def test_same_seed_gives_identical_runs_and_another_seed_does_not(tiny_model, tiny_target):
+    first = adapt(tiny_model, tiny_target, "st", FAST, seed=3, device="cpu")
+    second = adapt(tiny_model, tiny_target, "st", FAST, seed=3, device="cpu")
+    other = adapt(tiny_model, tiny_target, "st", FAST, seed=4, device="cpu")
+    assert same_weights(weights(first.model), weights(second.model))
+    assert [h["losses"] for h in first.history] == [h["losses"] for h in second.history]
+    np.testing.assert_array_equal(first.prediction.probabilities, second.prediction.probabilities)
+    assert [h["losses"] for h in first.history] != [h["losses"] for h in other.history]
+
+
+def test_stop_is_honoured_before_the_next_step(tiny_model, tiny_target):
+    seen: list[AdaptationEvent] = []
+    run = run_adaptation(
+        tiny_model,
+        tiny_target,
+        "tent",
+        FAST,
+        device="cpu",
+        should_stop=lambda: len(seen) >= 3,
+    )
+    with pytest.raises(StopIteration) as finished:
+        while True:
+            seen.append(next(run))
+    result = finished.value.value
+    assert len(seen) == 3 and result.stopped and result.stop_reason == "stopped by user"
+    assert len(result.history) == 3 and result.extra["steps_done"] == 3
+    assert result.checkpoint.step == 3  # the final weights were evaluated and kept
+    # consistent: the result's prediction is what the returned model predicts
+    again = predict_volume(result.model, tiny_target, device="cpu")
+    np.testing.assert_allclose(again.probabilities, result.prediction.probabilities, atol=1e-5)
+
+
+def test_stop_before_the_first_step_returns_the_unadapted_model(tiny_model, tiny_target):
+    result = adapt(tiny_model, tiny_target, "tent", FAST, device="cpu", should_stop=lambda: True)
+    assert result.stopped and result.history == [] and result.checkpoint.step == 0
+    assert same_weights(weights(tiny_model), weights(result.model))
+    np.testing.assert_array_equal(result.prediction.labels, result.initial_prediction.labels)
+
+
+def test_events_carry_signals_reference_dice_and_previews(tiny_model, tiny_target, tiny_reference):
+    events = []
+    result = adapt(
+        tiny_model,
+        tiny_target,
+        "tent",
+        ["epochs=2", "batch_size=8"],
+        reference=tiny_reference,
+        device="cpu",
+        preview_every=2,
+        on_event=events.append,
+    )
+    steps_per_epoch = result.extra["steps_per_epoch"]
+    assert [e.step for e in events] == list(range(1, 2 * steps_per_epoch + 1))
+    assert [e.evaluated for e in events] == [e.step % steps_per_epoch == 0 for e in events]
+    last = events[-1]
+    assert 0 <= last.mean_entropy <= 1 and 0 <= last.change_since_start <= 1
+    assert sum(last.foreground_fraction) == pytest.approx(1.0)
+    assert 0 <= last.agreement_dice <= 1
+    assert len(last.reference_dice) == 1 and 0 <= last.reference_dice[0] <= 1
+    assert "total" in last.losses and last.elapsed_seconds > 0
+    previews = [e for e in events if e.preview is not None]
+    assert [e.step for e in previews] == [e.step for e in events if e.step % 2 == 0]
+    assert previews[0].preview.labels.shape == tiny_target.shape
+    assert result.reference_dice_before is not None and result.reference_dice_after is not None
+    assert result.history == [e.to_record() for e in events]
+
+
+def test_evaluate_every_n_steps(tiny_model, tiny_target):
+    events = []
+    options = EngineOptions(evaluate_every=2)
+    adapt(
+        tiny_model, tiny_target, "tent", FAST, device="cpu", options=options, on_event=events.append
+    )
+    total = len(events)
+    assert [e.step for e in events if e.evaluated] == [
+        s for s in range(1, total + 1) if s % 2 == 0 or s == total
+    ]
+
+
+def test_collapse_guard_keeps_an_earlier_checkpoint(tiny_model, tiny_target):
+    events = []
+    options = EngineOptions(evaluate_every=1, stop_on_collapse=False)
+    result = adapt(
+        tiny_model,
+        tiny_target,
+        ForceBackground,
+        device="cpu",
+        options=options,
+        on_event=events.append,
+    )
+    start_fraction = result.extra["initial_signals"]["foreground_fraction"][1]
+    assert start_fraction > 0.05
+    collapsed = [e for e in events if "collapse detected" in e.message]
+    assert collapsed, "the vanishing foreground was not detected"
+    first = collapsed[0].step
+    assert collapsed[0].foreground_fraction[1] < 0.2 * start_fraction
+    assert result.checkpoint.step < first and "collapse detected" in result.checkpoint.reason
+    assert result.extra["collapse"]["step"] == first
+    assert len(events) == result.extra["steps_done"]  # ran to the end: stop_on_collapse False
+    kept_fraction = result.extra["kept_signals"]["foreground_fraction"][1]
+    assert kept_fraction > 0.5 * start_fraction
+    assert (result.prediction.labels == 1).mean() > 0.5 * (
+        result.initial_prediction.labels == 1
+    ).mean()
+
+
+def test_collapse_stops_the_run_by_default(tiny_model, tiny_target):
+    options = EngineOptions(evaluate_every=1)
+    result = adapt(tiny_model, tiny_target, ForceBackground, device="cpu", options=options)
+    assert result.stop_reason.startswith("collapse detected")
+    assert result.extra["steps_done"] < result.extra["steps_per_epoch"] * 3
+    assert not result.stopped  # not a user stop
+
+
+def test_collapse_reasons_from_signals():
+    start = Signals(0.3, [0.85, 0.15], 0.0, 1.0)
+    options = EngineOptions()
+    names = ["background", "brain"]
+    assert collapse_reasons(Signals(0.2, [0.8, 0.2], 0.05, 0.9), start, None, options, names) == []
+    assert (
+        "vanished"
+        in collapse_reasons(Signals(0.1, [0.99, 0.01], 0.1, 0.1), start, None, options, names)[0]
+    )
+    assert (
+        "exploded"
+        in collapse_reasons(Signals(0.1, [0.3, 0.7], 0.5, 0.3), start, None, options, names)[0]
+    )
+    # the prior widens the healthy range: 0.4 is within 3x a prior of 0.2
+    assert (
+        collapse_reasons(Signals(0.1, [0.6, 0.4], 0.2, 0.5), start, [0.8, 0.2], options, names)
+        == []
+    )
+    entropy = collapse_reasons(Signals(0.001, [0.85, 0.15], 0.3, 0.1), start, None, options, names)
+    assert "entropy collapsed" in entropy[0]
+    falling = collapse_reasons(
+        Signals(0.2, [0.85, 0.15], 0.1, 0.9), start, None, options, names, 0.3, 0.9
+    )
+    assert "agreement" in falling[0]
+
+
+def test_unmet_needs_are_explained(tiny_model, tiny_target):
+    bundle = tiny_model.bundle
+    config = UNetConfig(**{**bundle.architecture.to_dict(), "norm": "group", "groups": 2})
+    group_model = UNetBundleAdapter(
+        ModelBundle.from_model(UNet2D(config), bundle.class_names, bundle.preprocessing)
+    )
+    with pytest.raises(AdaptationError, match="adabn cannot adapt this model: needs BatchNorm"):
+        adapt(group_model, tiny_target, "adabn", device="cpu")
+
+
+def test_bad_settings_and_reference_are_rejected(tiny_model, tiny_target, tiny_reference):
+    with pytest.raises(SettingsError, match="unknown setting"):
+        adapt(tiny_model, tiny_target, "tent", ["nonsense=1"], device="cpu")
+    with pytest.raises(SettingsError, match="below the minimum"):
+        adapt(tiny_model, tiny_target, "tent", {"epochs": 0}, device="cpu")
+    wrong = Volume(tiny_reference.data[:-2], tiny_reference.affine)
+    with pytest.raises(AdaptationError, match="does not match"):
+        adapt(tiny_model, tiny_target, "tent", FAST, reference=wrong, device="cpu")
+    with pytest.raises(KeyError, match="unknown method"):
+        adapt(tiny_model, tiny_target, "no-such-method", device="cpu")
+
+
+def test_several_volumes_of_different_shapes(tiny_model, tiny_target):
+    from conftest import synthetic_head
+
+    other, _ = synthetic_head(shape=(36, 44, 16), brain=0.8, scalp=0.6, seed=5)
+    result = adapt(tiny_model, [tiny_target, other], "tent", FAST, device="cpu")
+    assert [p.labels.shape for p in result.predictions] == [tiny_target.shape, other.shape]
+    assert result.prediction is result.predictions[0]
+    assert len(result.initial_predictions) == 2
