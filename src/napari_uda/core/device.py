@@ -21,20 +21,40 @@ def available_devices() -> list[str]:
     return devices
 
 
-def resolve_device(choice: str = "auto") -> torch.device:
-    """``auto`` picks the best available device; asking for a missing one is an error."""
-    choice = (choice or "auto").lower()
+class DeviceError(ValueError):
+    """An unknown device name or a device this machine does not have; one readable line."""
+
+
+def resolve_device(choice: str | torch.device | None = "auto") -> torch.device:
+    """The device to compute on.
+
+    ``"auto"`` (default, also ``None``) picks the best available: CUDA, then MPS, then CPU.
+    ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"`` ask for one; asking for a device this
+    machine does not have is an error rather than a silent fall-back.
+
+    Raises:
+        DeviceError: unknown name or unavailable device.
+    """
+    if isinstance(choice, torch.device):
+        choice = str(choice)
+    choice = (choice or "auto").strip().lower()
     if choice == "auto":
         return torch.device(available_devices()[0])
-    if choice not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {choice!r}; choose auto, cpu, cuda or mps")
-    if choice not in available_devices():
-        raise ValueError(f"device {choice!r} is not available here; use auto or cpu")
+    kind, _, index = choice.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise DeviceError(f"unknown device {choice!r}; choose auto, cpu, cuda or mps")
+    if kind not in available_devices():
+        reason = {"cuda": "no CUDA GPU found", "mps": "no Apple MPS device found"}.get(kind, "")
+        raise DeviceError(f"device {choice!r} is not available here ({reason}); use auto or cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise DeviceError(
+            f"device {choice!r} is not available here ({torch.cuda.device_count()} CUDA GPUs)"
+        )
     return torch.device(choice)
 
 
 def autocast(device: torch.device, enabled: bool = True):
-    """Mixed precision on CUDA (float16); a no-op context elsewhere."""
+    """Mixed precision on CUDA (float16) when ``enabled`` (default True); a no-op elsewhere."""
     return torch.autocast(
         device_type=device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda"
     )

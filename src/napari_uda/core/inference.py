@@ -54,6 +54,10 @@ def normalized_entropy(probabilities, axis: int = 0):
     Works on numpy arrays and torch tensors alike.
     """
     num_classes = probabilities.shape[axis]
+    if num_classes < 2:  # one class: nothing to be uncertain about
+        if isinstance(probabilities, torch.Tensor):
+            return torch.zeros_like(probabilities).sum(axis)
+        return np.zeros_like(probabilities, dtype=np.float32).sum(axis)
     if isinstance(probabilities, torch.Tensor):
         p = probabilities.clamp_min(1e-8)
         return -(p * p.log()).sum(axis) / math.log(num_classes)
@@ -71,15 +75,26 @@ def predict_batches(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Softmax probabilities (N, C, ...) for network inputs (N, ...), in eval mode, on CPU."""
-    device = resolve_device(device) if isinstance(device, str) else device
+    """Softmax probabilities (N, C, ...) on the CPU for network inputs (N, ...).
+
+    The network runs in eval mode on ``device`` (default ``"auto"``: CUDA, MPS or CPU, with
+    float16 mixed precision on CUDA) in batches of ``batch_size`` (default 32; the result does
+    not depend on it); afterwards it is back in its previous mode on its previous device.
+    ``progress(done, total)`` is called after each batch; ``should_stop()`` returning True
+    raises :class:`InterruptedError` before the next batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    device = resolve_device(device)
     network = adapter.network
     was_training = network.training
-    original = next(network.parameters()).device
+    first_parameter = next(iter(network.parameters()), None)
+    original = first_parameter.device if first_parameter is not None else torch.device("cpu")
     network.eval().to(device)
     outputs = []
+    total = int(inputs.shape[0])
     try:
-        for start in range(0, inputs.shape[0], batch_size):
+        for start in range(0, total, batch_size):
             if should_stop is not None and should_stop():
                 raise InterruptedError("prediction stopped")
             batch = inputs[start : start + batch_size].to(device)
@@ -87,9 +102,11 @@ def predict_batches(
                 logits = adapter.forward(batch).logits
             outputs.append(torch.softmax(logits.float(), dim=1).cpu())
             if progress is not None:
-                progress(min(start + batch_size, inputs.shape[0]), inputs.shape[0])
+                progress(min(start + batch_size, total), total)
     finally:
         network.train(was_training).to(original)
+    if not outputs:
+        raise ValueError("nothing to predict: the input holds no slices")
     return torch.cat(outputs)
 
 
