@@ -1,0 +1,154 @@
+"""Knowledge distillation with temperature (Orbes-Arteaga et al., MICCAI DART 2019).
+
+The frozen *teacher* is the source model; the *student* is the model being adapted. On target
+slices (and on source-pack slices when the bundle has them) the student is trained to match the
+teacher's temperature-softened probabilities ``softmax(z_teacher / T)`` with the KL divergence
+between the softened distributions, scaled by ``T^2`` so that gradients keep their size as ``T``
+changes (Hinton et al.). On source-pack slices the student also learns from the true labels
+(cross-entropy), as in the paper's semi-supervised setting, where the labelled data are what
+moves the student away from the teacher.
+
+What it gains without source data, honestly: the student starts as a copy of the teacher, so
+distillation on the plain target slices alone has nothing to learn (the loss is zero at the
+start). What changes the student here is (a) the random spatial transform of its input (on by
+default): it must predict the teacher's clean-slice answer, transformed the same way, from a
+transformed slice, which regularises it like Mean Teacher with a fixed teacher; (b) BatchNorm
+statistics, which follow the target while the student trains; and (c) with a source pack, the
+labelled source slices. Expect smaller gains than the self-training methods in a one-shot,
+source-free setting; it is mainly a safe, conservative baseline that rarely collapses.
+
+The teacher's target probabilities are the source model's, computed once by the engine
+(``context.initial_probabilities``); softening them is ``p ** (1 / T)`` renormalised, which
+equals ``softmax(z / T)``, so no teacher pass on the target is needed during training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...core.metrics import mean_foreground_dice
+from ...settings import setting
+from ..augment import SpatialAugmentation
+from ..base import AdaptationMethod, CommonSettings, StepOutput, register
+
+
+@dataclass
+class DistillationSettings(CommonSettings):
+    """Knowledge-distillation settings."""
+
+    temperature: float = setting(
+        2.0, "Softmax temperature of teacher and student (paper: 2).", min=1.0, max=20.0
+    )
+    source_weight: float = setting(
+        1.0,
+        "Weight of the source-pack terms (cross-entropy with labels + distillation); 0 ignores "
+        "the source pack.",
+        min=0.0,
+        max=100.0,
+    )
+    augment: bool = setting(
+        True,
+        "Randomly transform the student's input (the teacher's answer is transformed "
+        "the same way).",
+    )
+    rotation_degrees: float = setting(
+        15.0, "Random rotation of the student's input, +- degrees.", min=0.0, max=180.0
+    )
+    max_translation: float = setting(
+        0.1, "Random shift of the student's input, +- fraction of the slice.", min=0.0, max=0.5
+    )
+
+
+def soften(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(z / T)`` from ``softmax(z)``: ``p ** (1 / T)`` renormalised over classes."""
+    log_p = torch.log(probabilities.clamp_min(1e-12)) / temperature
+    return torch.softmax(log_p, dim=1)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_soft: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``T^2 * KL(teacher_T || student_T)``, averaged over the (masked) voxels.
+
+    ``teacher_soft`` holds the teacher's probabilities already softened at ``T``.
+    """
+    log_student = torch.log_softmax(student_logits.float() / temperature, dim=1)
+    log_teacher = torch.log(teacher_soft.float().clamp_min(1e-12))
+    kl = (teacher_soft * (log_teacher - log_student)).sum(1)
+    if mask is not None:
+        kl = kl[mask.reshape(kl.shape).bool()] if bool(mask.any()) else kl * 0.0
+    return kl.mean() * temperature**2
+
+
+@register
+class KnowledgeDistillation(AdaptationMethod):
+    name = "distillation"
+    title = "Knowledge distillation"
+    summary = (
+        "The model learns the frozen source model's temperature-softened probabilities on "
+        "augmented target slices (and on source-pack slices, with their labels)."
+    )
+    reference = (
+        "Orbes-Arteaga, Cardoso, Sorensen, Igel, Ourselin, Modat, Nielsen, Pai. Knowledge "
+        "distillation for semi-supervised domain adaptation. MICCAI workshops (DART), 2019."
+    )
+    Settings = DistillationSettings
+    requires = frozenset()
+    uses_source_data = True
+
+    settings: DistillationSettings
+
+    def setup(self) -> None:
+        settings, context = self.settings, self.context
+        self.student = context.model.network.to(context.device).train()
+        self.make_adam(self.select_trainable("all"))
+        self.teacher = context.source_model.network.to(context.device).eval()
+        self.teacher.requires_grad_(False)
+        self.augmentation = SpatialAugmentation(
+            rotation_degrees=settings.rotation_degrees,
+            max_translation=settings.max_translation,
+        )
+        self.use_source = settings.source_weight > 0 and context.source_pack is not None
+
+    def step(self, batch_index: torch.Tensor, step: int) -> StepOutput:
+        settings, context = self.settings, self.context
+        temperature = settings.temperature
+        images, mask = context.batch(batch_index)
+        teacher_probs = context.initial_probabilities[batch_index].to(context.device)
+        if settings.augment:
+            transform = self.augmentation.sample(images.cpu(), generator=context.generator)
+            transform.theta = transform.theta.to(context.device)
+            images, teacher_probs = transform(images), transform(teacher_probs)
+            if mask is not None:
+                mask = transform(mask, mode="nearest", padding_mode="zeros")
+        with context.autocast():
+            student_logits = self.student(images)
+            target_loss = distillation_loss(
+                student_logits, soften(teacher_probs, temperature), temperature, mask
+            )
+            total = target_loss
+            losses = {"target_distillation": float(target_loss.detach())}
+            source = context.source_batch(settings.batch_size) if self.use_source else None
+            if source is not None:
+                source_images, source_labels = source
+                source_logits = self.student(source_images)
+                with torch.no_grad():
+                    source_teacher = torch.softmax(
+                        self.teacher(source_images).float() / temperature, 1
+                    )
+                supervised = F.cross_entropy(source_logits.float(), source_labels)
+                source_kd = distillation_loss(source_logits, source_teacher, temperature)
+                total = total + settings.source_weight * (supervised + source_kd)
+                losses["source_cross_entropy"] = float(supervised.detach())
+                losses["source_distillation"] = float(source_kd.detach())
+        self.optimise(total)
+        agreement = mean_foreground_dice(
+            student_logits.detach().argmax(1), teacher_probs.argmax(1), teacher_probs.shape[1]
+        )
+        return StepOutput({"total": float(total.detach()), **losses}, agreement=agreement)
