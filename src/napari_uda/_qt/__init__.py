@@ -1,0 +1,1 @@
+"""napari dock widgets (the only part of napari-uda that imports Qt)."""

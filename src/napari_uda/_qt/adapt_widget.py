@@ -1,0 +1,315 @@
+"""The *Adapt* dock widget: pick the target image, a method and its settings, run and stop the
+adaptation in a thread worker, and watch live plots and the before/after layers."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from magicgui.widgets import ComboBox, SpinBox
+from napari.layers import Image, Labels
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..adaptation.base import available_methods
+from ..adaptation.events import AdaptationEvent, AdaptationResult
+from ..settings import SettingsError
+from .forms import SettingsForm
+from .layers import layer_volume, show_prediction
+from .plots import LivePlots
+from .runner import AdaptationRunner, InitialPrediction, RunFailure, RunRequest
+from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
+
+#: Methods offered first when the model allows them.
+PREFERRED_METHODS = ("udas", "adaent", "tent")
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+class AdaptWidget(QWidget):
+    """Run one adaptation at a time on the chosen target image layer."""
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.methods = available_methods()
+        self.form: SettingsForm | None = None
+        self._progress: progress | None = None
+        self._started = 0.0
+        self.runner = AdaptationRunner(self._on_yield, self._on_return, self._on_shutdown)
+
+        self.target = ComboBox(choices=self._layers_of(Image), tooltip="The scan to adapt to")
+        self.reference = ComboBox(
+            choices=self._layers_of(Labels),
+            nullable=True,
+            tooltip="Optional reference mask, used only to plot Dice for QA (never to train)",
+        )
+        self.method_combo = QComboBox()
+        self.method_combo.currentIndexChanged.connect(self._method_changed)
+        self.method_summary = QLabel()
+        self.method_summary.setWordWrap(True)
+        self.preview_every = SpinBox(
+            value=10,
+            min=0,
+            max=100_000,
+            tooltip="Refresh the 'after' layers every N steps "
+            "(0: only at the end). Each refresh predicts the whole volume.",
+        )
+        self.seed = SpinBox(value=0, min=0, max=2**31 - 1, tooltip="Random seed of the run")
+
+        top = QFormLayout()
+        top.addRow("Target image", self.target.native)
+        top.addRow("Method", self.method_combo)
+        top.addRow(self.method_summary)
+        self.settings_box = QGroupBox("Settings")
+        self.settings_box.setLayout(QVBoxLayout())
+        bottom = QFormLayout()
+        bottom.addRow("Reference (QA)", self.reference.native)
+        bottom.addRow("Preview every", self.preview_every.native)
+        bottom.addRow("Seed", self.seed.native)
+
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Stop after the current step; the layers keep the result")
+        self.stop_button.clicked.connect(self.stop)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.stop_button)
+        self.status = QLabel("Open a model, choose a target image, press Run.")
+        self.status.setWordWrap(True)
+        self.plots = LivePlots(str(self.viewer.theme))
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addWidget(self.settings_box)
+        layout.addLayout(bottom)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addWidget(self.plots, 1)
+
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self.reset_choices)
+        self.viewer.events.theme.connect(lambda event: self.plots.set_theme(str(event.value)))
+        self.state.events.model.connect(self._fill_methods)
+        self.state.events.status.connect(self._update_buttons)
+        self._fill_methods()
+        self._update_buttons()
+
+    # -- choices ------------------------------------------------------------------------------
+    def _layers_of(self, kind):
+        def choices(_widget=None):
+            return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, kind)]
+
+        return choices
+
+    def reset_choices(self, *_args) -> None:
+        """Refresh the layer choices (napari calls this when layers change)."""
+        self.target.reset_choices()
+        self.reference.reset_choices()
+        self._update_buttons()
+
+    def _fill_methods(self, *_args) -> None:
+        model = self.state.model
+        capabilities = model.capabilities if model is not None else None
+        current = self.method_combo.currentData()
+        self.method_combo.blockSignals(True)
+        self.method_combo.clear()
+        for index, (name, method) in enumerate(self.methods.items()):
+            self.method_combo.addItem(getattr(method, "title", name) or name, name)
+            item = self.method_combo.model().item(index)
+            reasons = method.unmet_needs(capabilities) if capabilities is not None else []
+            item.setEnabled(not reasons)
+            tip = "Not for this model: " + "; ".join(reasons) if reasons else method.summary
+            item.setData(tip, Qt.ItemDataRole.ToolTipRole)
+        self.method_combo.blockSignals(False)
+        usable = [
+            self.method_combo.itemData(i)
+            for i in range(self.method_combo.count())
+            if self.method_combo.model().item(i).isEnabled()
+        ]
+        preferred = [current, *PREFERRED_METHODS, *usable]
+        choice = next((name for name in preferred if name in usable), None)
+        if choice is not None:
+            self.method_combo.setCurrentIndex(self.method_combo.findData(choice))
+        self._method_changed()
+        self._update_buttons()
+
+    def _method_changed(self, *_args) -> None:
+        name = self.method_combo.currentData()
+        if name is None:
+            return
+        method = self.methods[name]
+        if self.form is not None and self.form.settings_class is method.Settings:
+            return
+        self.method_summary.setText(method.summary)
+        self.method_summary.setToolTip(method.reference)
+        if self.form is not None:
+            self.settings_box.layout().removeWidget(self.form.native)
+            self.form.native.deleteLater()
+        self.form = SettingsForm(method.Settings)
+        self.settings_box.layout().addWidget(self.form.native)
+        self._update_buttons()
+
+    def _update_buttons(self, *_args) -> None:
+        running = self.state.running
+        ready = self.state.model is not None and self.target.value is not None
+        self.run_button.setEnabled(ready and not running)
+        self.run_button.setToolTip("" if ready else "Open a model and an image first")
+        self.stop_button.setEnabled(self.state.status == RUNNING)
+        for widget in (self.target, self.reference, self.preview_every, self.seed):
+            widget.enabled = not running
+        self.method_combo.setEnabled(not running)
+        if self.form is not None:
+            self.form.enabled = not running
+
+    # -- running ------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Start an adaptation with the current choices (errors become notifications)."""
+        model, target = self.state.model, self.target.value
+        method = self.method_combo.currentData()
+        if model is None or target is None or method is None or self.runner.running:
+            return
+        reasons = self.methods[method].unmet_needs(model.capabilities)
+        if reasons:
+            show_error(f"{method} cannot adapt this model: {'; '.join(reasons)}")
+            return
+        try:
+            settings = self.form.values()
+            volume = layer_volume(target)
+            reference = layer_volume(self.reference.value) if self.reference.value else None
+        except (SettingsError, ValueError) as error:
+            show_error(str(error))
+            return
+        if reference is not None and reference.shape != volume.shape:
+            show_error(
+                f"The reference {reference.shape} and the image {volume.shape} differ in "
+                "shape; choose the mask of this scan."
+            )
+            return
+        request = RunRequest(
+            model,
+            volume,
+            method,
+            settings,
+            reference,
+            self.seed.value,
+            self.state.device,
+            self.preview_every.value,
+        )
+        self.state.result = None
+        self.state.target_layer = target.name
+        self.state.reference_layer = self.reference.value.name if self.reference.value else None
+        self.state.run_info = {
+            "method": method,
+            "settings": settings,
+            "seed": self.seed.value,
+            "device": self.state.device_in_use,
+            "preview_every": self.preview_every.value,
+        }
+        self.plots.clear()
+        self._progress = progress(total=0, desc=f"Adapting with {method}")
+        self._started = time.monotonic()
+        self.status.setText("Predicting with the unadapted model…")
+        self.state.status = RUNNING
+        self.runner.start(request)
+
+    def stop(self) -> None:
+        """Ask the run to stop after the current step."""
+        if self.runner.running:
+            self.runner.stop()
+            self.state.status = STOPPING
+            self.status.setText("Stopping after the current step…")
+
+    def _target_layer(self):
+        name = self.state.target_layer
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
+
+    def _on_yield(self, item) -> None:
+        like = self._target_layer()
+        if isinstance(item, InitialPrediction):
+            if like is not None:
+                show_prediction(self.viewer, item.prediction, like, after=False)
+                after = item.prediction
+                show_prediction(
+                    self.viewer,
+                    type(after)(
+                        after.probabilities, after.labels.copy(), after.entropy.copy(), after.source
+                    ),
+                    like,
+                    after=True,
+                )
+            self.status.setText("Adapting…")
+            return
+        if not isinstance(item, AdaptationEvent):
+            return
+        self.plots.add_event(item)
+        if self._progress is not None:
+            if self._progress.total != item.total_steps:
+                self._progress.total = item.total_steps
+            self._progress.update(max(0, item.step - self._progress.n))
+        if item.preview is not None and like is not None:
+            show_prediction(self.viewer, item.preview, like, after=True)
+        if item.message:
+            show_warning(item.message)
+        if self.state.status == RUNNING:
+            self.status.setText(self._progress_text(item))
+
+    def _progress_text(self, event: AdaptationEvent) -> str:
+        elapsed = event.elapsed_seconds
+        remaining = elapsed / max(event.step, 1) * max(event.total_steps - event.step, 0)
+        loss = event.losses.get("total", next(iter(event.losses.values()), float("nan")))
+        return (
+            f"step {event.step}/{event.total_steps} · epoch {event.epoch} · loss {loss:.4f}"
+            f" · {_clock(elapsed)} elapsed · about {_clock(remaining)} left"
+        )
+
+    def _close_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def _on_shutdown(self) -> None:
+        """The viewer closed during a run: the run has ended; nothing more is shown."""
+        self._close_progress()
+        self.state.status = STOPPED
+
+    def _on_return(self, outcome) -> None:
+        self._close_progress()
+        if isinstance(outcome, RunFailure) or not isinstance(outcome, AdaptationResult):
+            message = outcome.message if isinstance(outcome, RunFailure) else "no result"
+            show_error(f"Adaptation failed: {message}")
+            self.status.setText(f"Failed: {message}")
+            self.state.status = FAILED
+            return
+        like = self._target_layer()
+        if like is not None:
+            show_prediction(self.viewer, outcome.prediction, like, after=True)
+        self.state.result = outcome
+        self.state.status = STOPPED if outcome.stopped else FINISHED
+        summary = (
+            f"{outcome.method}: {outcome.stop_reason} after {_clock(outcome.seconds)}; "
+            f"kept step {outcome.checkpoint.step} ({outcome.checkpoint.reason})"
+        )
+        if outcome.reference_dice_before and outcome.reference_dice_after:
+            summary += (
+                f"; Dice vs reference {np.mean(outcome.reference_dice_before):.3f} → "
+                f"{np.mean(outcome.reference_dice_after):.3f}"
+            )
+        self.status.setText(summary)
+        show_info(summary)

@@ -1,0 +1,224 @@
+"""The *Export* dock widget: save the adapted mask (and optionally the entropy map) as NIfTI on
+the scan's grid, the adapted model as a new bundle, and a JSON report plus a CSV history.
+
+Files are written in a thread worker, each atomically; an existing file is never replaced unless
+"Replace existing files" is ticked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import CheckBox, Container, FileEdit, LineEdit
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
+
+from .._writer import write_image, write_labels
+from ..core.volume import Volume
+from .layers import ENTROPY_AFTER, SEGMENTATION_AFTER, layer_meta
+from .report import run_metrics, run_report, write_history_csv, write_json
+from .runner import readable
+from .state import get_state
+
+#: What can be exported: key -> (check box label, file name suffixes).
+OUTPUTS = {
+    "mask": ("Adapted mask", ("_mask.nii.gz",)),
+    "entropy": ("Entropy map", ("_entropy.nii.gz",)),
+    "model": ("Adapted model", ("_model.safetensors",)),
+    "report": ("Report", ("_report.json", "_history.csv")),
+}
+
+
+def default_folder(source_path: str | None) -> Path:
+    """The scan's folder if it is writable and not inside the installed package, else
+    ``~/napari-uda``."""
+    package = Path(__file__).resolve().parents[1]
+    if source_path:
+        folder = Path(source_path).resolve().parent
+        if package not in folder.parents and folder != package and os.access(folder, os.W_OK):
+            return folder
+    return Path.home() / "napari-uda"
+
+
+class ExportWidget(QWidget):
+    """Write the last run's outputs; nothing is overwritten silently."""
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.worker = None
+
+        self.folder = FileEdit(mode="d", label="Folder", value=Path.home() / "napari-uda")
+        self.stem = LineEdit(label="Name", value="adapted", tooltip="File names start with this")
+        self.checks = {
+            key: CheckBox(text=label, value=key != "entropy", name=key)
+            for key, (label, _) in OUTPUTS.items()
+        }
+        self.replace = CheckBox(
+            text="Replace existing files",
+            value=False,
+            tooltip="Off: exporting stops if a file already exists",
+        )
+        self.form = Container(widgets=[self.folder, self.stem, *self.checks.values(), self.replace])
+        self.form.changed.connect(self._show_plan)
+        self.export_button = QPushButton("Export")
+        self.export_button.clicked.connect(self.export)
+        self.plan = QLabel()
+        self.plan.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.form.native)
+        layout.addWidget(self.export_button)
+        layout.addWidget(self.plan)
+        layout.addStretch(1)
+
+        self.state.events.result.connect(self._new_result)
+        self.state.events.status.connect(self._update_button)
+        self._new_result(self.state.result)
+
+    # -- planning -----------------------------------------------------------------------------
+    def _new_result(self, result) -> None:
+        if result is not None:
+            target = self._layer(self.state.target_layer)
+            source = target.metadata.get("source_path") if target is not None else None
+            self.folder.value = default_folder(source)
+            name = (self.state.target_layer or "scan").replace(" ", "_").strip("()")
+            self.stem.value = f"{name}_{result.method}".replace("(", "").replace(")", "")
+        self._update_button()
+        self._show_plan()
+
+    def _update_button(self, *_args) -> None:
+        ready = self.state.result is not None and not self.state.running
+        self.export_button.setEnabled(ready)
+        self.export_button.setToolTip("" if ready else "Run an adaptation first")
+
+    def planned_files(self) -> dict[str, list[Path]]:
+        """The files each ticked output would write."""
+        folder, stem = Path(self.folder.value), self.stem.value.strip() or "adapted"
+        return {
+            key: [folder / f"{stem}{suffix}" for suffix in OUTPUTS[key][1]]
+            for key, check in self.checks.items()
+            if check.value
+        }
+
+    def _show_plan(self, *_args) -> None:
+        if self.state.result is None:
+            self.plan.setText("Nothing to export yet: run an adaptation first.")
+            return
+        names = [path.name for paths in self.planned_files().values() for path in paths]
+        self.plan.setText("Will write: " + (", ".join(names) or "nothing (tick an output)"))
+
+    def _layer(self, name: str | None):
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    # -- writing ------------------------------------------------------------------------------
+    def export(self):
+        """Check the plan, then write in a thread worker (returned for tests)."""
+        result = self.state.result
+        plan = self.planned_files()
+        if result is None or not plan:
+            return None
+        existing = [p.name for paths in plan.values() for p in paths if p.exists()]
+        if existing and not self.replace.value:
+            show_error(
+                f"Not exported: {', '.join(existing)} already exist(s) in "
+                f"{self.folder.value}. Choose another name or tick 'Replace existing "
+                "files'."
+            )
+            return None
+        jobs = self._jobs(result, plan)
+        self.export_button.setEnabled(False)
+        self.plan.setText("Exporting…")
+        self.worker = create_worker(_run_jobs, jobs, _start_thread=False)
+        self.worker.returned.connect(self._done)
+        self.worker.start()
+        return self.worker
+
+    def _jobs(self, result, plan: dict[str, list[Path]]) -> list[tuple]:
+        target = self._layer(self.state.target_layer)
+        meta = layer_meta(target) if target is not None else {"metadata": {}}
+        source: Volume = result.prediction.source
+        meta["metadata"].setdefault("affine", source.affine)
+        meta["metadata"].setdefault("nifti_header", source.header)
+        jobs = []
+        if "mask" in plan:
+            layer = self._layer(SEGMENTATION_AFTER)
+            labels = (
+                layer.data
+                if layer is not None and layer.data.shape == source.shape
+                else result.prediction.labels
+            )
+            jobs.append((write_labels, str(plan["mask"][0]), np.array(labels), meta))
+        if "entropy" in plan:
+            layer = self._layer(ENTROPY_AFTER)
+            entropy = (
+                layer.data
+                if layer is not None and layer.data.shape == source.shape
+                else result.prediction.entropy
+            )
+            jobs.append((write_image, str(plan["entropy"][0]), np.array(entropy), meta))
+        if "model" in plan:
+            jobs.append((_save_model, plan["model"][0], result, self.state.model_source))
+        if "report" in plan:
+            reference = self._layer(self.state.reference_layer)
+            ref = np.asarray(reference.data) if reference is not None else None
+            if ref is not None and ref.shape != source.shape:
+                ref = None
+            inputs = {
+                "model": self.state.model_source,
+                "target_layer": self.state.target_layer,
+                "target_path": meta["metadata"].get("source_path"),
+                "reference_layer": self.state.reference_layer if ref is not None else None,
+                "class_names": list(result.model.class_names),
+                "spacing_mm": list(source.spacing),
+                "run": self.state.run_info,
+            }
+            jobs.append((_save_report, plan["report"], result, inputs, source.spacing, ref))
+        return jobs
+
+    def _done(self, outcome: tuple[list[str], str | None]) -> None:
+        written, error = outcome
+        self._update_button()
+        names = ", ".join(Path(p).name for p in written)
+        if error:
+            show_error(f"Export failed: {error}" + (f" (written before: {names})" if names else ""))
+            self.plan.setText(f"Export failed: {error}")
+            return
+        show_info(f"Exported to {self.folder.value}: {names}")
+        self.plan.setText(f"Exported to {self.folder.value}: {names}")
+
+
+def _save_model(path: Path, result, model_source: str) -> list[str]:
+    to_bundle = getattr(result.model, "to_bundle", None)
+    if to_bundle is None:
+        raise ValueError(f"a {type(result.model).__name__} cannot be saved as a bundle")
+    update = {
+        "adapted": {
+            "method": result.method,
+            "settings": result.settings,
+            "from": model_source,
+            "checkpoint_step": result.checkpoint.step,
+        }
+    }
+    return [str(to_bundle(provenance_update=update).save(path))]
+
+
+def _save_report(paths, result, inputs, spacing, reference) -> list[str]:
+    metrics = run_metrics(result, list(result.model.class_names), spacing, reference)
+    report = run_report(result, inputs=inputs, metrics=metrics)
+    return [str(write_json(report, paths[0])), str(write_history_csv(result.history, paths[1]))]
+
+
+def _run_jobs(jobs: list[tuple]) -> tuple[list[str], str | None]:
+    """Run the writes in order (in a worker); stop at the first error and say which."""
+    written: list[str] = []
+    for function, *args in jobs:
+        try:
+            written += function(*args)
+        except Exception as error:  # reported to the user as one line
+            return written, readable(error)
+    return written, None

@@ -1,0 +1,110 @@
+"""Result layers (segmentations and entropy maps) placed exactly on the target image.
+
+Every layer made here copies the target layer's ``scale``, ``translate`` and NIfTI metadata
+(affine and header), so it overlays the scan in napari and saves back onto the scan's grid.
+Entropy maps use one perceptual colormap and the fixed range [0, 1] (normalised entropy), so the
+*before* and *after* maps compare honestly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.layers import Image, Labels, Layer
+
+from .._writer import volume_from_layer_data
+from ..core.volume import Volume
+
+SEGMENTATION_BEFORE = "segmentation (before)"
+SEGMENTATION_AFTER = "segmentation (after)"
+ENTROPY_BEFORE = "entropy (before)"
+ENTROPY_AFTER = "entropy (after)"
+RESULT_LAYERS = (SEGMENTATION_BEFORE, ENTROPY_BEFORE, SEGMENTATION_AFTER, ENTROPY_AFTER)
+
+ENTROPY_COLORMAP = "magma"
+ENTROPY_LIMITS = (0.0, 1.0)
+
+
+def layer_meta(layer: Layer) -> dict:
+    """A layer's placement and metadata in the form npe2 writers receive them."""
+    return {
+        "metadata": dict(layer.metadata),
+        "scale": tuple(layer.scale),
+        "translate": tuple(layer.translate),
+        "name": layer.name,
+    }
+
+
+def layer_volume(layer: Layer) -> Volume:
+    """The layer as a :class:`Volume` on its scan's grid (a copy, safe to hand to a worker)."""
+    volume = volume_from_layer_data(np.array(layer.data, copy=True), layer_meta(layer))
+    source = layer.metadata.get("source_path")
+    if source:
+        from pathlib import Path
+
+        volume.path = Path(source)
+    return volume
+
+
+def _placement(like: Layer) -> dict:
+    metadata = {
+        key: like.metadata[key]
+        for key in ("affine", "nifti_header", "source_path", "axcodes")
+        if key in like.metadata
+    }
+    return {"scale": tuple(like.scale), "translate": tuple(like.translate), "metadata": metadata}
+
+
+def _existing(viewer, name: str, kind: type[Layer]) -> Layer | None:
+    if name in viewer.layers and isinstance(viewer.layers[name], kind):
+        return viewer.layers[name]
+    return None
+
+
+def show_labels(viewer, name: str, labels: np.ndarray, like: Layer, **kwargs) -> Labels:
+    """Add labels layer ``name`` placed like ``like``, or update the one already there."""
+    placement = _placement(like)
+    layer = _existing(viewer, name, Labels)
+    if layer is None:
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+        return viewer.add_labels(labels, name=name, opacity=0.5, **placement, **kwargs)
+    layer.scale, layer.translate = placement["scale"], placement["translate"]
+    layer.metadata.update(placement["metadata"])
+    layer.data = labels
+    return layer
+
+
+def show_entropy(viewer, name: str, entropy: np.ndarray, like: Layer, **kwargs) -> Image:
+    """Add entropy image ``name`` (magma, fixed [0, 1]) placed like ``like``, or update it."""
+    placement = _placement(like)
+    layer = _existing(viewer, name, Image)
+    if layer is None:
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+        return viewer.add_image(
+            entropy.astype(np.float32, copy=False),
+            name=name,
+            colormap=ENTROPY_COLORMAP,
+            contrast_limits=ENTROPY_LIMITS,
+            blending="additive",
+            **placement,
+            **kwargs,
+        )
+    layer.scale, layer.translate = placement["scale"], placement["translate"]
+    layer.metadata.update(placement["metadata"])
+    layer.data = entropy.astype(np.float32, copy=False)
+    layer.contrast_limits = ENTROPY_LIMITS
+    return layer
+
+
+def show_prediction(viewer, prediction, like: Layer, *, after: bool) -> None:
+    """Show a :class:`~napari_uda.core.inference.Prediction` as the before or after layers.
+
+    New layers start hidden except ``segmentation (after)``, so the scan stays visible; an
+    existing layer keeps the visibility the user gave it.
+    """
+    segmentation, entropy = (
+        (SEGMENTATION_AFTER, ENTROPY_AFTER) if after else (SEGMENTATION_BEFORE, ENTROPY_BEFORE)
+    )
+    show_entropy(viewer, entropy, prediction.entropy, like, visible=False)
+    show_labels(viewer, segmentation, prediction.labels, like, visible=after)

@@ -1,0 +1,167 @@
+"""The *Model* dock widget: open a model (file dialog or the shipped demo model), show what it
+is, and choose the device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.device import available_devices, resolve_device
+from ..core.models import load_model
+from .state import get_state
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+NORM_NAMES = {"batch": "BatchNorm", "group": "GroupNorm", "instance": "InstanceNorm"}
+MODEL_FILTER = "Model bundles (*.safetensors);;All files (*)"
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+class ModelWidget(QWidget):
+    """Open a model and pick the device; the choice goes into the viewer's shared state."""
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+
+        self.open_button = QPushButton("Open model…")
+        self.open_button.setToolTip("Open a napari-uda model bundle (.safetensors)")
+        self.open_button.clicked.connect(self._choose_file)
+        self.demo_button = QPushButton("Demo model")
+        self.demo_button.setToolTip(
+            "The shipped brain-extraction U-Net, trained on the demo's source scanner only"
+        )
+        self.demo_button.clicked.connect(self.load_demo)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.open_button)
+        buttons.addWidget(self.demo_button)
+
+        self.fields: dict[str, QLabel] = {}
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        for key, label in (
+            ("name", "Model"),
+            ("classes", "Classes"),
+            ("spacing", "Spacing"),
+            ("norm", "Normalisation"),
+            ("early_head", "Early head"),
+            ("source_pack", "Source pack"),
+            ("source_statistics", "Source statistics"),
+        ):
+            value = QLabel("—")
+            value.setWordWrap(True)
+            value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            self.fields[key] = value
+            form.addRow(label, value)
+
+        self.device_combo = QComboBox()
+        usable = set(available_devices())
+        for index, device in enumerate(DEVICES):
+            self.device_combo.addItem(device)
+            if device != "auto" and device not in usable:
+                item = self.device_combo.model().item(index)
+                item.setEnabled(False)
+                item.setToolTip(f"{device} is not available on this machine")
+        self.device_combo.setCurrentText(self.state.device)
+        self.device_combo.currentTextChanged.connect(self._set_device)
+        self.device_in_use = QLabel()
+        device_row = QHBoxLayout()
+        device_row.addWidget(self.device_combo)
+        device_row.addWidget(self.device_in_use, 1)
+        form.addRow("Device", device_row)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(buttons)
+        layout.addLayout(form)
+        layout.addStretch(1)
+
+        self.state.events.model.connect(self._show_model)
+        self.state.events.status.connect(self._show_status)
+        self._set_device(self.state.device)
+        self._show_model(self.state.model)
+
+    # -- actions ---------------------------------------------------------------------------
+    def _choose_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open model", "", MODEL_FILTER)
+        if path:
+            self.load_path(path)
+
+    def load_path(self, path: str | Path, source: str | None = None) -> bool:
+        """Load the model at ``path`` into the shared state; errors become a notification."""
+        if self.state.running:
+            show_error("A run is in progress; stop it before changing the model.")
+            return False
+        try:
+            model = load_model(path)
+        except (ValueError, OSError) as error:
+            show_error(f"Cannot open the model: {error}")
+            return False
+        self.state.model_source = source or str(path)
+        self.state.model = model
+        show_info(f"Model loaded: {model.info().name}")
+        return True
+
+    def load_demo(self) -> bool:
+        """Load the demo model shipped with napari-uda."""
+        from .._sample_data import demo_path
+
+        try:
+            path = demo_path("model")
+        except (ImportError, KeyError, AttributeError, OSError) as error:
+            show_error(f"The demo model is not available: {error}")
+            return False
+        return self.load_path(path, source="demo model")
+
+    def _set_device(self, choice: str) -> None:
+        try:
+            in_use = str(resolve_device(choice))
+        except ValueError as error:
+            show_error(str(error))
+            self.device_combo.setCurrentText("auto")
+            return
+        self.state.device = choice
+        self.state.device_in_use = in_use
+        self.device_in_use.setText(f"in use: <b>{in_use}</b>")
+
+    # -- display ---------------------------------------------------------------------------
+    def _show_model(self, model) -> None:
+        if model is None:
+            for label in self.fields.values():
+                label.setText("—")
+            return
+        info = model.info()
+        caps = info.capabilities
+        pack = info.details.get("source_pack_slices", 0)
+        spacing = (
+            " × ".join(f"{s:g}" for s in info.spacing) + " mm" if info.spacing else "the scan's own"
+        )
+        self.fields["name"].setText(info.name)
+        self.fields["name"].setToolTip(self.state.model_source)
+        self.fields["classes"].setText(", ".join(info.class_names))
+        self.fields["spacing"].setText(spacing)
+        self.fields["norm"].setText(NORM_NAMES.get(info.norm_type, info.norm_type))
+        self.fields["early_head"].setText(_yes_no("early_head" in caps))
+        self.fields["source_pack"].setText(
+            f"yes ({pack} labelled slices)" if "source_pack" in caps else "no"
+        )
+        self.fields["source_statistics"].setText(_yes_no("source_statistics" in caps))
+
+    def _show_status(self, status: str) -> None:
+        busy = self.state.running
+        for widget in (self.open_button, self.demo_button, self.device_combo):
+            widget.setEnabled(not busy)

@@ -1,0 +1,176 @@
+"""Run an adaptation in a napari thread worker and hand its events to the GUI thread.
+
+The job is a generator run by :func:`napari.qt.threading.create_worker`: it yields the unadapted
+prediction first (so the *before* layers appear at once), then every
+:class:`~napari_uda.adaptation.events.AdaptationEvent` of the engine, and returns the
+:class:`~napari_uda.adaptation.events.AdaptationResult` (or a :class:`RunFailure` with a readable
+message). Training therefore never runs on the GUI thread. :meth:`AdaptationRunner.stop` sets
+the flag the engine checks before every optimiser step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from napari.qt.threading import GeneratorWorker, create_worker
+
+from ..core.inference import Prediction, predict_volume
+from ..core.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InitialPrediction:
+    """The unadapted model's prediction on the target (the *before* layers)."""
+
+    prediction: Prediction
+
+
+@dataclass
+class RunFailure:
+    """A run that ended with an error; ``message`` is one readable line."""
+
+    message: str
+
+
+@dataclass
+class RunRequest:
+    """Everything one run needs (all copies; the worker shares nothing with the GUI)."""
+
+    model: Any
+    target: Volume
+    method: str
+    settings: dict[str, Any]
+    reference: Volume | None = None
+    seed: int = 0
+    device: str = "auto"
+    preview_every: int = 10
+
+
+def readable(error: BaseException) -> str:
+    """One line for the user: the error's first line, or its type when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def adaptation_job(
+    request: RunRequest, should_stop: Callable[[], bool], done: threading.Event
+) -> Iterator[Any]:
+    """The worker's generator (runs off the GUI thread); see the module docstring."""
+    from ..adaptation.engine import run_adaptation
+
+    try:
+        before = predict_volume(request.model, request.target, device=request.device)
+        yield InitialPrediction(before)
+        return (
+            yield from run_adaptation(
+                request.model,
+                [request.target],
+                request.method,
+                settings=request.settings,
+                reference=request.reference,
+                seed=request.seed,
+                device=request.device,
+                preview_every=request.preview_every,
+                should_stop=should_stop,
+            )
+        )
+    except Exception as error:  # every failure reaches the user as one line
+        logger.exception("adaptation failed")
+        return RunFailure(readable(error))
+    finally:
+        done.set()
+
+
+class GracefulWorker(GeneratorWorker):
+    """A generator worker whose :meth:`quit` calls ``on_quit`` (the runner's shutdown: stop
+    after the current step, wait for the engine to end) instead of abandoning the generator at
+    a yield. napari calls ``quit`` on running workers when the viewer closes."""
+
+    on_quit: Callable[[], object] | None = None
+
+    def quit(self) -> None:
+        if self.on_quit is None:
+            super().quit()
+        else:
+            self.on_quit()
+
+
+class AdaptationRunner:
+    """Owns one run's worker and its stop flag.
+
+    Args:
+        on_yield: called on the GUI thread with each yielded item.
+        on_return: called on the GUI thread with the result or a :class:`RunFailure`.
+        on_shutdown: called after :meth:`shutdown` (the viewer is closing), instead of
+            ``on_return``.
+    """
+
+    def __init__(
+        self,
+        on_yield: Callable[[Any], None],
+        on_return: Callable[[Any], None],
+        on_shutdown: Callable[[], None] | None = None,
+    ):
+        self.on_yield = on_yield
+        self.on_return = on_return
+        self.on_shutdown = on_shutdown
+        self.worker: GeneratorWorker | None = None
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._done.set()
+
+    @property
+    def running(self) -> bool:
+        return not self._done.is_set()
+
+    def start(self, request: RunRequest) -> GeneratorWorker:
+        """Start a run in a thread worker (one at a time)."""
+        if self.running:
+            raise RuntimeError("a run is already in progress")
+        self._stop.clear()
+        self._done.clear()
+        worker = create_worker(
+            adaptation_job,
+            request,
+            self._stop.is_set,
+            self._done,
+            _start_thread=False,
+            _worker_class=GracefulWorker,
+        )
+        worker.on_quit = self.shutdown
+        worker.yielded.connect(self.on_yield)
+        worker.returned.connect(self.on_return)
+        self.worker = worker
+        worker.start()
+        return worker
+
+    def stop(self) -> None:
+        """Ask the engine to stop before its next optimiser step; the run then ends normally."""
+        self._stop.set()
+
+    def shutdown(self, timeout: float = 60.0) -> bool:
+        """Stop, drop the GUI callbacks and wait (up to ``timeout`` s) for the thread to end.
+
+        For when the viewer closes: nothing is delivered to the GUI afterwards. The engine is
+        left to end on its own (rather than aborting the worker at a yield) so that the
+        generator's clean-up runs.
+        """
+        self._stop.set()
+        if self.worker is not None:
+            for signal, slot in (
+                (self.worker.yielded, self.on_yield),
+                (self.worker.returned, self.on_return),
+            ):
+                with contextlib.suppress(TypeError, RuntimeError):
+                    signal.disconnect(slot)
+        ended = self._done.wait(timeout)
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        return ended

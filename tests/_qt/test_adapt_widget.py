@@ -1,0 +1,184 @@
+"""The Adapt widget driven as a user does: demo model, new-scanner sample, Run, Stop, close."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt
+
+from napari_uda._qt.layers import (
+    ENTROPY_AFTER,
+    RESULT_LAYERS,
+    SEGMENTATION_AFTER,
+    SEGMENTATION_BEFORE,
+)
+from napari_uda._qt.state import FAILED, FINISHED, STOPPED, get_state
+from napari_uda.adaptation import available_methods
+
+TARGET = "head (new scanner)"
+REFERENCE = "brain mask (new scanner)"
+
+
+def choose_method(adapt, name: str, **settings) -> None:
+    adapt.method_combo.setCurrentIndex(adapt.method_combo.findData(name))
+    adapt.form.set_values(settings)
+
+
+@pytest.fixture
+def demo_session(docked, qtbot):
+    """The user opens the new-scanner head and its mask from File > Open Sample and clicks
+    "Demo model"."""
+    viewer, widgets = docked
+    viewer.open_sample("napari-uda", "target_head")
+    viewer.open_sample("napari-uda", "target_mask")
+    widgets["Model"].demo_button.click()
+    assert get_state(viewer).model is not None
+    return viewer, widgets
+
+
+def test_run_shows_before_and_after_layers_on_the_target(
+    demo_session, qtbot, notifications, wait_for_run
+):
+    viewer, widgets = demo_session
+    adapt = widgets["Adapt"]
+    assert adapt.target.value.name == TARGET
+    choose_method(adapt, "tent", epochs=1, batch_size=32)
+    adapt.reference.value = viewer.layers[REFERENCE]
+    adapt.preview_every.value = 2
+    qtbot.mouseClick(adapt.run_button, Qt.MouseButton.LeftButton)
+    assert not adapt.run_button.isEnabled() and adapt.stop_button.isEnabled()
+    qtbot.waitUntil(lambda: SEGMENTATION_BEFORE in viewer.layers, timeout=60_000)
+    wait_for_run(adapt)
+
+    state = get_state(viewer)
+    result = state.result
+    assert state.status == FINISHED and result is not None and not notifications["error"]
+    target = viewer.layers[TARGET]
+    for name in RESULT_LAYERS:
+        layer = viewer.layers[name]
+        assert layer.data.shape == target.data.shape
+        np.testing.assert_allclose(layer.scale, target.scale)
+        np.testing.assert_allclose(layer.translate, target.translate)
+        np.testing.assert_allclose(layer.metadata["affine"], target.metadata["affine"])
+    for name in ("entropy (before)", ENTROPY_AFTER):
+        assert viewer.layers[name].colormap.name == "magma"
+        assert tuple(viewer.layers[name].contrast_limits) == (0.0, 1.0)
+    np.testing.assert_array_equal(viewer.layers[SEGMENTATION_AFTER].data, result.prediction.labels)
+    np.testing.assert_array_equal(
+        viewer.layers[SEGMENTATION_BEFORE].data, result.initial_prediction.labels
+    )
+    steps = len(result.history)
+    assert adapt.plots.points("loss") == steps >= 1
+    assert adapt.plots.points("entropy") >= 1 and adapt.plots.points("reference") >= 1
+    assert result.reference_dice_after is not None
+    assert "Dice vs reference" in adapt.status.text()
+    assert adapt.run_button.isEnabled() and not adapt.stop_button.isEnabled()
+
+
+def test_stop_halfway_keeps_layers_consistent(demo_session, qtbot, wait_for_run):
+    viewer, widgets = demo_session
+    adapt = widgets["Adapt"]
+    choose_method(adapt, "tent", epochs=5, batch_size=8)
+    adapt.preview_every.value = 0
+    adapt.run_button.click()
+    qtbot.waitUntil(lambda: adapt.plots.points("loss") >= 2, timeout=120_000)
+    seen = adapt.plots.points("loss")
+    qtbot.mouseClick(adapt.stop_button, Qt.MouseButton.LeftButton)
+    assert get_state(viewer).status == "stopping" and not adapt.stop_button.isEnabled()
+    wait_for_run(adapt)
+
+    result = get_state(viewer).result
+    assert get_state(viewer).status == STOPPED
+    assert result.stopped and result.stop_reason == "stopped by user"
+    total = result.history[-1]["total_steps"]
+    assert seen <= len(result.history) <= seen + 2 < total  # honoured within a step
+    np.testing.assert_array_equal(viewer.layers[SEGMENTATION_AFTER].data, result.prediction.labels)
+    assert viewer.layers[ENTROPY_AFTER].data.shape == viewer.layers[TARGET].data.shape
+    assert adapt.run_button.isEnabled()
+
+
+def test_closing_the_viewer_stops_the_run(demo_session, qtbot):
+    viewer, widgets = demo_session
+    adapt = widgets["Adapt"]
+    choose_method(adapt, "tent", epochs=20, batch_size=8)
+    adapt.run_button.click()
+    qtbot.waitUntil(lambda: adapt.plots.points("loss") >= 1, timeout=120_000)
+    runner = adapt.runner
+    viewer.close()
+    assert runner._stop.is_set()
+    assert not runner.running  # the engine ended before close() returned
+
+
+def test_methods_the_model_cannot_use_are_disabled(docked, group_norm_bundle_path):
+    viewer, widgets = docked
+    widgets["Model"].load_path(group_norm_bundle_path)
+    adapt = widgets["Adapt"]
+    model = get_state(viewer).model
+    methods = available_methods()
+    combo = adapt.method_combo
+    for index in range(combo.count()):
+        name = combo.itemData(index)
+        reasons = methods[name].unmet_needs(model.capabilities)
+        item = combo.model().item(index)
+        assert item.isEnabled() == (not reasons)
+        tip = item.data(Qt.ItemDataRole.ToolTipRole)
+        assert all(reason in tip for reason in reasons)
+    assert not combo.model().item(combo.findData("adabn")).isEnabled()
+    assert "BatchNorm" in combo.model().item(combo.findData("adabn")).toolTip()
+    assert not combo.model().item(combo.findData("udas")).isEnabled()
+    assert combo.model().item(combo.currentIndex()).isEnabled()
+
+
+def test_settings_form_follows_the_method(docked, tiny_bundle_path):
+    viewer, widgets = docked
+    widgets["Model"].load_path(tiny_bundle_path)
+    adapt = widgets["Adapt"]
+    for name, method in available_methods().items():
+        if method.unmet_needs(get_state(viewer).model.capabilities):
+            continue
+        adapt.method_combo.setCurrentIndex(adapt.method_combo.findData(name))
+        assert adapt.form.settings_class is method.Settings
+        assert set(adapt.form.values()) == set(adapt.form.specs)
+        assert adapt.method_summary.text() == method.summary
+
+
+def test_worker_error_reaches_the_user_as_one_line(
+    docked, tiny_bundle_path, qtbot, notifications, monkeypatch, synthetic_scan, wait_for_run
+):
+    viewer, widgets = docked
+    image, _, affine = synthetic_scan
+    viewer.add_image(image, name="scan", scale=(2, 2, 2), metadata={"affine": affine})
+    widgets["Model"].load_path(tiny_bundle_path)
+
+    def broken_engine(*args, **kwargs):
+        raise ValueError("the target volume holds no head\nsecond line of detail")
+        yield  # a generator, like the engine
+
+    monkeypatch.setattr("napari_uda.adaptation.engine.run_adaptation", broken_engine)
+    adapt = widgets["Adapt"]
+    adapt.run_button.click()
+    wait_for_run(adapt)
+    assert notifications["error"] == ["Adaptation failed: the target volume holds no head"]
+    assert get_state(viewer).status == FAILED and get_state(viewer).result is None
+    assert adapt.run_button.isEnabled()
+    assert SEGMENTATION_BEFORE in viewer.layers  # the before layers came first and stay
+
+
+def test_bad_settings_and_mismatched_reference_never_start(
+    docked, tiny_bundle_path, notifications, synthetic_scan
+):
+    viewer, widgets = docked
+    image, mask, affine = synthetic_scan
+    viewer.add_image(image, name="scan", metadata={"affine": affine})
+    viewer.add_labels(mask[:-2], name="other mask")
+    widgets["Model"].load_path(tiny_bundle_path)
+    adapt = widgets["Adapt"]
+    choose_method(adapt, "tent")
+    adapt.form["learning_rate"].value = "quick"
+    adapt.run_button.click()
+    assert "learning_rate" in notifications["error"][-1]
+    adapt.form["learning_rate"].value = "0.001"
+    adapt.reference.value = viewer.layers["other mask"]
+    adapt.run_button.click()
+    assert "differ in shape" in notifications["error"][-1]
+    assert not adapt.runner.running and get_state(viewer).status == "idle"

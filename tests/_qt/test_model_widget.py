@@ -1,0 +1,82 @@
+"""The Model widget: open a bundle by file dialog or the demo button, show it, pick the device."""
+
+from __future__ import annotations
+
+from napari_uda._qt.model_widget import ModelWidget
+from napari_uda._qt.state import get_state
+from napari_uda.core.device import available_devices
+from napari_uda.core.models import load_model
+
+
+def test_demo_model_button_shows_the_model(docked, notifications):
+    viewer, widgets = docked
+    widget: ModelWidget = widgets["Model"]
+    widget.demo_button.click()
+    state = get_state(viewer)
+    assert state.model is not None and state.model_source == "demo model"
+    info = state.model.info()
+    fields = {key: label.text() for key, label in widget.fields.items()}
+    assert fields["classes"] == ", ".join(info.class_names)
+    assert fields["spacing"] == " × ".join(f"{s:g}" for s in info.spacing) + " mm"
+    assert fields["early_head"] == ("yes" if "early_head" in info.capabilities else "no")
+    assert fields["source_pack"].startswith("yes (") == ("source_pack" in info.capabilities)
+    assert not notifications["error"]
+
+
+def test_file_dialog_loads_a_bundle(docked, tiny_bundle_path, group_norm_bundle_path, monkeypatch):
+    viewer, widgets = docked
+    widget: ModelWidget = widgets["Model"]
+    monkeypatch.setattr(
+        "napari_uda._qt.model_widget.QFileDialog.getOpenFileName",
+        lambda *args, **kwargs: (str(group_norm_bundle_path), ""),
+    )
+    widget.open_button.click()
+    state = get_state(viewer)
+    assert state.model_source == str(group_norm_bundle_path)
+    assert widget.fields["name"].text() == "groupnorm.safetensors"
+    assert widget.fields["norm"].text() == "GroupNorm"
+    assert widget.fields["early_head"].text() == "no"
+    assert widget.fields["source_pack"].text() == "no"
+    assert widget.fields["classes"].text() == "background, brain"
+    assert widget.fields["spacing"].text() == "2 × 2 × 2 mm"
+    # a second widget on the same viewer sees the same state
+    other = ModelWidget(viewer)
+    assert other.fields["norm"].text() == "GroupNorm"
+    other.deleteLater()
+    widget.load_path(tiny_bundle_path)
+    assert widget.fields["norm"].text() == "BatchNorm"
+    assert widget.fields["early_head"].text() == "yes"
+
+
+def test_cancelled_dialog_and_bad_file_change_nothing(docked, tmp_path, notifications, monkeypatch):
+    viewer, widgets = docked
+    widget: ModelWidget = widgets["Model"]
+    monkeypatch.setattr(
+        "napari_uda._qt.model_widget.QFileDialog.getOpenFileName", lambda *a, **k: ("", "")
+    )
+    widget.open_button.click()
+    assert get_state(viewer).model is None
+    bad = tmp_path / "not_a_model.safetensors"
+    bad.write_bytes(b"this is not a bundle")
+    assert not widget.load_path(bad)
+    assert get_state(viewer).model is None
+    assert widget.fields["name"].text() == "—"
+    [message] = notifications["error"]
+    assert message.startswith("Cannot open the model:") and "not_a_model" in message
+    assert "\n" not in message
+
+
+def test_device_choice(docked, tiny_bundle_path):
+    viewer, widgets = docked
+    widget: ModelWidget = widgets["Model"]
+    combo = widget.device_combo
+    usable = set(available_devices())
+    for index in range(combo.count()):
+        device = combo.itemText(index)
+        assert combo.model().item(index).isEnabled() == (device == "auto" or device in usable)
+    state = get_state(viewer)
+    assert state.device == "auto" and state.device_in_use == available_devices()[0]
+    combo.setCurrentText("cpu")
+    assert state.device == "cpu" and state.device_in_use == "cpu"
+    assert "cpu" in widget.device_in_use.text()
+    assert load_model(tiny_bundle_path).info().norm_type == "batch"
