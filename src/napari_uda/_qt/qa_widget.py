@@ -27,6 +27,7 @@ from .layers import ENTROPY_AFTER, ENTROPY_BEFORE, SEGMENTATION_AFTER, SEGMENTAT
 from .slice_stats import SliceTable, slice_table
 from .state import get_state
 
+
 class NumberItem(QTableWidgetItem):
     """A table cell showing ``text`` that sorts by ``value`` (NaN last)."""
 
