@@ -207,6 +207,17 @@ def valid_header() -> dict:
             lambda p: write_safetensors(p, valid_header(), {"x": torch.zeros(1)}),
             "holds no model weights",
         ),
+        (
+            "padding too small for the depth",
+            lambda p: write_safetensors(
+                p,
+                {
+                    **valid_header(),
+                    "preprocessing": {**PreprocessingConfig().to_dict(), "pad_multiple": 2},
+                },
+            ),
+            "needs a multiple of 4",
+        ),
     ],
 )
 def test_files_that_are_not_bundles_give_one_line(tmp_path, name, make, words):

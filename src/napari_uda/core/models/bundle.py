@@ -228,6 +228,11 @@ class ModelBundle:
             preprocessing = PreprocessingConfig.from_dict(header["preprocessing"])
         except (TypeError, KeyError, ValueError) as error:
             raise BundleError(f"bundle header is invalid ({one_line(error)})") from error
+        if preprocessing.pad_multiple % 2**config.depth:
+            raise BundleError(
+                f"slices are padded to a multiple of {preprocessing.pad_multiple} but a U-Net of "
+                f"depth {config.depth} needs a multiple of {2**config.depth}"
+            )
         class_names = list(header.get("class_names") or [])
         if not class_names:
             class_names = [f"class {i}" for i in range(config.num_classes)]
