@@ -1,0 +1,231 @@
+"""``napari-uda adapt``: adapt a model to new-scanner volumes without labels, write the masks.
+
+Everything is checked before any work starts (files, method, settings, what the model offers,
+output paths); on bad input the command prints one line and exits 2 without writing anything.
+Progress goes to stderr, one line per epoch. Outputs are written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.device import resolve_device
+from ..core.models import load_model
+from ..core.volume import atomic_output, is_nifti_path, load_volume, save_volume
+from . import CLIError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "adapt",
+        help="adapt a model to new-scanner volumes without labels",
+        description=(
+            "Adapt a copy of MODEL to the target image(s) with an unsupervised method and write "
+            "the adapted segmentation. See `napari-uda methods` for methods and settings."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model bundle (.safetensors)")
+    parser.add_argument(
+        "--image", required=True, nargs="+", help="target NIfTI volume(s) from the new scanner"
+    )
+    parser.add_argument("--method", required=True, help="adaptation method (see `methods`)")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method setting, e.g. --set epochs=5 (repeatable)",
+    )
+    parser.add_argument(
+        "--out", required=True, nargs="+", help="segmentation NIfTI, one per --image"
+    )
+    parser.add_argument("--entropy-out", nargs="+", help="entropy map NIfTI, one per --image")
+    parser.add_argument("--save-model", help="write the adapted model as a new bundle")
+    parser.add_argument("--report", help="write a JSON report (settings, history, checkpoint)")
+    parser.add_argument(
+        "--reference", help="reference mask of the first image, for QA Dice (never trained on)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda", "mps"),
+        help="compute device (default auto: CUDA, then MPS, then CPU)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.set_defaults(run=run)
+
+
+def _check_outputs(args) -> list[Path]:
+    """All output paths, checked: right suffix and count, distinct, never an input."""
+    inputs = {Path(p).resolve() for p in [args.model, *args.image, args.reference] if p}
+    outputs: list[Path] = []
+    for flag, paths in (("--out", args.out), ("--entropy-out", args.entropy_out)):
+        if paths is None:
+            continue
+        if len(paths) != len(args.image):
+            raise CLIError(
+                f"{flag} needs one path per --image ({len(args.image)}), got {len(paths)}"
+            )
+        for path in paths:
+            if not is_nifti_path(path):
+                raise CLIError(f"{flag} {path}: must end in .nii or .nii.gz")
+            outputs.append(Path(path))
+    for path in (args.save_model, args.report):
+        if path:
+            outputs.append(Path(path))
+    resolved = [p.resolve() for p in outputs]
+    if len(set(resolved)) != len(resolved):
+        raise CLIError("two outputs have the same path")
+    for path in resolved:
+        if path in inputs:
+            raise CLIError(f"{path}: is an input; inputs are never overwritten")
+        if path.is_dir():
+            raise CLIError(f"{path}: is a folder")
+    return outputs
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with numpy and torch values turned into plain JSON types (others dropped)."""
+    if isinstance(value, dict):
+        items = ((str(k), _jsonable(v)) for k, v in value.items())
+        return {k: v for k, v in items if v is not _DROP}
+    if isinstance(value, (list, tuple)):
+        return [v for v in (_jsonable(v) for v in value) if v is not _DROP]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return _DROP
+
+
+_DROP = object()
+
+
+def _progress_line(event, class_names: list[str]) -> str:
+    loss = event.losses.get("total", next(iter(event.losses.values()), float("nan")))
+    parts = [f"epoch {event.epoch}", f"step {event.step}/{event.total_steps}", f"loss {loss:.4f}"]
+    if event.mean_entropy is not None:
+        parts.append(f"entropy {event.mean_entropy:.4f}")
+    if event.agreement_dice is not None:
+        parts.append(f"agreement {event.agreement_dice:.3f}")
+    if event.foreground_fraction:
+        fractions = ", ".join(
+            f"{name} {fraction:.1%}"
+            for name, fraction in zip(class_names[1:], event.foreground_fraction[1:])
+        )
+        parts.append(f"fraction {fractions}")
+    if event.reference_dice is not None:
+        parts.append("Dice " + ", ".join(f"{d:.3f}" for d in event.reference_dice))
+    parts.append(f"{event.elapsed_seconds:.1f} s")
+    return "  ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..adaptation.base import get_method
+    from ..adaptation.engine import AdaptationError, adapt, resolve_settings
+
+    method = get_method(args.method)
+    settings = resolve_settings(method, args.settings)
+    _check_outputs(args)
+    device = resolve_device(args.device)
+    model = load_model(args.model)
+    unmet = method.unmet_needs(model.capabilities)
+    if unmet:
+        raise AdaptationError(f"{method.name} cannot adapt {args.model}: {'; '.join(unmet)}")
+    if args.save_model and not hasattr(model, "to_bundle"):
+        raise CLIError(f"{args.model}: this kind of model cannot be saved as a bundle")
+    volumes = [load_volume(path) for path in args.image]
+    reference = load_volume(args.reference) if args.reference else None
+    if reference is not None and reference.shape != volumes[0].shape:
+        raise CLIError(
+            f"{args.reference}: shape {reference.shape} does not match the first image's "
+            f"{volumes[0].shape}"
+        )
+
+    last_event = None
+    class_names = list(model.class_names)
+
+    def on_event(event) -> None:
+        nonlocal last_event
+        if event.message and not args.quiet:
+            print(f"napari-uda adapt: {event.message}", file=sys.stderr, flush=True)
+        if last_event is not None and event.epoch != last_event.epoch and not args.quiet:
+            print(_progress_line(last_event, class_names), file=sys.stderr, flush=True)
+        last_event = event
+
+    if not args.quiet:
+        print(
+            f"napari-uda adapt: {method.name} on {len(volumes)} volume(s), device {device}",
+            file=sys.stderr,
+            flush=True,
+        )
+    result = adapt(
+        model,
+        volumes,
+        method,
+        settings,
+        reference=reference,
+        seed=args.seed,
+        device=str(device),
+        on_event=on_event,
+    )
+    if last_event is not None and not args.quiet:
+        print(_progress_line(last_event, class_names), file=sys.stderr, flush=True)
+
+    for index, prediction in enumerate(result.predictions):
+        save_volume(prediction.label_volume(), args.out[index])
+        if args.entropy_out:
+            save_volume(prediction.entropy_volume(), args.entropy_out[index])
+    if args.save_model:
+        bundle = result.model.to_bundle(
+            {"adapted": {"method": method.name, "settings": result.settings, "seed": args.seed}}
+        )
+        bundle.save(args.save_model)
+    if args.report:
+        report = {
+            "command": "napari-uda adapt",
+            "model": str(args.model),
+            "images": [str(p) for p in args.image],
+            "reference": args.reference,
+            "outputs": {"segmentation": args.out, "entropy": args.entropy_out},
+            "method": result.method,
+            "settings": result.settings,
+            "seed": result.seed,
+            "device": result.device,
+            "seconds": result.seconds,
+            "stopped": result.stopped,
+            "stop_reason": result.stop_reason,
+            "checkpoint": {
+                "step": result.checkpoint.step,
+                "reason": result.checkpoint.reason,
+                "score": result.checkpoint.score,
+            },
+            "dice_before": result.reference_dice_before,
+            "dice_after": result.reference_dice_after,
+            "history": result.history,
+            "extra": result.extra,
+        }
+        with atomic_output(args.report, ".json") as temporary:
+            temporary.write_text(json.dumps(_jsonable(report), indent=2))
+    summary = f"napari-uda adapt: {result.stop_reason} in {result.seconds:.1f} s; kept step "
+    summary += f"{result.checkpoint.step} ({result.checkpoint.reason})"
+    if result.reference_dice_after is not None:
+        before = ", ".join(f"{d:.3f}" for d in result.reference_dice_before)
+        after = ", ".join(f"{d:.3f}" for d in result.reference_dice_after)
+        summary += f"; Dice {before} -> {after}"
+    if not args.quiet:
+        print(summary, file=sys.stderr, flush=True)
+    return 0
