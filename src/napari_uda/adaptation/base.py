@@ -266,6 +266,17 @@ class AdaptationMethod(ABC):
         return reasons
 
 
+#: What each capability is, for listings of what a method needs.
+CAPABILITY_NAMES = {
+    "early_head": "an early segmentation head",
+    "bottleneck": "access to the bottleneck features",
+    "batchnorm": "BatchNorm layers",
+    "norm_affine": "normalisation layers with affine parameters",
+    "source_pack": "labelled source slices in the bundle (a source pack)",
+    "source_statistics": "source statistics stored in the bundle",
+}
+
+#: Why a model lacking a capability cannot be adapted by a method that needs it.
 CAPABILITY_REASONS = {
     "early_head": "needs a model with an early segmentation head (UDAS bundles have one)",
     "bottleneck": "needs access to the model's bottleneck features",
