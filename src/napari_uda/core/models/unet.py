@@ -65,7 +65,13 @@ def make_norm(kind: NormType, channels: int, groups: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "group":
-        return nn.GroupNorm(min(groups, channels), channels)
+        groups = min(groups, channels)
+        if channels % groups:
+            raise ValueError(
+                f"GroupNorm needs the channels ({channels}) to be a multiple of the groups "
+                f"({groups}); change base_channels or groups"
+            )
+        return nn.GroupNorm(groups, channels)
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
     raise ValueError(f"unknown norm type {kind!r}; choose batch, group or instance")
@@ -119,6 +125,12 @@ class UNet2D(nn.Module):
         return list(self.encoders[0].parameters())
 
     def forward_features(self, x: torch.Tensor) -> UNetOutputs:
+        multiple = 2**self.config.depth
+        if x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise ValueError(
+                f"input of size {tuple(x.shape[-2:])} is not a multiple of {multiple} "
+                f"(2 ** depth); pad it (PreprocessingConfig.pad_multiple)"
+            )
         skips = []
         for encoder in self.encoders:
             x = encoder(x)
