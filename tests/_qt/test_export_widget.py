@@ -1,0 +1,123 @@
+"""The Export widget: mask and entropy on the scan's grid, the adapted bundle, the report; and
+never replacing a file unless asked."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_uda._qt.layers import SEGMENTATION_AFTER, show_prediction
+from napari_uda._qt.state import FINISHED, get_state
+from napari_uda.core.models import load_model
+
+
+@pytest.fixture
+def finished_run(docked, tiny_bundle_path, synthetic_scan, tmp_path):
+    """A viewer whose session holds a short real run of the engine on a scan file."""
+    from napari_uda.adaptation.engine import adapt
+
+    viewer, widgets = docked
+    image, mask, affine = synthetic_scan
+    scan_path = tmp_path / "scans" / "scan.nii.gz"
+    scan_path.parent.mkdir()
+    nib.save(nib.Nifti1Image(image, affine), str(scan_path))
+    nib.save(nib.Nifti1Image(mask, affine), str(tmp_path / "scans" / "mask.nii.gz"))
+    [target] = viewer.open(str(scan_path), plugin="napari-uda")
+    [reference] = viewer.open(str(tmp_path / "scans" / "mask.nii.gz"), plugin="napari-uda")
+    widgets["Model"].load_path(tiny_bundle_path)
+    state = get_state(viewer)
+    from napari_uda._qt.layers import layer_volume
+
+    result = adapt(
+        state.model,
+        [layer_volume(target)],
+        "tent",
+        {"epochs": 1, "batch_size": 8},
+        reference=layer_volume(reference),
+    )
+    show_prediction(viewer, result.initial_prediction, target, after=False)
+    show_prediction(viewer, result.prediction, target, after=True)
+    state.target_layer, state.reference_layer = target.name, reference.name
+    state.run_info = {"method": "tent", "settings": result.settings}
+    state.result = result
+    state.status = FINISHED
+    export = widgets["Export"]
+    export.folder.value = tmp_path / "out"
+    return viewer, export, result, scan_path
+
+
+def _export(qtbot, export):
+    assert export.export() is not None
+    assert not export.export_button.isEnabled()  # until the worker reports back
+    qtbot.waitUntil(lambda: export.export_button.isEnabled(), timeout=60_000)
+
+
+def test_export_writes_mask_model_and_report(finished_run, qtbot, notifications):
+    viewer, export, result, scan_path = finished_run
+    assert export.stem.value == "scan_tent" and export.export_button.isEnabled()
+    export.checks["entropy"].value = True
+    edited = np.array(viewer.layers[SEGMENTATION_AFTER].data)
+    edited[0, 0, 0] = 1  # the user corrected the mask by hand: that is what gets exported
+    viewer.layers[SEGMENTATION_AFTER].data = edited
+    _export(qtbot, export)
+    assert not notifications["error"], notifications["error"]
+    out = export.folder.value
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "scan_tent_entropy.nii.gz",
+        "scan_tent_history.csv",
+        "scan_tent_mask.nii.gz",
+        "scan_tent_model.safetensors",
+        "scan_tent_report.json",
+    ]
+    source = nib.load(str(scan_path))
+    mask = nib.load(str(out / "scan_tent_mask.nii.gz"))
+    np.testing.assert_allclose(mask.affine, source.affine)
+    assert mask.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(mask.dataobj), edited)
+    entropy = nib.load(str(out / "scan_tent_entropy.nii.gz"))
+    np.testing.assert_allclose(entropy.affine, source.affine)
+    np.testing.assert_allclose(entropy.get_fdata(), result.prediction.entropy, atol=1e-6)
+
+    adapted = load_model(out / "scan_tent_model.safetensors")
+    assert adapted.bundle.provenance["adapted"]["method"] == "tent"
+    for key, value in adapted.bundle.state_dict.items():
+        np.testing.assert_allclose(value.numpy(), result.model.network.state_dict()[key].numpy())
+
+    report = json.loads((out / "scan_tent_report.json").read_text())
+    assert report["method"] == "tent" and report["settings"]["epochs"] == 1
+    assert len(report["history"]) == len(result.history)
+    assert report["inputs"]["target_path"] == str(scan_path)
+    dice_after = report["metrics"]["reference"]["after"]["brain"]["dice"]
+    assert dice_after == pytest.approx(result.reference_dice_after[-1], abs=1e-6)
+    assert set(report["metrics"]["volume_ml"]["after"]) == {"brain"}
+    with open(out / "scan_tent_history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(result.history) and "loss_total" in rows[0]
+
+
+def test_existing_files_are_never_replaced_silently(finished_run, qtbot, notifications):
+    _, export, _, _ = finished_run
+    export.checks["model"].value = False
+    export.checks["report"].value = False
+    _export(qtbot, export)
+    mask_path = export.folder.value / "scan_tent_mask.nii.gz"
+    mask_path.write_bytes(b"the radiologist's own file")
+    assert export.export() is None
+    assert "already exist" in notifications["error"][-1]
+    assert mask_path.read_bytes() == b"the radiologist's own file"
+    export.replace.value = True
+    _export(qtbot, export)
+    assert nib.load(str(mask_path)).shape == get_state(export.viewer).result.prediction.labels.shape
+
+
+def test_nothing_to_export_before_a_run(docked):
+    _, widgets = docked
+    export = widgets["Export"]
+    assert not export.export_button.isEnabled()
+    assert export.export() is None
+    assert "run an adaptation first" in export.plan.text()
