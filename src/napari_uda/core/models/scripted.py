@@ -1,0 +1,278 @@
+"""What every adapter around a TorchScript network shares.
+
+* :class:`LogitsNetwork` wraps the scripted module so that it returns *logits* (what the methods
+  and the inference code expect of ``adapter.network``) whatever the network ends with
+  (softmax, sigmoid or nothing), and runs at most a few inputs at a time without gradients, so
+  sliding-window inference stays within memory.
+* Normalisation layers are recognised by class name, which TorchScript keeps
+  (``original_name``), since ``isinstance`` does not work on scripted modules.
+* :class:`ScriptedAdapterMixin`: parameter groups (``all`` / ``first_blocks`` / ``norm``) and
+  capabilities (``norm_affine``, ``batchnorm``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import BATCHNORM, NORM_AFFINE
+from .registry import TORCHSCRIPT_SUFFIXES, ModelLoadError
+
+NORM_NAMES = {
+    "BatchNorm1d": "batch",
+    "BatchNorm2d": "batch",
+    "BatchNorm3d": "batch",
+    "SyncBatchNorm": "batch",
+    "GroupNorm": "group",
+    "InstanceNorm1d": "instance",
+    "InstanceNorm2d": "instance",
+    "InstanceNorm3d": "instance",
+    "LayerNorm": "layer",
+}
+OUTPUT_ACTIVATIONS = ("none", "softmax", "sigmoid")
+PROBABILITY_FLOOR = 1e-12
+
+
+def module_type(module: nn.Module) -> str:
+    """Class name of a module, also for TorchScript modules (their ``original_name``)."""
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
+def norm_kinds(network: nn.Module) -> set[str]:
+    """Kinds of normalisation layers in a network: ``batch``, ``group``, ``instance``, ``layer``."""
+    return {NORM_NAMES[t] for m in network.modules() if (t := module_type(m)) in NORM_NAMES}
+
+
+def norm_affine_parameters(network: nn.Module) -> list[nn.Parameter]:
+    """Scale and shift parameters of every normalisation layer (eager or TorchScript)."""
+    params = []
+    for module in network.modules():
+        if module_type(module) in NORM_NAMES:
+            params += [p for _, p in module.named_parameters(recurse=False)]
+    return params
+
+
+def has_live_batchnorm(network: nn.Module) -> bool:
+    """Whether a BatchNorm layer follows ``.train()`` and so can re-estimate its statistics.
+
+    ``torch.jit.trace`` bakes the mode a BatchNorm was traced in into the graph; a scripted one
+    (``torch.jit.script``) reads ``self.training``.
+    """
+    for module in network.modules():
+        if NORM_NAMES.get(module_type(module)) != "batch":
+            continue
+        code = getattr(module, "code", None)
+        if code is None or "self.training" in code:
+            return True
+    return False
+
+
+def prefix_parameters(network: nn.Module, prefixes: list[str]) -> list[nn.Parameter]:
+    """Parameters whose qualified names start with any of ``prefixes``."""
+    if not prefixes:
+        return []
+    return [p for name, p in network.named_parameters() if name.startswith(tuple(prefixes))]
+
+
+def outputs_to_logits(outputs: torch.Tensor, activation: str) -> torch.Tensor:
+    """Network outputs -> logits whose softmax is the class probabilities.
+
+    ``none`` with C > 1 channels: already logits. ``none`` with one channel (a binary logit z):
+    [0, z]. ``softmax``: log of the probabilities. ``sigmoid`` (one channel p): [log(1-p), log(p)],
+    i.e. two-class probabilities [1 - p, p].
+    """
+    outputs = outputs.float()
+    if activation == "none":
+        if outputs.shape[1] == 1:
+            return torch.cat([torch.zeros_like(outputs), outputs], dim=1)
+        return outputs
+    if activation == "softmax":
+        return outputs.clamp_min(PROBABILITY_FLOOR).log()
+    probability = outputs.clamp(PROBABILITY_FLOOR, 1 - 1e-7)
+    return torch.cat([torch.log1p(-probability), probability.log()], dim=1)
+
+
+class LogitsNetwork(nn.Module):
+    """A TorchScript network that returns logits (N, C, ...) for the product's softmax.
+
+    Args:
+        scripted: the TorchScript module (kept as the submodule ``scripted``).
+        activation: what the network applies last: ``"none"``, ``"softmax"`` or ``"sigmoid"``.
+        num_classes: classes the output must describe.
+        inference_batch_size: without gradients, inputs go through at most this many at a time.
+            Default 1.
+        name: used in error messages.
+    """
+
+    def __init__(
+        self,
+        scripted: nn.Module,
+        activation: str,
+        num_classes: int,
+        inference_batch_size: int = 1,
+        name: str = "model",
+    ):
+        super().__init__()
+        if activation not in OUTPUT_ACTIVATIONS:
+            raise ModelLoadError(f"output activation must be one of {OUTPUT_ACTIVATIONS}")
+        self.scripted = scripted
+        self.activation = activation
+        self.num_classes = num_classes
+        self.inference_batch_size = max(1, int(inference_batch_size))
+        self.name = name
+
+    def __deepcopy__(self, memo: dict) -> LogitsNetwork:
+        # Deep-copying a ScriptModule with gradients enabled clones its parameters into
+        # non-leaf tensors (whose requires_grad cannot be switched off); copy without them.
+        with torch.no_grad():
+            scripted = copy.deepcopy(self.scripted, memo)
+        for new, old in zip(scripted.parameters(), self.scripted.parameters()):
+            new.requires_grad_(old.requires_grad)
+        twin = LogitsNetwork(
+            scripted, self.activation, self.num_classes, self.inference_batch_size, self.name
+        )
+        memo[id(self)] = twin
+        return twin.train(self.training)
+
+    def _expected_channels(self) -> set[int]:
+        if self.activation == "sigmoid":
+            return {1}
+        if self.activation == "none" and self.num_classes == 2:
+            return {1, 2}  # one binary logit or two class logits
+        return {self.num_classes}
+
+    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
+        outputs = self.scripted(inputs)
+        if not isinstance(outputs, torch.Tensor) or outputs.shape[2:] != inputs.shape[2:]:
+            shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs)
+            raise ModelLoadError(
+                f"{self.name}: the network returned {shape} for input {tuple(inputs.shape)}; "
+                "it must return (N, C, same spatial size)"
+            )
+        if outputs.shape[1] not in self._expected_channels():
+            raise ModelLoadError(
+                f"{self.name}: the network returned {outputs.shape[1]} channels but "
+                f"{self.num_classes} classes with output activation {self.activation!r} "
+                f"need {' or '.join(map(str, sorted(self._expected_channels())))}"
+            )
+        return outputs_to_logits(outputs, self.activation)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        batch = self.inference_batch_size
+        if torch.is_grad_enabled() or inputs.shape[0] <= batch:
+            return self._run(inputs)
+        return torch.cat([self._run(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
+
+
+class ScriptedAdapterMixin:
+    """Parameter groups and capabilities of an adapter whose ``network`` is a
+    :class:`LogitsNetwork`. Subclasses set ``network``, ``first_block_prefixes`` (module-name
+    prefixes inside the scripted module) and ``trainable``."""
+
+    network: LogitsNetwork
+    first_block_prefixes: list[str]
+    trainable: str = "all"
+
+    @property
+    def scripted(self) -> nn.Module:
+        """The TorchScript module itself (parameter names as in the file)."""
+        return self.network.scripted
+
+    def set_trainable(self, trainable: str) -> None:
+        """Which parameters methods update as "all": ``"all"`` or ``"first_blocks"``."""
+        if trainable not in ("all", "first_blocks"):
+            raise ModelLoadError(f"trainable must be all or first_blocks, not {trainable!r}")
+        if trainable == "first_blocks" and not self.first_block_params():
+            raise ModelLoadError(
+                "trainable is first_blocks but no parameter matches the first-block prefixes "
+                f"{self.first_block_prefixes}"
+            )
+        self.trainable = trainable
+
+    def first_block_params(self) -> list[nn.Parameter]:
+        return prefix_parameters(self.scripted, self.first_block_prefixes)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``all``: every parameter, or only the first blocks when :attr:`trainable` is
+        ``"first_blocks"`` (methods that train "all" then train those); ``every``: every
+        parameter; ``early`` / ``first_blocks``: the first blocks, if named; ``norm``: affine
+        parameters of normalisation layers, if any."""
+        every = list(self.scripted.parameters())
+        early = self.first_block_params()
+        groups = {"all": early if self.trainable == "first_blocks" else every, "every": every}
+        if early:
+            groups["early"] = early
+            groups["first_blocks"] = early
+        norm = norm_affine_parameters(self.scripted)
+        if norm:
+            groups["norm"] = norm
+        return groups
+
+    def scripted_capabilities(self) -> set[str]:
+        """``norm_affine`` if normalisation layers have affine parameters, ``batchnorm`` if a
+        BatchNorm layer can re-estimate statistics. Never an early head or a bottleneck."""
+        capabilities = set()
+        if norm_affine_parameters(self.scripted):
+            capabilities.add(NORM_AFFINE)
+        if has_live_batchnorm(self.scripted):
+            capabilities.add(BATCHNORM)
+        return capabilities
+
+    def norm_description(self) -> str:
+        """For example ``"instance (no affine)"`` or ``"batch (affine)"``."""
+        kinds = sorted(norm_kinds(self.scripted))
+        if not kinds:
+            return "none"
+        affine = "affine" if norm_affine_parameters(self.scripted) else "no affine"
+        return f"{'/'.join(kinds)} ({affine})"
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {
+            "parameters": sum(p.numel() for p in self.scripted.parameters()),
+            "first_block_parameters": sum(p.numel() for p in self.first_block_params()),
+        }
+
+
+def load_scripted_network(path: Path) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` on the CPU, with a one-line error for files that are not TorchScript."""
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        network = torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:  # torch raises RuntimeError/ValueError with long messages
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"{path}: not a TorchScript model ({message[:200]})") from None
+    return network.eval()
+
+
+def save_scripted(network: nn.Module, spec: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write the TorchScript ``network`` to ``path`` (``.pt``) and ``spec`` to the ``.json`` next
+    to it, each atomically (temporary file, then rename). Returns the ``.pt`` path."""
+    path = Path(path)
+    if path.suffix.lower() not in TORCHSCRIPT_SUFFIXES:
+        raise ModelLoadError(f"{path}: a TorchScript model is saved as .pt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = dict(spec, file=path.name)
+    with torch.no_grad():  # see LogitsNetwork.__deepcopy__
+        network = copy.deepcopy(network).cpu().eval()
+    spec_bytes = json.dumps(spec, indent=2).encode()
+    for target, write in (
+        (path, lambda handle: torch.jit.save(network, handle)),
+        (path.with_suffix(".json"), lambda handle: handle.write(spec_bytes)),
+    ):
+        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    return path

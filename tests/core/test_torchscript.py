@@ -1,0 +1,268 @@
+"""Generic TorchScript models: the JSON spec, 2D slices and 3D sliding windows on the scan's grid,
+capabilities and parameter groups, and adaptation through the engine on a scanner shift."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scripted_factory import TinyNet, base_spec, dice, save_model, synthetic_head, train_tiny
+
+from napari_uda.adaptation.base import get_method
+from napari_uda.adaptation.engine import AdaptationError, adapt
+from napari_uda.core.inference import predict_volume
+from napari_uda.core.models import BundleError, load_model
+from napari_uda.core.models.adapter import BATCHNORM, NORM_AFFINE
+from napari_uda.core.models.scripted import outputs_to_logits
+from napari_uda.core.models.torchscript import ModelSpecError, TorchScriptAdapter
+from napari_uda.core.models.volumetric import PatchTiling, VolumetricPrepared, importance_map
+
+#: The target scanner's look: scalp much darker relative to brain than on the source scanner.
+SHIFT = {"brain": 1.0, "scalp": 0.2}
+SPEC_3D = {"patch_size": [16, 16, 16], "overlap": 0.25}
+
+
+@pytest.fixture(scope="module")
+def model_2d(tmp_path_factory):
+    spec = base_spec(2)
+    network = train_tiny(2, spec)
+    return save_model(network, spec, tmp_path_factory.mktemp("ts2d"))
+
+
+@pytest.fixture(scope="module")
+def model_3d(tmp_path_factory):
+    spec = base_spec(3, **SPEC_3D)
+    network = train_tiny(3, spec)
+    return save_model(network, spec, tmp_path_factory.mktemp("ts3d"))
+
+
+@pytest.fixture(scope="module")
+def shifted_case():
+    return synthetic_head(7, **SHIFT)
+
+
+# -- loading and prediction ----------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["model_2d", "model_3d"])
+def test_loads_through_spec_and_predicts_on_the_scans_grid(which, request):
+    path = request.getfixturevalue(which)
+    model = load_model(path)
+    assert isinstance(model, TorchScriptAdapter)
+    assert model.spatial_dims == (2 if which == "model_2d" else 3)
+    image, mask = synthetic_head(11)
+    prepared = model.prepare(image)
+    assert isinstance(prepared, VolumetricPrepared)
+    assert prepared.inputs.dim() == model.spatial_dims + 2
+    prediction = predict_volume(model, image, device="cpu")
+    assert prediction.probabilities.shape == (2, *image.shape)
+    np.testing.assert_allclose(prediction.probabilities.sum(0), 1.0, atol=1e-4)
+    labels = prediction.label_volume()
+    np.testing.assert_array_equal(labels.affine, image.affine)
+    # Output grid = input grid: the (non-RAS) mask is found where it is, not flipped or shifted.
+    assert dice(labels.data, mask.data) > 0.9
+    flipped = np.flip(mask.data, axis=0)
+    assert dice(labels.data, flipped) < dice(labels.data, mask.data) - 0.05
+
+
+def test_the_spec_file_itself_opens_the_model(model_2d):
+    by_spec = load_model(model_2d.with_suffix(".json"))
+    by_file = load_model(model_2d)
+    image, _ = synthetic_head(3)
+    np.testing.assert_allclose(
+        predict_volume(by_spec, image, device="cpu").probabilities,
+        predict_volume(by_file, image, device="cpu").probabilities,
+    )
+
+
+def test_orientation_spacing_and_model_affine(tmp_path):
+    """A network that works on LPS axes at 3 mm: the spec's orientation and spacing decide its
+    grid, and everything comes back onto the scan's grid."""
+    spec = base_spec(3, orientation="LPS", spacing=[3.0, 3.0, 3.0], pad_multiple=4)
+    path = save_model(TinyNet(3).eval(), spec, tmp_path)
+    model = load_model(path)
+    image, _ = synthetic_head(1)
+    prepared = model.prepare(image)
+    assert prepared.model_spacing == pytest.approx((3.0, 3.0, 3.0), rel=0.1)
+    # the model grid's first axis points left, the second posterior
+    axes = prepared.model_affine[:3, :3]
+    assert axes[0, 0] < 0 and axes[1, 1] < 0 and axes[2, 2] > 0
+    # inputs -> source grid: the normalised image comes back where it was
+    back = prepared.to_source_grid(prepared.inputs)[0]
+    normalised = model.normalize(image.data)
+    inside = image.data > 0.3
+    assert np.corrcoef(back[inside], normalised[inside])[0, 1] > 0.9
+
+
+def test_sliding_window_equals_whole_volume_inference(tmp_path, model_3d):
+    """Overlapping windows stitched with Gaussian weights give what the whole volume gives
+    (a network with a small receptive field and no batch statistics at inference)."""
+    scripted = torch.jit.load(str(model_3d))
+    image, _ = synthetic_head(4)
+    whole = TorchScriptAdapter(scripted, model_spec(base_spec(3)))
+    windows = TorchScriptAdapter(scripted, model_spec(base_spec(3, patch_size=[12, 14, 10])))
+    assert windows.prepare(image).num_slices > 8
+    p_whole = predict_volume(whole, image, device="cpu").probabilities
+    p_windows = predict_volume(windows, image, device="cpu").probabilities
+    interior = (slice(3, -3),) * 3
+    assert np.abs(p_whole[1][interior] - p_windows[1][interior]).max() < 0.05
+
+
+def test_patch_tiling_covers_and_stitches_exactly():
+    channels = torch.rand(2, 23, 17, 30)
+    tiling = PatchTiling.build(channels.shape[1:], (8, 8, 8), overlap=0.5)
+    patches = tiling.split(channels)
+    assert patches.shape[1:] == (2, 8, 8, 8)
+    torch.testing.assert_close(tiling.merge(patches), channels)
+    weights = importance_map((8, 8, 8))
+    assert weights.min() > 0 and weights[4, 4, 4] > weights[0, 0, 0]
+
+
+@pytest.mark.parametrize("activation", ["none", "softmax", "sigmoid"])
+def test_output_activations_become_the_same_probabilities(activation):
+    logit = torch.randn(3, 1, 5, 5)
+    reference = torch.cat([1 - torch.sigmoid(logit), torch.sigmoid(logit)], 1)
+    raw = {
+        "none": logit,
+        "softmax": reference,
+        "sigmoid": torch.sigmoid(logit),
+    }[activation]
+    probabilities = torch.softmax(outputs_to_logits(raw, activation), 1)
+    torch.testing.assert_close(probabilities, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_wrong_number_of_output_channels_is_one_line(tmp_path):
+    spec = base_spec(2, class_names=["background", "grey", "white"])
+    path = save_model(TinyNet(2).eval(), spec, tmp_path)
+    image, _ = synthetic_head(0)
+    with pytest.raises(BundleError, match="returned 2 channels") as error:
+        predict_volume(load_model(path), image, device="cpu")
+    assert "\n" not in str(error.value)
+
+
+# -- the spec -----------------------------------------------------------------------------------
+def model_spec(values: dict):
+    from napari_uda.core.models.torchscript import TorchScriptSpec
+
+    return TorchScriptSpec.from_dict(values)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"spatial_dims": 4}, "spatial_dims must be 2 or 3"),
+        ({"class_names": ["brain"]}, "at least 2"),
+        ({"orientation": "RAX"}, "orientation"),
+        ({"spacing": [1, 0, 1]}, "spacing must be positive"),
+        ({"normalization": "histogram"}, "normalization must be one of"),
+        ({"output_activation": "relu"}, "output_activation"),
+        ({"overlap": 1.0}, "overlap"),
+        ({"patch_size": [16, 16]}, "patch_size must be a list of 3"),
+        ({"trainable": "first_blocks", "first_blocks": []}, "lists no prefix"),
+        ({"clip_percentiles": [99, 1]}, "clip_percentiles"),
+        ({"pach_size": [8, 8, 8]}, "unknown key 'pach_size'"),
+        ({"output_activation": "sigmoid", "class_names": ["a", "b", "c"]}, "sigmoid"),
+    ],
+)
+def test_bad_specs_give_one_line_errors(tmp_path, change, message):
+    spec = {**base_spec(3), **change}
+    path = save_model(TinyNet(3).eval(), base_spec(3), tmp_path)
+    path.with_suffix(".json").write_text(json.dumps(spec))
+    with pytest.raises(ModelSpecError, match=message) as error:
+        load_model(path)
+    assert "\n" not in str(error.value)
+    assert str(path.with_suffix(".json")) in str(error.value)
+
+
+def test_missing_spec_broken_json_and_non_torchscript_files(tmp_path):
+    pt = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(TinyNet(2).eval()), str(pt))
+    with pytest.raises(ModelSpecError, match="no model spec"):
+        load_model(pt)
+    pt.with_suffix(".json").write_text("{not json")
+    with pytest.raises(ModelSpecError, match="not valid JSON"):
+        load_model(pt)
+    state = tmp_path / "weights.pt"
+    torch.save(TinyNet(2).state_dict(), state)
+    state.with_suffix(".json").write_text(json.dumps(base_spec(2)))
+    with pytest.raises(BundleError, match="not a TorchScript model") as error:
+        load_model(state)
+    assert "\n" not in str(error.value)
+    base = base_spec(2, first_blocks=["encoder."])
+    pt.with_suffix(".json").write_text(json.dumps(base))
+    with pytest.raises(ModelSpecError, match="first_blocks"):
+        load_model(pt)
+
+
+# -- capabilities and parameter groups ---------------------------------------------------------
+def test_capabilities_follow_the_normalisation_layers(tmp_path):
+    scripted_bn = load_model(save_model(TinyNet(2).eval(), base_spec(2), tmp_path / "a"))
+    assert scripted_bn.capabilities == {NORM_AFFINE, BATCHNORM}
+    traced_bn = load_model(save_model(TinyNet(2).eval(), base_spec(2), tmp_path / "b", trace=True))
+    assert traced_bn.capabilities == {NORM_AFFINE}  # a trace freezes BatchNorm in eval mode
+    instance = load_model(
+        save_model(TinyNet(2, norm="instance").eval(), base_spec(2), tmp_path / "c")
+    )
+    assert instance.capabilities == set()
+    assert instance.info().norm_type == "instance (no affine)"
+    assert "norm" not in instance.parameter_groups()
+    reasons = get_method("tent").unmet_needs(instance.capabilities)
+    assert reasons and "affine" in reasons[0]
+    assert get_method("udas").unmet_needs(scripted_bn.capabilities)  # no early head
+    assert not get_method("adaent").unmet_needs(instance.capabilities)
+
+
+def test_first_blocks_setting_limits_what_methods_train(model_2d, shifted_case):
+    model = load_model(model_2d, trainable="first_blocks")
+    groups = model.parameter_groups()
+    names = dict(model.scripted.named_parameters())
+    first = {id(p) for n, p in names.items() if n.startswith("stem.")}
+    assert {id(p) for p in groups["all"]} == first
+    assert len(groups["every"]) == len(names) > len(groups["all"])
+    image, _ = shifted_case
+    result = adapt(model, image, "adaent", {"epochs": 1}, device="cpu", seed=0)
+    before = dict(model.scripted.named_parameters())
+    after = dict(result.model.scripted.named_parameters())
+    changed = {n for n in names if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith("stem.") for n in changed)
+
+
+# -- adaptation on a scanner shift --------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("which", "method"),
+    [
+        ("model_2d", "adaent"),
+        ("model_2d", "st"),
+        ("model_3d", "st"),
+        ("model_3d", "mean_teacher"),
+    ],
+)
+def test_adaptation_raises_dice_on_a_scanner_shift(which, method, request, shifted_case):
+    model = load_model(request.getfixturevalue(which))
+    image, mask = shifted_case
+    result = adapt(model, image, method, {"epochs": 2}, reference=mask, device="cpu", seed=0)
+    before, after = result.reference_dice_before[0], result.reference_dice_after[0]
+    assert after > before + 0.02, (before, after)
+    assert dice(result.prediction.labels, mask.data) == pytest.approx(after, abs=1e-6)
+    # the user's model is untouched
+    again = predict_volume(model, image, device="cpu")
+    assert dice(again.labels, mask.data) == pytest.approx(before, abs=1e-6)
+
+
+def test_methods_that_cannot_apply_are_refused_with_the_reason(tmp_path, shifted_case):
+    model = load_model(save_model(TinyNet(3, norm="instance").eval(), base_spec(3), tmp_path))
+    with pytest.raises(AdaptationError, match="affine"):
+        adapt(model, shifted_case[0], "tent", device="cpu")
+
+
+def test_save_writes_a_model_that_loads_back(tmp_path, model_2d, shifted_case):
+    image, _ = shifted_case
+    adapted = adapt(load_model(model_2d), image, "adaent", {"epochs": 1}, device="cpu").model
+    saved = adapted.save(tmp_path / "out" / "adapted.pt")
+    assert saved.exists() and saved.with_suffix(".json").exists()
+    reopened = load_model(saved)
+    np.testing.assert_allclose(
+        predict_volume(reopened, image, device="cpu").probabilities,
+        predict_volume(adapted, image, device="cpu").probabilities,
+        atol=1e-5,
+    )
