@@ -9,7 +9,8 @@ with :func:`napari_uda.settings.setting`), the capabilities it ``requires`` from
 * :meth:`AdaptationMethod.step` once per optimiser step; returns the losses of that step;
 * :meth:`AdaptationMethod.end_epoch` after each epoch (e.g. refresh pseudo-labels), then
   :meth:`AdaptationMethod.finished`, to stop early (UDAS's convergence rule);
-* :meth:`AdaptationMethod.report` at the end: facts for ``AdaptationResult.extra``.
+* :meth:`AdaptationMethod.finish` once after the last step (undo temporary changes), and
+  :meth:`AdaptationMethod.report`: facts for ``AdaptationResult.extra``.
 
 Helpers for methods: :meth:`AdaptationMethod.select_trainable` (freeze all but one parameter
 group, so gradients are computed only where parameters change), :meth:`~AdaptationMethod.make_adam`,
@@ -214,6 +215,10 @@ class AdaptationMethod(ABC):
 
     def end_epoch(self, epoch: int) -> None:  # noqa: B027 - optional hook
         """Called after each epoch (e.g. to refresh pseudo-labels)."""
+
+    def finish(self) -> None:  # noqa: B027 - optional hook
+        """Called once after the last step (also after a stop), before the engine restores the
+        kept checkpoint: undo temporary changes to the model (e.g. BatchNorm momentum)."""
 
     def report(self) -> dict[str, Any]:
         """JSON-able facts about the run for ``AdaptationResult.extra`` (e.g. which prior)."""
