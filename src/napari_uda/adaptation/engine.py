@@ -481,6 +481,7 @@ def run_adaptation(
             stop_reason = f"converged: {reason}"
             break
 
+    runner.finish()
     if step > last_evaluated:
         signals, _ = evaluate()
     reason = kept.reason

@@ -24,14 +24,22 @@ def batchnorm_layers(network: nn.Module) -> list[nn.modules.batchnorm._BatchNorm
     return [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def restart_batchnorm_statistics(network: nn.Module) -> int:
+def restart_batchnorm_statistics(network: nn.Module) -> dict[nn.Module, float | None]:
     """Forget the running statistics and switch to a cumulative average (momentum None) so the
-    next forward passes in training mode estimate them afresh. Returns the number of layers."""
-    layers = batchnorm_layers(network)
-    for layer in layers:
+    next forward passes in training mode estimate them afresh. Returns each layer's previous
+    momentum (see :func:`restore_batchnorm_momentum`)."""
+    previous = {}
+    for layer in batchnorm_layers(network):
+        previous[layer] = layer.momentum
         layer.reset_running_stats()
         layer.momentum = None
-    return len(layers)
+    return previous
+
+
+def restore_batchnorm_momentum(momenta: dict[nn.Module, float | None]) -> None:
+    """Give BatchNorm layers back the momentum they had before the restart."""
+    for layer, momentum in momenta.items():
+        layer.momentum = momentum
 
 
 @register
@@ -64,8 +72,9 @@ class AdaBN(AdaptationMethod):
         network = self.context.model.network.to(self.context.device)
         network.requires_grad_(False)
         network.eval()
-        self.layers = restart_batchnorm_statistics(network)
-        for layer in batchnorm_layers(network):
+        self.momenta = restart_batchnorm_statistics(network)
+        self.layers = len(self.momenta)
+        for layer in self.momenta:
             layer.train()  # training mode: forward passes update the running statistics
 
     @torch.no_grad()
@@ -75,6 +84,10 @@ class AdaBN(AdaptationMethod):
         entropy = float(entropy_loss(logits, mask, normalized=True))
         message = f"re-estimating {self.layers} BatchNorm layers" if step == 1 else ""
         return StepOutput({"total": entropy}, message=message)
+
+    def finish(self) -> None:
+        restore_batchnorm_momentum(self.momenta)
+        self.context.model.network.eval()
 
     def report(self) -> dict:
         return {"batchnorm_layers_reestimated": self.layers}

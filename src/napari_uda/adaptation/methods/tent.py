@@ -24,7 +24,7 @@ from ...core.models.adapter import NORM_AFFINE, norm_layers
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, register
 from ..losses import entropy_loss
-from .adabn import restart_batchnorm_statistics
+from .adabn import restart_batchnorm_statistics, restore_batchnorm_momentum
 
 
 @register
@@ -59,10 +59,12 @@ class Tent(AdaptationMethod):
         for layer in norm_layers(network):
             layer.train()  # BatchNorm: normalise with the batch's statistics
         self.steps_in_epoch = self.steps_per_epoch()
+        self.momenta: dict = {}
 
     def step(self, batch_index: torch.Tensor, step: int) -> StepOutput:
         if (step - 1) % self.steps_in_epoch == 0:
-            restart_batchnorm_statistics(self.context.model.network)
+            momenta = restart_batchnorm_statistics(self.context.model.network)
+            self.momenta = {**momenta, **self.momenta}  # keep the first (original) values
         inputs, mask = self.context.batch(batch_index)
         with self.context.autocast():
             logits = self.context.model.forward(inputs).logits
@@ -70,3 +72,7 @@ class Tent(AdaptationMethod):
         self.optimise(loss)
         value = float(loss.detach())
         return StepOutput({"total": value, "entropy": value})
+
+    def finish(self) -> None:
+        restore_batchnorm_momentum(self.momenta)
+        self.context.model.network.eval()

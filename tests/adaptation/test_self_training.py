@@ -1,0 +1,97 @@
+"""ST and CBST: confident pseudo-labels once per epoch, cross-entropy on them only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_uda.adaptation.base import AdaptationContext
+from napari_uda.adaptation.methods.self_training import (
+    IGNORE,
+    ClassBalancedSelfTraining,
+    SelfTraining,
+)
+
+
+def make_context(probabilities: torch.Tensor, valid: torch.Tensor, model) -> AdaptationContext:
+    return AdaptationContext(
+        model=model,
+        source_model=model,
+        target_inputs=torch.zeros(probabilities.shape[0], 1, *probabilities.shape[2:]),
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+        initial_probabilities=probabilities,
+        valid_mask=valid,
+    )
+
+
+@pytest.fixture
+def probabilities():
+    """Two slices of 6x6 voxels: a confident-background region, a less confident foreground."""
+    generator = torch.Generator().manual_seed(0)
+    foreground = torch.rand(2, 1, 6, 6, generator=generator)
+    foreground[:, :, :, :3] *= 0.3  # left half clearly background
+    return torch.cat([1 - foreground, foreground], dim=1)
+
+
+def test_st_keeps_voxels_above_the_threshold_and_never_padding(tiny_model, probabilities):
+    valid = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    valid[:, :, -1] = False  # a padded row
+    method = SelfTraining(
+        SelfTraining.Settings(threshold=0.8), make_context(probabilities, valid, tiny_model.clone())
+    )
+    method.setup()
+    confidence, labels = probabilities.max(1)
+    expected = torch.where((confidence >= 0.8) & valid[:, 0], labels, IGNORE)
+    torch.testing.assert_close(method.pseudo_labels, expected)
+    assert (method.pseudo_labels[:, -1] == IGNORE).all()
+    assert method.rounds[0]["labelled_fraction"] == pytest.approx(
+        float((expected != IGNORE).sum()) / float(valid.sum())
+    )
+
+
+def test_cbst_keeps_the_most_confident_portion_of_each_class(tiny_model, probabilities):
+    valid = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    settings = ClassBalancedSelfTraining.Settings(initial_portion=0.5)
+    method = ClassBalancedSelfTraining(settings, make_context(probabilities, valid, tiny_model))
+    method.setup()
+    confidence, labels = probabilities.max(1)
+    for c in (0, 1):
+        of_class = labels == c
+        kept = (method.pseudo_labels == c) & of_class
+        assert int(kept.sum()) == round(0.5 * int(of_class.sum()))
+        # every kept voxel is at least as confident as every dropped one of the same class
+        dropped = of_class & ~kept
+        if dropped.any():
+            assert confidence[kept].min() >= confidence[dropped].max()
+    # the portion grows 5 % per round up to the maximum
+    assert [method.portion(r) for r in range(3)] == pytest.approx([0.5, 0.5, 0.5])
+    default = ClassBalancedSelfTraining(ClassBalancedSelfTraining.Settings(), method.context)
+    assert [default.portion(r) for r in (0, 1, 6, 10)] == pytest.approx([0.2, 0.25, 0.5, 0.5])
+
+
+def test_pseudo_labels_are_refreshed_each_epoch_from_the_evaluation(tiny_model, tiny_target):
+    from napari_uda.adaptation.engine import adapt
+
+    result = adapt(tiny_model, tiny_target, "cbst", {"epochs": 3, "batch_size": 8}, device="cpu")
+    rounds = result.extra["pseudo_label_rounds"]
+    assert [r["portion"] for r in rounds] == pytest.approx([0.2, 0.25, 0.3, 0.35])
+    assert rounds[-1]["labelled_fraction"] > rounds[0]["labelled_fraction"]
+
+
+@pytest.mark.parametrize("method", ["st", "cbst"])
+def test_self_training_raises_dice_on_the_demo_scanner_shift(
+    method, demo_model, demo_target_slab, demo_reference_slab
+):
+    from napari_uda.adaptation.engine import adapt
+
+    result = adapt(
+        demo_model,
+        demo_target_slab,
+        method,
+        {"epochs": 3},
+        reference=demo_reference_slab,
+        device="cpu",
+    )
+    before, after = result.reference_dice_before[0], result.reference_dice_after[0]
+    assert after > before + 0.01, (before, after)
