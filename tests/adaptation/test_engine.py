@@ -18,6 +18,7 @@ from napari_uda.adaptation.engine import (
     run_adaptation,
 )
 from napari_uda.adaptation.events import AdaptationEvent
+from napari_uda.adaptation.methods.adabn import restart_batchnorm_statistics
 from napari_uda.core.inference import predict_volume
 from napari_uda.core.models import ModelBundle, UNet2D, UNetBundleAdapter, UNetConfig
 from napari_uda.core.volume import Volume
@@ -59,7 +60,7 @@ class ForceBackground(AdaptationMethod):
         loss = torch.nn.functional.cross_entropy(logits, target)
         if step > self.settings.gentle_steps:
             self.optimise(loss)
-        return StepOutput({"total": float(loss)})
+        return StepOutput({"total": loss.item()})
 
 
 def test_user_model_is_never_modified(tiny_model, tiny_target):
@@ -241,3 +242,27 @@ def test_several_volumes_of_different_shapes(tiny_model, tiny_target):
     assert [p.labels.shape for p in result.predictions] == [tiny_target.shape, other.shape]
     assert result.prediction is result.predictions[0]
     assert len(result.initial_predictions) == 2
+
+
+class ForceBackgroundAfterRestart(ForceBackground):
+    """Restarts the BatchNorm statistics in setup (as AdaBN and TENT do), then collapses."""
+
+    def setup(self):
+        super().setup()
+        restart_batchnorm_statistics(self.context.model.network)
+
+
+def test_collapse_at_the_first_evaluation_restores_the_unadapted_model(tiny_model, tiny_target):
+    options = EngineOptions(evaluate_every=1)
+    settings = {"gentle_steps": 0, "learning_rate": 1.0}
+    result = adapt(
+        tiny_model,
+        tiny_target,
+        ForceBackgroundAfterRestart,
+        settings,
+        device="cpu",
+        options=options,
+    )
+    assert result.extra["collapse"]["step"] == 1 and result.checkpoint.step == 0
+    assert same_weights(weights(tiny_model), weights(result.model))  # buffers included
+    np.testing.assert_array_equal(result.prediction.labels, result.initial_prediction.labels)

@@ -372,12 +372,13 @@ def run_adaptation(
     context.remember_prediction(initial)
     start_signals = compute_signals(initial, initial_labels, valid, reference_labels)
     prior = _prior(model)
+    # copied before setup, which may change buffers (AdaBN and TENT restart BatchNorm statistics)
+    kept = _Checkpoint(0, _state_copy(working), initial, start_signals, "the unadapted model")
     runner = method_class(method_settings, context)
     runner.setup()
     total_steps = runner.total_steps()
     steps_per_epoch = runner.steps_per_epoch()
 
-    kept = _Checkpoint(0, _state_copy(working), initial, start_signals, "the unadapted model")
     step, last_evaluated, signals = 0, 0, start_signals
     stopped, stop_reason, collapse = False, "completed", None
     method_agreement, best_agreement, agreements = None, None, []
