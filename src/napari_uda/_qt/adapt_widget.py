@@ -67,8 +67,8 @@ class AdaptWidget(QWidget):
             value=10,
             min=0,
             max=100_000,
-            tooltip="Refresh the 'after' layers every N steps "
-            "(0: only at the end). Each refresh predicts the whole volume.",
+            tooltip="Every N steps, predict the whole volume to update entropy, Dice, the "
+            "collapse guard and the 'after' layers (0: once per epoch, as the CLI does).",
         )
         self.seed = SpinBox(value=0, min=0, max=2**31 - 1, tooltip="Random seed of the run")
 
@@ -80,7 +80,7 @@ class AdaptWidget(QWidget):
         self.settings_box.setLayout(QVBoxLayout())
         bottom = QFormLayout()
         bottom.addRow("Reference (QA)", self.reference.native)
-        bottom.addRow("Preview every", self.preview_every.native)
+        bottom.addRow("Refresh every (steps)", self.preview_every.native)
         bottom.addRow("Seed", self.seed.native)
 
         self.run_button = QPushButton("Run")

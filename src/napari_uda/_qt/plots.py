@@ -22,6 +22,18 @@ CURVES = {
 PLOT_TITLES = {"loss": "Loss", "entropy": "Mean entropy", "dice": "Dice"}
 
 
+class StepAxis(pg.AxisItem):
+    """A bottom axis with ticks on whole steps only."""
+
+    def tickValues(self, minVal, maxVal, size):
+        levels = super().tickValues(minVal, maxVal, size)
+        whole = [
+            (max(spacing, 1.0), [v for v in values if float(v).is_integer()])
+            for spacing, values in levels
+        ]
+        return [(spacing, values) for spacing, values in whole if values]
+
+
 class LivePlots(QWidget):
     """Three stacked plots sharing the step axis. Feed events with :meth:`add_event`."""
 
@@ -37,13 +49,13 @@ class LivePlots(QWidget):
         layout.addWidget(self.legend)
         self.plots: dict[str, pg.PlotItem] = {}
         for row, (key, title) in enumerate(PLOT_TITLES.items()):
-            plot = self.graphics.addPlot(row=row, col=0)
+            plot = self.graphics.addPlot(row=row, col=0, axisItems={"bottom": StepAxis("bottom")})
             plot.setLabel("left", title)
             plot.showGrid(x=True, y=True, alpha=0.25)
             plot.setMouseEnabled(x=False, y=False)
             plot.hideButtons()
             plot.getAxis("left").enableAutoSIPrefix(False)
-            plot.getAxis("left").setWidth(46)
+            plot.getAxis("left").setWidth(62)
             if self.plots:
                 plot.setXLink(self.plots["loss"])
             self.plots[key] = plot

@@ -27,6 +27,8 @@ from .layers import ENTROPY_AFTER, ENTROPY_BEFORE, SEGMENTATION_AFTER, SEGMENTAT
 from .slice_stats import SliceTable, slice_table
 from .state import get_state
 
+NO_RESULT = "Run an adaptation (Adapt widget) to see per-slice QA."
+
 
 class NumberItem(QTableWidgetItem):
     """A table cell showing ``text`` that sorts by ``value`` (NaN last)."""
@@ -76,12 +78,13 @@ class QAWidget(QWidget):
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.table.cellClicked.connect(self.go_to_row)
+        self.table.verticalHeader().setDefaultSectionSize(22)
         self.summary = QTableWidget(0, 0)
         self.summary.verticalHeader().setVisible(False)
         self.summary.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.summary.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.summary.setMaximumHeight(110)
-        self.message = QLabel("Run an adaptation (Adapt widget) to see per-slice QA.")
+        self.summary.verticalHeader().setDefaultSectionSize(22)
+        self.message = QLabel(NO_RESULT)
         self.message.setWordWrap(True)
 
         layout = QVBoxLayout(self)
@@ -136,18 +139,20 @@ class QAWidget(QWidget):
         if any(layer is None for layer in layers) or layers[0].data.ndim != 3:
             self.slices = None
             self._fill_table()
+            self.summary.setRowCount(0)
+            self._say(NO_RESULT)
             return
         before, after, entropy_before, entropy_after = (np.asarray(x.data) for x in layers)
         reference = self.reference.value
         ref = np.asarray(reference.data) if reference is not None else None
         if ref is not None and ref.shape != after.shape:
-            self.message.setText(
-                f"The reference {ref.shape} does not match the result "
-                f"{after.shape}; Dice is not shown."
+            self._say(
+                f"The reference {ref.shape} does not match the result {after.shape}; "
+                "Dice is not shown."
             )
             ref = None
         else:
-            self.message.setText("")
+            self._say("")
         classes = self._class_names(before, after)
         self.slices = slice_table(
             before,
@@ -160,6 +165,10 @@ class QAWidget(QWidget):
         )
         self._fill_table()
         self._fill_summary(before, after, ref, classes, tuple(layers[1].scale))
+
+    def _say(self, text: str) -> None:
+        self.message.setText(text)
+        self.message.setVisible(bool(text))
 
     def _class_names(self, *labels: np.ndarray) -> list[str]:
         model = self.state.result.model if self.state.result is not None else self.state.model
@@ -222,6 +231,9 @@ class QAWidget(QWidget):
                 cells.append(_cell(volumes[2][label], ".1f"))
             for column, cell in enumerate(cells):
                 self.summary.setItem(row, column, cell)
+        header = self.summary.horizontalHeader().sizeHint().height()
+        rows = self.summary.verticalHeader().defaultSectionSize() * (count - 1)
+        self.summary.setFixedHeight(header + rows + 2 * self.summary.frameWidth())
 
     def go_to_row(self, row: int, _column: int = 0) -> None:
         """Move the viewer to the slice shown in table row ``row``."""

@@ -50,6 +50,8 @@ class RunRequest:
     reference: Volume | None = None
     seed: int = 0
     device: str = "auto"
+    #: Evaluate (entropy, Dice, collapse guard) and refresh the *after* layers every N steps;
+    #: 0: evaluate once per epoch (as the CLI does) and show the result at the end.
     preview_every: int = 10
 
 
@@ -63,7 +65,7 @@ def adaptation_job(
     request: RunRequest, should_stop: Callable[[], bool], done: threading.Event
 ) -> Iterator[Any]:
     """The worker's generator (runs off the GUI thread); see the module docstring."""
-    from ..adaptation.engine import run_adaptation
+    from ..adaptation.engine import EngineOptions, run_adaptation
 
     try:
         before = predict_volume(request.model, request.target, device=request.device)
@@ -79,6 +81,7 @@ def adaptation_job(
                 device=request.device,
                 preview_every=request.preview_every,
                 should_stop=should_stop,
+                options=EngineOptions(evaluate_every=request.preview_every),
             )
         )
     except Exception as error:  # every failure reaches the user as one line

@@ -1,0 +1,194 @@
+"""Screenshots of the napari-uda widgets and of a before/after comparison, for the docs.
+
+Opens the shipped demo (new-scanner head, its reference mask, the demo model) in napari, runs
+one adaptation from the Adapt widget exactly as a user would, and saves into
+``docs/screenshots/``:
+
+* ``model_widget.png``, ``adapt_widget.png``, ``qa_widget.png``, ``export_widget.png``: each
+  dock widget after the run;
+* ``before_after.png``: the same axial slice before and after adaptation (segmentation over the
+  scan, and the entropy maps on the same fixed [0, 1] scale);
+* ``window.png``: the whole napari window with the Adapt widget.
+
+Needs a display; run under Xvfb::
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "screenshots"
+WINDOW = (1500, 980)
+DOCK_WIDTH = 540
+
+
+def settle(app, seconds: float = 0.5) -> None:
+    """Let Qt draw, and close notification toasts so they cover nothing."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.01)
+    for widget in app.allWidgets():
+        if type(widget).__name__ == "NapariQtNotification" and widget.isVisible():
+            widget.close()
+    app.processEvents()
+
+
+def axial_view(viewer, layer) -> None:
+    """Axial slice through the middle, anterior up, patient's left on the right."""
+    axcodes = layer.metadata.get("axcodes", "RAS")
+    superior = next(i for i, code in enumerate(axcodes) if code in "SI")
+    anterior = next(i for i, code in enumerate(axcodes) if code in "AP")
+    lateral = 3 - superior - anterior
+    viewer.dims.order = (superior, anterior, lateral)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.orientation2d = ("up", "right")
+    middle = layer.translate[superior] + layer.scale[superior] * layer.data.shape[superior] * 0.55
+    viewer.dims.set_point(superior, middle)
+    viewer.reset_view()
+
+
+def canvas(viewer, visible: set[str]) -> np.ndarray:
+    for layer in viewer.layers:
+        layer.visible = layer.name in visible
+    return viewer.screenshot(canvas_only=True, flash=False)
+
+
+def crop_to_content(images: list[np.ndarray], margin: int = 12) -> list[np.ndarray]:
+    """Crop every image to the union of their non-black pixels (plus a margin)."""
+    content = np.any([image[..., :3].max(axis=-1) > 8 for image in images], axis=0)
+    rows, columns = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
+    if not len(rows):
+        return images
+    top, bottom = max(rows[0] - margin, 0), rows[-1] + margin + 1
+    left, right = max(columns[0] - margin, 0), columns[-1] + margin + 1
+    return [image[top:bottom, left:right] for image in images]
+
+
+def compose(panels: list[tuple[str, np.ndarray]], path: Path, columns: int = 2) -> None:
+    """Tile the panels (cropped alike) with a title above each and save as PNG."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = crop_to_content([image for _, image in panels])
+    panels = [(caption, image) for (caption, _), image in zip(panels, images)]
+    height, width = panels[0][1].shape[:2]
+    title = 34
+    rows = -(-len(panels) // columns)
+    sheet = Image.new("RGB", (columns * width, rows * (height + title)), (35, 36, 43))
+    draw = ImageDraw.Draw(sheet)
+    try:
+        font = ImageFont.truetype("DejaVuSans.ttf", 20)
+    except OSError:
+        font = ImageFont.load_default()
+    for index, (caption, image) in enumerate(panels):
+        x, y = (index % columns) * width, (index // columns) * (height + title)
+        sheet.paste(Image.fromarray(image[..., :3]), (x, y + title))
+        draw.text((x + 10, y + 6), caption, fill=(240, 241, 242), font=font)
+    sheet.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="udas", help="method to run (default udas)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--model", help="model bundle (default: the demo model)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_uda._qt.adapt_widget import AdaptWidget
+    from napari_uda._qt.export_widget import ExportWidget
+    from napari_uda._qt.model_widget import ModelWidget
+    from napari_uda._qt.qa_widget import QAWidget
+    from napari_uda.settings import apply_overrides
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(show=True, title="napari-uda")
+    viewer.window._qt_window.resize(*WINDOW)
+    app = QApplication.instance()
+    widgets = {
+        "Model": ModelWidget(viewer),
+        "Adapt": AdaptWidget(viewer),
+        "QA": QAWidget(viewer),
+        "Export": ExportWidget(viewer),
+    }
+    docks = {
+        name: viewer.window.add_dock_widget(widget, name=name, area="right", tabify=True)
+        for name, widget in widgets.items()
+    }
+    from qtpy.QtCore import Qt
+
+    viewer.window._qt_window.resizeDocks([docks["Model"]], [DOCK_WIDTH], Qt.Orientation.Horizontal)
+    viewer.open_sample("napari-uda", "target_head")
+    viewer.open_sample("napari-uda", "target_mask")
+    if args.model:
+        widgets["Model"].load_path(args.model)
+    else:
+        widgets["Model"].demo_button.click()
+    target = viewer.layers["head (new scanner)"]
+    axial_view(viewer, target)
+
+    adapt = widgets["Adapt"]
+    adapt.method_combo.setCurrentIndex(adapt.method_combo.findData(args.method))
+    if args.set:
+        method = adapt.methods[args.method]
+        chosen = apply_overrides(method.Settings(**adapt.form.values()), args.set)
+        adapt.form.set_values(vars(chosen))
+    adapt.reference.value = viewer.layers["brain mask (new scanner)"]
+    adapt.preview_every.value = 5
+    docks["Adapt"].raise_()
+    adapt.run_button.click()
+    while adapt.state.running:
+        app.processEvents()
+        time.sleep(0.01)
+    result = adapt.state.result
+    if result is None:
+        print(f"the run failed: {adapt.status.text()}", file=sys.stderr)
+        return 1
+    settle(app, 1.0)
+
+    for name, dock in docks.items():
+        dock.raise_()
+        settle(app)
+        dock.grab().save(str(args.out / f"{name.lower()}_widget.png"))
+        if name == "Adapt":
+            viewer.layers["brain mask (new scanner)"].visible = False
+            settle(app)
+            viewer.window._qt_window.grab().save(str(args.out / "window.png"))
+
+    dice = (
+        (result.reference_dice_before or [np.nan])[-1],
+        (result.reference_dice_after or [np.nan])[-1],
+    )
+    image = target.name
+    panels = [
+        (f"before adaptation  (Dice {dice[0]:.3f})",
+         canvas(viewer, {image, "segmentation (before)"})),
+        (f"after {result.method}  (Dice {dice[1]:.3f})",
+         canvas(viewer, {image, "segmentation (after)"})),
+        (f"entropy before  (mean {result.initial_prediction.entropy.mean():.3f})",
+         canvas(viewer, {"entropy (before)"})),
+        (f"entropy after  (mean {result.prediction.entropy.mean():.3f})",
+         canvas(viewer, {"entropy (after)"})),
+    ]  # fmt: skip
+    compose(panels, args.out / "before_after.png")
+    for layer in viewer.layers:
+        layer.visible = layer.name in (image, "segmentation (after)")
+    print(f"screenshots in {args.out}; {result.method}: {result.stop_reason}, Dice "
+          f"{dice[0]:.3f} -> {dice[1]:.3f}")  # fmt: skip
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
