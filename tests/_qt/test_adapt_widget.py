@@ -182,3 +182,28 @@ def test_bad_settings_and_mismatched_reference_never_start(
     adapt.run_button.click()
     assert "differ in shape" in notifications["error"][-1]
     assert not adapt.runner.running and get_state(viewer).status == "idle"
+
+
+def test_training_steps_never_run_on_the_gui_thread(
+    docked, tiny_bundle_path, qtbot, monkeypatch, synthetic_scan, wait_for_run
+):
+    import threading
+
+    viewer, widgets = docked
+    image, _, affine = synthetic_scan
+    viewer.add_image(image, name="scan", metadata={"affine": affine})
+    widgets["Model"].load_path(tiny_bundle_path)
+    tent = available_methods()["tent"]
+    original_step, threads = tent.step, []
+
+    def recording_step(self, *args, **kwargs):
+        threads.append(threading.current_thread())
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(tent, "step", recording_step)
+    adapt = widgets["Adapt"]
+    choose_method(adapt, "tent", epochs=1, batch_size=8)
+    adapt.run_button.click()
+    wait_for_run(adapt)
+    assert len(threads) == len(get_state(viewer).result.history) >= 2
+    assert all(thread is not threading.main_thread() for thread in threads)
