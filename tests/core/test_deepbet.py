@@ -1,0 +1,158 @@
+"""deepbet as an adapter: the same mask as deepbet's own pipeline, what applies to it and what
+not, and the methods that must run on it. Skipped when the optional extra is not installed."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("deepbet", reason="optional extra: pip install 'napari-uda[deepbet]'")
+
+from napari_uda.adaptation.base import get_method
+from napari_uda.adaptation.engine import AdaptationError, adapt
+from napari_uda.core.inference import predict_volume
+from napari_uda.core.models import load_model
+from napari_uda.core.models.deepbet import DeepbetAdapter
+from napari_uda.core.volume import Volume, VolumeError, load_volume
+from napari_uda.data import demo_files
+
+#: A small brain box so that adaptation mechanics run in seconds (deepbet itself uses 256^3).
+QUICK_SHAPE = (64, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def deepbet_model() -> DeepbetAdapter:
+    return load_model("deepbet")
+
+
+@pytest.fixture(scope="module")
+def quick_model() -> DeepbetAdapter:
+    return load_model("deepbet", input_shape=QUICK_SHAPE, trainable="first_blocks")
+
+
+@pytest.fixture(scope="module")
+def target() -> tuple[Volume, Volume]:
+    files = demo_files()
+    return load_volume(files.target_image), load_volume(files.target_mask)
+
+
+def reoriented(volume: Volume) -> Volume:
+    """The same head stored with axes swapped and flipped (an LIP-like file)."""
+    data = np.flip(np.transpose(volume.data, (0, 2, 1)), axis=(0, 2))
+    image = nib.as_closest_canonical(nib.Nifti1Image(volume.data, volume.affine))
+    swapped = nib.Nifti1Image(
+        np.ascontiguousarray(data),
+        image.affine
+        @ nib.orientations.inv_ornt_aff(
+            nib.orientations.ornt_transform(
+                nib.orientations.axcodes2ornt(("R", "A", "S")),
+                nib.orientations.axcodes2ornt(("L", "I", "P")),
+            ),
+            image.shape,
+        ),
+    )
+    return Volume(np.asarray(swapped.dataobj), swapped.affine)
+
+
+def test_masks_equal_deepbets_own_pipeline(deepbet_model, target):
+    """Same preprocessing, network, threshold and post-processing as ``deepbet-cli``, on a file
+    that is not stored in RAS order."""
+    from deepbet.bet import BrainExtraction
+
+    image = reoriented(target[0])
+    assert "".join(image.axcodes) != "RAS"
+    ours = predict_volume(deepbet_model, image, device="cpu")
+    _, mask, _ = BrainExtraction(no_gpu=True).run(nib.Nifti1Image(image.data, image.affine))
+    theirs = np.asarray(mask.dataobj) > 0
+    assert ours.labels.shape == image.shape
+    assert theirs.sum() > 10_000
+    assert int(((ours.labels == 1) != theirs).sum()) == 0
+    np.testing.assert_array_equal(ours.label_volume().affine, image.affine)
+
+
+def test_probabilities_are_two_classes_and_postprocessing_keeps_entropy(deepbet_model, target):
+    image, reference = target
+    prepared = deepbet_model.prepare(image)
+    assert tuple(prepared.inputs.shape) == (1, 1, 256, 256, 256)
+    with torch.no_grad():
+        probabilities = torch.softmax(deepbet_model.forward(prepared.inputs).logits, 1)
+    raw = prepared.to_source_grid(probabilities)
+    prepared.postprocess = None
+    unprocessed = prepared.to_source_grid(probabilities)
+    np.testing.assert_allclose(raw.sum(0), 1.0, atol=1e-5)
+    # post-processing only swaps probabilities, so each voxel's uncertainty is unchanged
+    np.testing.assert_allclose(np.sort(raw, axis=0), np.sort(unprocessed, axis=0), atol=1e-6)
+    truth = reference.data > 0
+    found = raw.argmax(0) == 1
+    assert 2 * (found & truth).sum() / (found.sum() + truth.sum()) > 0.9
+
+
+def test_norm_only_methods_are_refused_with_the_reason(deepbet_model, target):
+    assert deepbet_model.capabilities == set()
+    info = deepbet_model.info()
+    assert info.norm_type == "instance (no affine)"
+    assert "TENT and AdaBN do not apply" in info.details["notes"]
+    assert "affine" in " ".join(get_method("tent").unmet_needs(deepbet_model.capabilities))
+    assert "BatchNorm" in " ".join(get_method("adabn").unmet_needs(deepbet_model.capabilities))
+    for method in ("adaent", "st", "mean_teacher", "distillation"):
+        assert not get_method(method).unmet_needs(deepbet_model.capabilities)
+    with pytest.raises(AdaptationError, match="affine"):
+        adapt(deepbet_model, target[0], "tent", device="cpu")
+
+
+def test_parameter_subsets(deepbet_model):
+    groups = deepbet_model.parameter_groups()
+    assert "norm" not in groups
+    names = [n for n, _ in deepbet_model.scripted.named_parameters()]
+    first = [n for n in names if n.startswith(("init.", "down0."))]
+    assert len(groups["first_blocks"]) == len(first) and 0 < len(first) < len(names)
+    assert len(groups["all"]) == len(names)
+    model = deepbet_model.clone()
+    model.set_trainable("first_blocks")
+    assert {id(p) for p in model.parameter_groups()["all"]} == {
+        id(p) for p in model.parameter_groups()["first_blocks"]
+    }
+
+
+@pytest.mark.parametrize("method", ["adaent", "st", "mean_teacher", "distillation"])
+def test_methods_run_on_deepbet_and_train_only_the_chosen_blocks(quick_model, target, method):
+    image, reference = target
+    result = adapt(
+        quick_model,
+        image,
+        method,
+        {"epochs": 2, "learning_rate": 1e-3},
+        reference=reference,
+        device="cpu",
+        seed=0,
+    )
+    assert result.prediction.labels.shape == image.shape
+    assert all(np.isfinite(event["losses"]["total"]) for event in result.history)
+    before = dict(quick_model.scripted.named_parameters())
+    after = dict(result.model.scripted.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert result.checkpoint.step > 0 and changed
+    assert all(n.startswith(("init.", "down0.")) for n in changed)
+
+
+def test_adapted_deepbet_saves_and_reopens_as_deepbet(quick_model, tmp_path):
+    model = quick_model.clone()
+    with torch.no_grad():
+        next(model.scripted.parameters()).add_(0.01)
+    path = model.save(tmp_path / "deepbet_adapted.pt")
+    reopened = load_model(path, input_shape=QUICK_SHAPE)
+    assert isinstance(reopened, DeepbetAdapter)
+    assert reopened.trainable == "first_blocks"
+    for (name, a), (_, b) in zip(
+        model.scripted.named_parameters(), reopened.scripted.named_parameters()
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_a_volume_without_a_head_is_a_one_line_error(deepbet_model):
+    empty = Volume(np.zeros((40, 40, 40), np.float32), np.eye(4))
+    with pytest.raises(VolumeError) as error:
+        deepbet_model.prepare(empty)
+    assert "\n" not in str(error.value)
