@@ -7,10 +7,10 @@ same result. The output stays on the input's grid (same shape, affine and header
 are float32 on the input's scale (its 99.5th percentile is kept).
 
 Artefacts come from `torchio <https://torchio.readthedocs.io>`_ (``RandomBiasField``,
-``RandomGamma``, ``RandomAnisotropy``, ``RandomMotion``, ``RandomGhosting``); Rician noise is the
-magnitude of the image plus complex Gaussian noise. Axes in profiles are *anatomical* (0
-left-right, 1 posterior-anterior, 2 inferior-superior) and are mapped to the file's array axes,
-so a profile means the same thing for RAS, LAS or LSA files.
+``RandomMotion``, ``RandomGhosting``); thick slices are slab averages interpolated back (see
+:func:`thick_slices`); Rician noise is the magnitude of the image plus complex Gaussian noise.
+Axes in profiles are *anatomical* (0 left-right, 1 posterior-anterior, 2 inferior-superior) and
+are mapped to the file's array axes, so a profile means the same for RAS, LAS or LSA files.
 
 Built-in profiles (see :func:`list_profiles`):
 
@@ -18,7 +18,7 @@ Built-in profiles (see :func:`list_profiles`):
   bias field, 3 mm axial slices, ghosting and Rician noise;
 * ``t2_like``: contrast remap only (CSF bright, white matter dark);
 * ``bias_noise``: smooth bias field plus Rician noise;
-* ``thick_slices``: 5 mm axial slices (slab averaging, then resampling back) plus ghosting;
+* ``thick_slices``: 5 mm axial slices (slab average, linear interpolation back) plus ghosting;
 * ``motion``: rigid motion during acquisition.
 """
 
@@ -37,11 +37,13 @@ from .core.volume import Volume
 ROBUST_MAX_PERCENTILE = 99.5
 
 #: T2-like lookup on intensities divided by the robust maximum: knots of a piecewise-linear map.
-#: T1 air/noise -> dark, CSF (~0.25) -> brightest, grey matter (~0.55) -> mid, white matter
-#: (~0.75) -> dark, fat (~1.0) -> fairly bright, as on a fast spin-echo T2.
+#: On T1 heads (MNI152, ROBEX) CSF lies near 0.3, grey matter near 0.55-0.65 and white matter
+#: near 0.85-0.9 of the robust maximum, with scalp fat above. The map sends air/noise -> dark,
+#: CSF -> brightest, grey matter -> mid, white matter -> dark, fat -> fairly bright, as on a
+#: fast spin-echo T2.
 T2_LIKE_KNOTS = (
-    (0.0, 0.08, 0.25, 0.55, 0.75, 1.0, 1.5),
-    (0.0, 0.04, 1.0, 0.62, 0.38, 0.75, 0.8),
+    (0.0, 0.08, 0.3, 0.6, 0.88, 1.05, 1.5),
+    (0.0, 0.04, 1.0, 0.65, 0.35, 0.6, 0.7),
 )
 
 
@@ -60,8 +62,7 @@ class ScannerProfile:
             (torchio ``RandomBiasField``); 0 for none. Default 0.
         bias_order: order of the bias-field polynomial. Default 3.
         slice_thickness_mm: simulate slices this thick along ``slice_axis`` (slab average, then
-            nearest down-sampling and linear resampling back, torchio ``RandomAnisotropy``);
-            ``None`` for none. Default None.
+            linear interpolation back, :func:`thick_slices`); ``None`` for none. Default None.
         slice_axis: anatomical axis of the thick slices (0 L-R, 1 P-A, 2 I-S). Default 2.
         motion_degrees: maximum rotation of the rigid motion (torchio ``RandomMotion``);
             0 for none. Default 0.
@@ -167,6 +168,33 @@ def rician_noise(unit: np.ndarray, sigma: float, generator: np.random.Generator)
     return np.hypot(real, imaginary).astype(np.float32)
 
 
+def thick_slices(data: np.ndarray, axis: int, thickness: float) -> np.ndarray:
+    """``data`` as if acquired in slices ``thickness`` voxels thick along ``axis``.
+
+    Each slice averages a slab of ``thickness`` voxels (partial volume); the slices are then
+    linearly interpolated back onto the original grid (edges clamped). torchio's
+    ``RandomAnisotropy`` samples single planes instead of slabs and leaves zero planes at the
+    edges of the field of view, so it is not used here.
+    """
+    if thickness <= 1:
+        return data
+    size = data.shape[axis]
+    slab = max(1, round(thickness))
+    averaged = uniform_filter1d(data, size=slab, axis=axis, mode="nearest")
+    centres = np.arange((thickness - 1) / 2, size, thickness)
+    acquired = np.take(averaged, np.clip(np.rint(centres).astype(int), 0, size - 1), axis=axis)
+    position = np.clip(np.arange(size, dtype=np.float64), centres[0], centres[-1])
+    lower = np.clip(np.searchsorted(centres, position, side="right") - 1, 0, len(centres) - 1)
+    upper = np.minimum(lower + 1, len(centres) - 1)
+    span = np.where(upper > lower, centres[upper] - centres[lower], 1.0)
+    weight = ((position - centres[lower]) / span).astype(np.float32)
+    shape = [1] * data.ndim
+    shape[axis] = size
+    weight = weight.reshape(shape)
+    low, high = np.take(acquired, lower, axis=axis), np.take(acquired, upper, axis=axis)
+    return (low * (1 - weight) + high * weight).astype(np.float32)
+
+
 def _array_axis(volume: Volume, anatomical_axis: int) -> int:
     """The array axis of ``volume`` that runs along ``anatomical_axis`` (0 L-R, 1 P-A, 2 I-S)."""
     orientation = io_orientation(volume.affine)
@@ -179,10 +207,6 @@ def _torchio_steps(volume: Volume, profile: ScannerProfile) -> list:
     steps = []
     if profile.bias_coefficients > 0:
         steps.append(tio.RandomBiasField(profile.bias_coefficients, order=profile.bias_order))
-    if profile.slice_thickness_mm:
-        axis = _array_axis(volume, profile.slice_axis)
-        factor = max(1.0, profile.slice_thickness_mm / volume.spacing[axis])
-        steps.append(tio.RandomAnisotropy(axes=(axis,), downsampling=(factor, factor)))
     if profile.motion_degrees > 0 or profile.motion_translation_mm > 0:
         steps.append(
             tio.RandomMotion(
@@ -220,8 +244,7 @@ def simulate_scanner(volume: Volume, profile: str | ScannerProfile, seed: int = 
         unit = np.power(unit, profile.gamma)
     if profile.slice_thickness_mm:
         axis = _array_axis(volume, profile.slice_axis)
-        slab = max(1, round(profile.slice_thickness_mm / volume.spacing[axis]))
-        unit = uniform_filter1d(unit, size=slab, axis=axis, mode="nearest")
+        unit = thick_slices(unit, axis, profile.slice_thickness_mm / volume.spacing[axis])
 
     steps = _torchio_steps(volume, profile)
     if steps:
