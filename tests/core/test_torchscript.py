@@ -14,7 +14,7 @@ from napari_uda.adaptation.base import get_method
 from napari_uda.adaptation.engine import AdaptationError, adapt
 from napari_uda.core.inference import predict_volume
 from napari_uda.core.models import BundleError, load_model
-from napari_uda.core.models.adapter import BATCHNORM, NORM_AFFINE
+from napari_uda.core.models.adapter import NORM_AFFINE
 from napari_uda.core.models.scripted import outputs_to_logits
 from napari_uda.core.models.torchscript import ModelSpecError, TorchScriptAdapter
 from napari_uda.core.models.volumetric import PatchTiling, VolumetricPrepared, importance_map
@@ -197,9 +197,13 @@ def test_missing_spec_broken_json_and_non_torchscript_files(tmp_path):
 # -- capabilities and parameter groups ---------------------------------------------------------
 def test_capabilities_follow_the_normalisation_layers(tmp_path):
     scripted_bn = load_model(save_model(TinyNet(2).eval(), base_spec(2), tmp_path / "a"))
-    assert scripted_bn.capabilities == {NORM_AFFINE, BATCHNORM}
+    # BatchNorm's momentum is compiled into TorchScript: AdaBN cannot use it, and says why
+    assert scripted_bn.capabilities == {NORM_AFFINE}
+    assert "AdaBN does not apply" in scripted_bn.info().details["notes"]
+    assert get_method("adabn").unmet_needs(scripted_bn.capabilities)
     traced_bn = load_model(save_model(TinyNet(2).eval(), base_spec(2), tmp_path / "b", trace=True))
-    assert traced_bn.capabilities == {NORM_AFFINE}  # a trace freezes BatchNorm in eval mode
+    assert traced_bn.capabilities == {NORM_AFFINE}
+    assert len(traced_bn.parameter_groups()["norm"]) == 4  # two BatchNorm layers' scale, shift
     instance = load_model(
         save_model(TinyNet(2, norm="instance").eval(), base_spec(2), tmp_path / "c")
     )

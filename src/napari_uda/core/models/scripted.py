@@ -7,7 +7,7 @@
 * Normalisation layers are recognised by class name, which TorchScript keeps
   (``original_name``), since ``isinstance`` does not work on scripted modules.
 * :class:`ScriptedAdapterMixin`: parameter groups (``all`` / ``first_blocks`` / ``norm``) and
-  capabilities (``norm_affine``, ``batchnorm``).
+  capabilities (``norm_affine``; never ``batchnorm``, see :data:`BATCHNORM_NOTE`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import BATCHNORM, NORM_AFFINE
+from .adapter import NORM_AFFINE
 from .registry import TORCHSCRIPT_SUFFIXES, ModelLoadError
 
 NORM_NAMES = {
@@ -37,6 +37,11 @@ NORM_NAMES = {
     "LayerNorm": "layer",
 }
 OUTPUT_ACTIVATIONS = ("none", "softmax", "sigmoid")
+#: Why TorchScript models never claim the ``batchnorm`` capability (AdaBN).
+BATCHNORM_NOTE = (
+    "AdaBN does not apply to TorchScript BatchNorm: TorchScript compiles the momentum into the "
+    "graph (and a trace also its mode), so the statistics cannot be re-estimated on the target"
+)
 PROBABILITY_FLOOR = 1e-12
 
 
@@ -57,21 +62,6 @@ def norm_affine_parameters(network: nn.Module) -> list[nn.Parameter]:
         if module_type(module) in NORM_NAMES:
             params += [p for _, p in module.named_parameters(recurse=False)]
     return params
-
-
-def has_live_batchnorm(network: nn.Module) -> bool:
-    """Whether a BatchNorm layer follows ``.train()`` and so can re-estimate its statistics.
-
-    ``torch.jit.trace`` bakes the mode a BatchNorm was traced in into the graph; a scripted one
-    (``torch.jit.script``) reads ``self.training``.
-    """
-    for module in network.modules():
-        if NORM_NAMES.get(module_type(module)) != "batch":
-            continue
-        code = getattr(module, "code", None)
-        if code is None or "self.training" in code:
-            return True
-    return False
 
 
 def prefix_parameters(network: nn.Module, prefixes: list[str]) -> list[nn.Parameter]:
@@ -216,14 +206,13 @@ class ScriptedAdapterMixin:
         return groups
 
     def scripted_capabilities(self) -> set[str]:
-        """``norm_affine`` if normalisation layers have affine parameters, ``batchnorm`` if a
-        BatchNorm layer can re-estimate statistics. Never an early head or a bottleneck."""
-        capabilities = set()
-        if norm_affine_parameters(self.scripted):
-            capabilities.add(NORM_AFFINE)
-        if has_live_batchnorm(self.scripted):
-            capabilities.add(BATCHNORM)
-        return capabilities
+        """``norm_affine`` if normalisation layers have affine parameters (TENT). Never
+        ``batchnorm`` (:data:`BATCHNORM_NOTE`), an early head or a bottleneck."""
+        return {NORM_AFFINE} if norm_affine_parameters(self.scripted) else set()
+
+    def capability_notes(self) -> list[str]:
+        """Why methods that look applicable are not (shown in the model's details)."""
+        return [BATCHNORM_NOTE] if "batch" in norm_kinds(self.scripted) else []
 
     def norm_description(self) -> str:
         """For example ``"instance (no affine)"`` or ``"batch (affine)"``."""

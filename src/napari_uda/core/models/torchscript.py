@@ -220,9 +220,9 @@ class TorchScriptAdapter(ScriptedAdapterMixin, ModelAdapter):
     """A TorchScript network with its :class:`TorchScriptSpec`.
 
     ``network`` is a :class:`~napari_uda.core.models.scripted.LogitsNetwork` around the scripted
-    module. Capabilities: ``norm_affine`` when its normalisation layers have affine parameters,
-    ``batchnorm`` when it has BatchNorm that can re-estimate statistics; no early head and no
-    bottleneck (UDAS and AIVA do not apply).
+    module. Capabilities: ``norm_affine`` when its normalisation layers have affine parameters
+    (TENT); never ``batchnorm`` (AdaBN cannot re-estimate TorchScript BatchNorm), no early head
+    and no bottleneck (UDAS and AIVA do not apply).
     """
 
     def __init__(
@@ -291,6 +291,7 @@ class TorchScriptAdapter(ScriptedAdapterMixin, ModelAdapter):
                 "path": str(self.path) if self.path else None,
                 "spec": spec.to_dict(),
                 "trainable": self.trainable,
+                "notes": "; ".join(self.capability_notes()),
                 **self.parameter_counts(),
             },
         )

@@ -156,11 +156,11 @@ def _ceil_to(value: int, multiple: int) -> int:
 
 @dataclass
 class SliceTiling:
-    """2D slices along ``axis`` of the model grid, padded (bottom/right) to ``padded_hw``."""
+    """2D slices along ``axis`` of the model grid, padded (bottom/right) to ``padded_size``."""
 
     grid_shape: tuple[int, int, int]
     axis: int
-    padded_hw: tuple[int, int]
+    padded_size: tuple[int, int]
 
     @classmethod
     def build(cls, grid_shape, axis: int, pad_multiple: int = 16) -> SliceTiling:
@@ -176,7 +176,7 @@ class SliceTiling:
         """(C, *grid_shape) -> (N, C, H, W) slices, padded."""
         slices = torch.movedim(channels, 1 + self.axis, 0)
         height, width = slices.shape[-2:]
-        pad = (0, self.padded_hw[1] - width, 0, self.padded_hw[0] - height)
+        pad = (0, self.padded_size[1] - width, 0, self.padded_size[0] - height)
         return F.pad(slices, pad, value=pad_value).contiguous()
 
     def merge(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -315,6 +315,16 @@ class VolumetricPrepared:
     @property
     def model_shape(self) -> tuple[int, int, int]:
         return self.tiling.grid_shape
+
+    @property
+    def padded_hw(self) -> tuple[int, int] | None:
+        """2D only: in-plane size of the slices before padding (as ``PreparedVolume``'s), so
+        code that masks out the padding treats both alike; ``None`` for 3D."""
+        if not isinstance(self.tiling, SliceTiling):
+            return None
+        axis = self.tiling.axis
+        height, width = (n for i, n in enumerate(self.tiling.grid_shape) if i != axis)
+        return int(height), int(width)
 
     @property
     def canonical_shape(self) -> tuple[int, int, int]:
