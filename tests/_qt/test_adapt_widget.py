@@ -83,6 +83,8 @@ def test_stop_halfway_keeps_layers_consistent(demo_session, qtbot, wait_for_run)
     adapt.run_button.click()
     qtbot.waitUntil(lambda: adapt.plots.points("loss") >= 2, timeout=120_000)
     seen = adapt.plots.points("loss")
+    progress = adapt._progress  # napari's progress bar (activity dock), with the planned total
+    assert progress is not None and progress.n >= 2 and progress.total > seen
     qtbot.mouseClick(adapt.stop_button, Qt.MouseButton.LeftButton)
     assert get_state(viewer).status == "stopping" and not adapt.stop_button.isEnabled()
     wait_for_run(adapt)
@@ -94,7 +96,7 @@ def test_stop_halfway_keeps_layers_consistent(demo_session, qtbot, wait_for_run)
     assert seen <= len(result.history) <= seen + 2 < total  # honoured within a step
     np.testing.assert_array_equal(viewer.layers[SEGMENTATION_AFTER].data, result.prediction.labels)
     assert viewer.layers[ENTROPY_AFTER].data.shape == viewer.layers[TARGET].data.shape
-    assert adapt.run_button.isEnabled()
+    assert adapt.run_button.isEnabled() and adapt._progress is None
 
 
 def test_closing_the_viewer_stops_the_run(demo_session, qtbot):

@@ -80,3 +80,27 @@ def test_device_choice(docked, tiny_bundle_path):
     assert state.device == "cpu" and state.device_in_use == "cpu"
     assert "cpu" in widget.device_in_use.text()
     assert load_model(tiny_bundle_path).info().norm_type == "batch"
+
+
+def test_named_model_menu_opens_deepbet_and_adapt_disables_what_cannot_apply(docked):
+    from napari_uda.adaptation import available_methods
+    from napari_uda.core.models.registry import named_models
+
+    viewer, widgets = docked
+    widget: ModelWidget = widgets["Model"]
+    actions = {action.text(): action for action in widget.named_button.menu().actions()}
+    assert set(actions) == {model.name for model in named_models()}
+    deepbet = next(model for model in named_models() if model.name == "deepbet")
+    if not deepbet.available:
+        assert not actions["deepbet"].isEnabled() and actions["deepbet"].toolTip()
+        return
+    actions["deepbet"].trigger()
+    state = get_state(viewer)
+    assert state.model_source == "deepbet" and widget.fields["norm"].text().startswith("instance")
+    assert widget.fields["spacing"].text() == "not fixed (set by the model)"
+    combo = widgets["Adapt"].method_combo
+    for name in ("tent", "adabn"):
+        item = combo.model().item(combo.findData(name))
+        assert not item.isEnabled()
+        assert available_methods()[name].unmet_needs(state.model.capabilities)[0] in item.toolTip()
+    assert combo.model().item(combo.currentIndex()).isEnabled()

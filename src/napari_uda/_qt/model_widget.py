@@ -13,6 +13,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QMenu,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -20,11 +21,16 @@ from qtpy.QtWidgets import (
 
 from ..core.device import available_devices, resolve_device
 from ..core.models import load_model
+from ..core.models.registry import named_models
 from .state import get_state
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 NORM_NAMES = {"batch": "BatchNorm", "group": "GroupNorm", "instance": "InstanceNorm"}
-MODEL_FILTER = "Model bundles (*.safetensors);;All files (*)"
+MODEL_FILTER = (
+    "Models (*.safetensors *.pt *.pth *.ts *.torchscript *.json);;"
+    "napari-uda bundles (*.safetensors);;TorchScript with a JSON spec (*.pt *.pth *.ts "
+    "*.torchscript *.json);;All files (*)"
+)
 
 
 def _yes_no(flag: bool) -> str:
@@ -47,9 +53,13 @@ class ModelWidget(QWidget):
             "The shipped brain-extraction U-Net, trained on the demo's source scanner only"
         )
         self.demo_button.clicked.connect(self.load_demo)
+        self.named_button = QPushButton("Named model")
+        self.named_button.setToolTip("Models that open by name, such as deepbet")
+        self.named_button.setMenu(self._named_models_menu())
         buttons = QHBoxLayout()
         buttons.addWidget(self.open_button)
         buttons.addWidget(self.demo_button)
+        buttons.addWidget(self.named_button)
 
         self.fields: dict[str, QLabel] = {}
         form = QFormLayout()
@@ -96,13 +106,26 @@ class ModelWidget(QWidget):
         self._show_model(self.state.model)
 
     # -- actions ---------------------------------------------------------------------------
+    def _named_models_menu(self) -> QMenu:
+        menu = QMenu(self)
+        menu.setToolTipsVisible(True)
+        for model in named_models():
+            action = menu.addAction(model.name)
+            action.setEnabled(model.available)
+            action.setToolTip(model.description if model.available else model.reason)
+            action.triggered.connect(lambda _=False, name=model.name: self.load_path(name))
+        if menu.isEmpty():
+            menu.addAction("none installed").setEnabled(False)
+        return menu
+
     def _choose_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open model", "", MODEL_FILTER)
         if path:
             self.load_path(path)
 
     def load_path(self, path: str | Path, source: str | None = None) -> bool:
-        """Load the model at ``path`` into the shared state; errors become a notification."""
+        """Load the model at ``path`` (or a named model such as ``"deepbet"``) into the shared
+        state; errors become a notification."""
         if self.state.running:
             show_error("A run is in progress; stop it before changing the model.")
             return False
@@ -148,7 +171,9 @@ class ModelWidget(QWidget):
         caps = info.capabilities
         pack = info.details.get("source_pack_slices", 0)
         spacing = (
-            " × ".join(f"{s:g}" for s in info.spacing) + " mm" if info.spacing else "the scan's own"
+            " × ".join(f"{s:g}" for s in info.spacing) + " mm"
+            if info.spacing
+            else "not fixed (set by the model)"
         )
         self.fields["name"].setText(info.name)
         self.fields["name"].setToolTip(self.state.model_source)
@@ -163,5 +188,5 @@ class ModelWidget(QWidget):
 
     def _show_status(self, status: str) -> None:
         busy = self.state.running
-        for widget in (self.open_button, self.demo_button, self.device_combo):
+        for widget in (self.open_button, self.demo_button, self.named_button, self.device_combo):
             widget.setEnabled(not busy)
