@@ -53,10 +53,12 @@ class ModelLoader:
     Class attributes:
         name: short name (also the value of a spec's ``"adapter"`` key that picks this loader).
         description: one line for error messages and docs.
+        model_names: names (lower case) of models this loader opens without a file.
     """
 
     name: str = ""
     description: str = ""
+    model_names: tuple[str, ...] = ()
 
     def can_open(self, source: str) -> bool:
         """Whether ``source`` (a path or a model name) is something this loader opens."""
@@ -113,6 +115,7 @@ class TorchScriptLoader(ModelLoader):
 class DeepbetLoader(ModelLoader):
     name = "deepbet"
     description = "deepbet brain extraction (pip install 'napari-uda[deepbet]')"
+    model_names = ("deepbet",)
 
     def can_open(self, source: str) -> bool:
         return source.strip().lower() == "deepbet"
@@ -195,7 +198,7 @@ def load_model(path: str | os.PathLike, **options: Any) -> ModelAdapter:
     source = os.fspath(path)
     loaders = model_loaders()
     for loader in loaders:  # names first: "deepbet" must not be mistaken for a missing file
-        if any(model.name == source.strip().lower() for model in loader.named_models()):
+        if source.strip().lower() in loader.model_names:
             return loader.open(source, **options)
     file = Path(source)
     if not file.exists():
@@ -221,4 +224,4 @@ def load_model(path: str | os.PathLike, **options: Any) -> ModelAdapter:
 
 
 def _names() -> str:
-    return ", ".join(model.name for model in named_models()) or "none"
+    return ", ".join(name for loader in model_loaders() for name in loader.model_names) or "none"
