@@ -75,11 +75,11 @@ def run_in_napari(model_path: Path, image_path: Path, args, refresh_every: int) 
         time.sleep(0.001)
     ended = time.perf_counter()
     timer.stop()
-    result = adapt_widget.state.result
+    result, status = adapt_widget.state.result, adapt_widget.status.text()
     viewer.close()
     app.processEvents()
     if result is None:
-        raise RuntimeError(f"the run in napari failed: {adapt_widget.status.text()}")
+        raise RuntimeError(f"the run in napari failed: {status}")
     during = [t for t in ticks if started <= t <= ended]
     gaps = [b - a for a, b in itertools.pairwise(during)]
     return {
@@ -122,15 +122,16 @@ def _median(runs: list[dict], key: str) -> float:
     return float(statistics.median(run[key] for run in runs))
 
 
-def write_table(summary: dict) -> None:
+def write_table(summary: dict, path: Path) -> None:
     setup = summary["setup"]
     live, quiet, cli = summary["napari_live"], summary["napari"], summary["cli"]
     lines = [
         "# Responsiveness during adaptation",
         "",
         "Produced by `benchmarks/responsiveness.py` (do not edit by hand). "
-        f"{setup['method']}, {setup['epochs']} epoch(s), batch {setup['batch_size']}, on the "
-        f"demo new-scanner head; {setup['rounds']} alternating rounds, medians; "
+        f"{setup['method']}, {setup['epochs']} epoch(s), batch {setup['batch_size']}, model "
+        f"`{Path(setup['model']).name}` on `{Path(setup['image']).name}`; "
+        f"{setup['rounds']} alternating rounds, medians; "
         f"{setup['cpu_count']} CPU cores, torch threads {setup['torch_threads']}, "
         f"load average before {setup['load_before']:.1f}, after {setup['load_after']:.1f}.",
         "",
@@ -158,7 +159,7 @@ def write_table(summary: dict) -> None:
         "drawing of the results; the CLI's includes starting Python and loading torch.",
         "",
     ]
-    TABLE.write_text("\n".join(lines), encoding="utf-8")
+    path.write_text("\n".join(lines), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,14 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--live-refresh", type=int, default=10)
+    parser.add_argument("--model", type=Path, help="model (default: the demo model)")
+    parser.add_argument("--image", type=Path, help="target scan (default: the demo's)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--table", type=Path, default=TABLE)
     args = parser.parse_args(argv)
-    files = demo_files(require_model=True)
+    files = demo_files(require_model=args.model is None)
+    model, image = args.model or files.model, args.image or files.target_image
     load_before = os.getloadavg()[0]
     napari_runs, live_runs, cli_runs = [], [], []
     for round_number in range(args.rounds):
-        napari_runs.append(run_in_napari(files.model, files.target_image, args, 0))
-        cli_runs.append(run_cli(files.model, files.target_image, args))
-        live_runs.append(run_in_napari(files.model, files.target_image, args, args.live_refresh))
+        napari_runs.append(run_in_napari(model, image, args, 0))
+        cli_runs.append(run_cli(model, image, args))
+        live_runs.append(run_in_napari(model, image, args, args.live_refresh))
         print(f"round {round_number + 1}: napari {napari_runs[-1]}, cli {cli_runs[-1]}, "
               f"live {live_runs[-1]}", flush=True)  # fmt: skip
     keys = ("steps_per_second", "max_gap_ms", "p99_gap_ms", "median_gap_ms",
@@ -188,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "process_seconds")}  # fmt: skip
     summary = {
         "setup": {
+            "model": str(model),
+            "image": str(image),
             "method": args.method,
             "epochs": args.epochs,
             "batch_size": args.batch_size,
@@ -206,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         "cli": cli,
         "runs": {"napari": napari_runs, "napari_live": live_runs, "cli": cli_runs},
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    write_table(summary)
-    print(TABLE.read_text())
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_table(summary, args.table)
+    print(args.table.read_text())
     return 0
 
 

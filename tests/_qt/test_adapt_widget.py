@@ -84,7 +84,7 @@ def test_stop_halfway_keeps_layers_consistent(demo_session, qtbot, wait_for_run)
     qtbot.waitUntil(lambda: adapt.plots.points("loss") >= 2, timeout=120_000)
     seen = adapt.plots.points("loss")
     progress = adapt._progress  # napari's progress bar (activity dock), with the planned total
-    assert progress is not None and progress.n >= 2 and progress.total > seen
+    assert progress is not None and progress.n >= 1 and progress.total > seen
     qtbot.mouseClick(adapt.stop_button, Qt.MouseButton.LeftButton)
     assert get_state(viewer).status == "stopping" and not adapt.stop_button.isEnabled()
     wait_for_run(adapt)

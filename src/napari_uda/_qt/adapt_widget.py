@@ -26,11 +26,14 @@ from ..adaptation.base import available_methods
 from ..adaptation.events import AdaptationEvent, AdaptationResult
 from ..settings import SettingsError
 from .forms import SettingsForm
-from .layers import layer_volume, show_prediction
+from .gui_queue import GuiQueue
+from .layers import layer_volume, prediction_updates
 from .plots import LivePlots
 from .runner import AdaptationRunner, InitialPrediction, RunFailure, RunRequest
 from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
 
+#: Seconds between moves of napari's progress bar.
+PROGRESS_INTERVAL = 1.0
 #: Methods offered first when the model allows them.
 PREFERRED_METHODS = ("udas", "adaent", "tent")
 
@@ -51,6 +54,8 @@ class AdaptWidget(QWidget):
         self.form: SettingsForm | None = None
         self._progress: progress | None = None
         self._started = 0.0
+        self._progress_moved = 0.0
+        self.updates = GuiQueue(self)
         self.runner = AdaptationRunner(self._on_yield, self._on_return, self._on_shutdown)
 
         self.target = ComboBox(choices=self._layers_of(Image), tooltip="The scan to adapt to")
@@ -225,6 +230,7 @@ class AdaptWidget(QWidget):
         self.plots.clear()
         self._progress = progress(total=0, desc=f"Adapting with {method}")
         self._started = time.monotonic()
+        self._progress_moved = 0.0
         self.status.setText("Predicting with the unadapted model…")
         self.state.status = RUNNING
         self.runner.start(request)
@@ -240,35 +246,44 @@ class AdaptWidget(QWidget):
         name = self.state.target_layer
         return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
-    def _on_yield(self, item) -> None:
+    def _show(self, prediction, *, after: bool) -> None:
+        """Queue the before/after layer updates, one layer per event-loop turn."""
         like = self._target_layer()
+        if like is not None:
+            for name, work in prediction_updates(self.viewer, prediction, like, after=after):
+                self.updates.put(work, key=name)
+
+    def _on_yield(self, item) -> None:
         if isinstance(item, InitialPrediction):
-            if like is not None:
-                show_prediction(self.viewer, item.prediction, like, after=False)
-                after = item.prediction
-                show_prediction(
-                    self.viewer,
-                    type(after)(
-                        after.probabilities, after.labels.copy(), after.entropy.copy(), after.source
-                    ),
-                    like,
-                    after=True,
-                )
+            before = item.prediction
+            self._show(before, after=False)
+            copy = type(before)(before.probabilities, before.labels.copy(),
+                                before.entropy.copy(), before.source)  # fmt: skip
+            self._show(copy, after=True)
             self.status.setText("Adapting…")
             return
         if not isinstance(item, AdaptationEvent):
             return
         self.plots.add_event(item)
-        if self._progress is not None:
-            if self._progress.total != item.total_steps:
-                self._progress.total = item.total_steps
-            self._progress.update(max(0, item.step - self._progress.n))
-        if item.preview is not None and like is not None:
-            show_prediction(self.viewer, item.preview, like, after=True)
+        self._update_progress(item)
+        if item.preview is not None:
+            self._show(item.preview, after=True)
         if item.message:
             show_warning(item.message)
         if self.state.status == RUNNING:
             self.status.setText(self._progress_text(item))
+
+    def _update_progress(self, event: AdaptationEvent) -> None:
+        """Move napari's progress bar, at most once a second (each move repaints the window)."""
+        now = time.monotonic()
+        if self._progress is None or (
+            now - self._progress_moved < PROGRESS_INTERVAL and event.step < event.total_steps
+        ):
+            return
+        self._progress_moved = now
+        if self._progress.total != event.total_steps:
+            self._progress.total = event.total_steps
+        self._progress.update(max(0, event.step - self._progress.n))
 
     def _progress_text(self, event: AdaptationEvent) -> str:
         elapsed = event.elapsed_seconds
@@ -286,6 +301,7 @@ class AdaptWidget(QWidget):
 
     def _on_shutdown(self) -> None:
         """The viewer closed during a run: the run has ended; nothing more is shown."""
+        self.updates.clear()
         self._close_progress()
         self.state.status = STOPPED
 
@@ -293,13 +309,18 @@ class AdaptWidget(QWidget):
         self._close_progress()
         if isinstance(outcome, RunFailure) or not isinstance(outcome, AdaptationResult):
             message = outcome.message if isinstance(outcome, RunFailure) else "no result"
-            show_error(f"Adaptation failed: {message}")
-            self.status.setText(f"Failed: {message}")
-            self.state.status = FAILED
+            self.updates.put(lambda: self._fail(message))
             return
-        like = self._target_layer()
-        if like is not None:
-            show_prediction(self.viewer, outcome.prediction, like, after=True)
+        self._show(outcome.prediction, after=True)
+        self.updates.put(lambda: self._finish(outcome))
+
+    def _fail(self, message: str) -> None:
+        show_error(f"Adaptation failed: {message}")
+        self.status.setText(f"Failed: {message}")
+        self.state.status = FAILED
+
+    def _finish(self, outcome: AdaptationResult) -> None:
+        """Publish the result once the final layers are drawn."""
         self.state.result = outcome
         self.state.status = STOPPED if outcome.stopped else FINISHED
         summary = (

@@ -8,6 +8,8 @@ Entropy maps use one perceptual colormap and the fixed range [0, 1] (normalised 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from napari.layers import Image, Labels, Layer
 
@@ -97,8 +99,13 @@ def show_entropy(viewer, name: str, entropy: np.ndarray, like: Layer, **kwargs) 
     return layer
 
 
-def show_prediction(viewer, prediction, like: Layer, *, after: bool) -> None:
-    """Show a :class:`~napari_uda.core.inference.Prediction` as the before or after layers.
+def prediction_updates(
+    viewer, prediction, like: Layer, *, after: bool
+) -> list[tuple[str, Callable[[], Layer]]]:
+    """``(layer name, work)`` pairs that show a
+    :class:`~napari_uda.core.inference.Prediction` as the *before* or *after* layers, one layer
+    per piece of work (to be run in separate event-loop turns, see
+    :class:`~napari_uda._qt.gui_queue.GuiQueue`).
 
     New layers start hidden except ``segmentation (after)``, so the scan stays visible; an
     existing layer keeps the visibility the user gave it.
@@ -106,5 +113,15 @@ def show_prediction(viewer, prediction, like: Layer, *, after: bool) -> None:
     segmentation, entropy = (
         (SEGMENTATION_AFTER, ENTROPY_AFTER) if after else (SEGMENTATION_BEFORE, ENTROPY_BEFORE)
     )
-    show_entropy(viewer, entropy, prediction.entropy, like, visible=False)
-    show_labels(viewer, segmentation, prediction.labels, like, visible=after)
+    labels, entropy_map = prediction.labels, prediction.entropy
+    return [
+        (entropy, lambda: show_entropy(viewer, entropy, entropy_map, like, visible=False)),
+        (segmentation, lambda: show_labels(viewer, segmentation, labels, like, visible=after)),
+    ]
+
+
+def show_prediction(viewer, prediction, like: Layer, *, after: bool) -> None:
+    """Show a prediction as the before or after layers at once (see
+    :func:`prediction_updates`)."""
+    for _, work in prediction_updates(viewer, prediction, like, after=after):
+        work()
