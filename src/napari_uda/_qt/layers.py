@@ -107,17 +107,25 @@ def prediction_updates(
     per piece of work (to be run in separate event-loop turns, see
     :class:`~napari_uda._qt.gui_queue.GuiQueue`).
 
-    New layers start hidden except ``segmentation (after)``, so the scan stays visible; an
-    existing layer keeps the visibility the user gave it.
+    New layers start hidden except ``segmentation (after)`` (shown one turn after it is made),
+    so the scan stays visible; an existing layer keeps the visibility the user gave it.
     """
     segmentation, entropy = (
         (SEGMENTATION_AFTER, ENTROPY_AFTER) if after else (SEGMENTATION_BEFORE, ENTROPY_BEFORE)
     )
     labels, entropy_map = prediction.labels, prediction.entropy
-    return [
+    updates = [
         (entropy, lambda: show_entropy(viewer, entropy, entropy_map, like, visible=False)),
-        (segmentation, lambda: show_labels(viewer, segmentation, labels, like, visible=after)),
+        (segmentation, lambda: show_labels(viewer, segmentation, labels, like, visible=False)),
     ]
+    if after and segmentation not in viewer.layers:  # made hidden (cheaper), shown next turn
+        updates.append((f"{segmentation}: show", lambda: _reveal(viewer, segmentation)))
+    return updates
+
+
+def _reveal(viewer, name: str) -> None:
+    if name in viewer.layers:
+        viewer.layers[name].visible = True
 
 
 def show_prediction(viewer, prediction, like: Layer, *, after: bool) -> None:
