@@ -33,7 +33,7 @@ def volume_from_layer_data(data: Any, meta: Mapping[str, Any]) -> Volume:
     """
     array = np.asarray(data)
     if array.ndim != 3:
-        raise VolumeError(f"NIfTI export needs a 3D layer; this one is {array.ndim}D")
+        raise VolumeError(f"a 3D volume is needed; this layer is {array.ndim}D")
     metadata = meta.get("metadata") or {}
     affine = metadata.get("affine")
     if affine is None:
