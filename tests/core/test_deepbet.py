@@ -3,6 +3,8 @@ not, and the methods that must run on it. Skipped when the optional extra is not
 
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ pytest.importorskip("deepbet", reason="optional extra: pip install 'napari-uda[d
 
 from napari_uda.adaptation.base import get_method
 from napari_uda.adaptation.engine import AdaptationError, adapt
-from napari_uda.core.inference import predict_volume
+from napari_uda.core.inference import Prediction
 from napari_uda.core.models import load_model
 from napari_uda.core.models.deepbet import DeepbetAdapter
 from napari_uda.core.volume import Volume, VolumeError, load_volume
@@ -39,31 +41,36 @@ def target() -> tuple[Volume, Volume]:
 
 
 def reoriented(volume: Volume) -> Volume:
-    """The same head stored with axes swapped and flipped (an LIP-like file)."""
-    data = np.flip(np.transpose(volume.data, (0, 2, 1)), axis=(0, 2))
-    image = nib.as_closest_canonical(nib.Nifti1Image(volume.data, volume.affine))
-    swapped = nib.Nifti1Image(
-        np.ascontiguousarray(data),
-        image.affine
-        @ nib.orientations.inv_ornt_aff(
-            nib.orientations.ornt_transform(
-                nib.orientations.axcodes2ornt(("R", "A", "S")),
-                nib.orientations.axcodes2ornt(("L", "I", "P")),
-            ),
-            image.shape,
-        ),
+    """The same head, stored with its axes running Left, Inferior, Posterior."""
+    canonical = volume.to_canonical()
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(("R", "A", "S")),
+        nib.orientations.axcodes2ornt(("L", "I", "P")),
     )
-    return Volume(np.asarray(swapped.dataobj), swapped.affine)
+    data = nib.orientations.apply_orientation(canonical.data, transform)
+    affine = canonical.affine @ nib.orientations.inv_ornt_aff(transform, canonical.shape)
+    return Volume(np.ascontiguousarray(data), affine)
 
 
-def test_masks_equal_deepbets_own_pipeline(deepbet_model, target):
+@pytest.fixture(scope="module")
+def deepbet_run(deepbet_model, target):
+    """deepbet on the target head stored in another axis order: (image, prepared, probabilities)."""
+    image = reoriented(target[0])
+    prepared = deepbet_model.prepare(image)
+    with torch.no_grad():
+        probabilities = torch.softmax(deepbet_model.forward(prepared.inputs).logits, 1)
+    return image, prepared, probabilities
+
+
+def test_masks_equal_deepbets_own_pipeline(deepbet_run):
     """Same preprocessing, network, threshold and post-processing as ``deepbet-cli``, on a file
     that is not stored in RAS order."""
     from deepbet.bet import BrainExtraction
 
-    image = reoriented(target[0])
+    image, prepared, probabilities = deepbet_run
     assert "".join(image.axcodes) != "RAS"
-    ours = predict_volume(deepbet_model, image, device="cpu")
+    assert tuple(prepared.inputs.shape) == (1, 1, 256, 256, 256)
+    ours = Prediction.from_probabilities(prepared.to_source_grid(probabilities), image)
     _, mask, _ = BrainExtraction(no_gpu=True).run(nib.Nifti1Image(image.data, image.affine))
     theirs = np.asarray(mask.dataobj) > 0
     assert ours.labels.shape == image.shape
@@ -72,20 +79,15 @@ def test_masks_equal_deepbets_own_pipeline(deepbet_model, target):
     np.testing.assert_array_equal(ours.label_volume().affine, image.affine)
 
 
-def test_probabilities_are_two_classes_and_postprocessing_keeps_entropy(deepbet_model, target):
-    image, reference = target
-    prepared = deepbet_model.prepare(image)
-    assert tuple(prepared.inputs.shape) == (1, 1, 256, 256, 256)
-    with torch.no_grad():
-        probabilities = torch.softmax(deepbet_model.forward(prepared.inputs).logits, 1)
-    raw = prepared.to_source_grid(probabilities)
-    prepared.postprocess = None
-    unprocessed = prepared.to_source_grid(probabilities)
-    np.testing.assert_allclose(raw.sum(0), 1.0, atol=1e-5)
+def test_probabilities_are_two_classes_and_postprocessing_keeps_entropy(deepbet_run, target):
+    _, prepared, probabilities = deepbet_run
+    processed = prepared.to_source_grid(probabilities)
+    unprocessed = dataclasses.replace(prepared, postprocess=None).to_source_grid(probabilities)
+    np.testing.assert_allclose(processed.sum(0), 1.0, atol=1e-5)
     # post-processing only swaps probabilities, so each voxel's uncertainty is unchanged
-    np.testing.assert_allclose(np.sort(raw, axis=0), np.sort(unprocessed, axis=0), atol=1e-6)
-    truth = reference.data > 0
-    found = raw.argmax(0) == 1
+    np.testing.assert_allclose(np.sort(processed, axis=0), np.sort(unprocessed, axis=0), atol=1e-6)
+    truth = reoriented(target[1]).data > 0
+    found = processed.argmax(0) == 1
     assert 2 * (found & truth).sum() / (found.sum() + truth.sum()) > 0.9
 
 
