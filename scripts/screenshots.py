@@ -6,8 +6,9 @@ one adaptation from the Adapt widget exactly as a user would, and saves into
 
 * ``model_widget.png``, ``adapt_widget.png``, ``qa_widget.png``, ``export_widget.png``: each
   dock widget after the run;
-* ``before_after.png``: the same axial slice before and after adaptation (segmentation over the
-  scan, and the entropy maps on the same fixed [0, 1] scale);
+* ``before_after.png``: the same axial slice before and after adaptation (the segmentation
+  filled over the scan with the reference mask outlined in cyan, and the entropy maps on the
+  same fixed [0, 1] scale);
 * ``window.png``: the whole napari window with the Adapt widget.
 
 Needs a display; run under Xvfb::
@@ -40,6 +41,16 @@ def settle(app, seconds: float = 0.5) -> None:
         if type(widget).__name__ == "NapariQtNotification" and widget.isVisible():
             widget.close()
     app.processEvents()
+
+
+def save_trimmed(pixmap, path: Path, margin: int = 10) -> None:
+    """Save a widget grab without the empty dock background below its content."""
+    image = pixmap.toImage()
+    background = image.pixel(image.width() // 2, image.height() - 2)
+    last = image.height() - 1
+    while last > 0 and all(image.pixel(x, last) == background for x in range(0, image.width(), 4)):
+        last -= 1
+    pixmap.copy(0, 0, pixmap.width(), min(pixmap.height(), last + margin)).save(str(path))
 
 
 def axial_view(viewer, layer) -> None:
@@ -160,25 +171,32 @@ def main(argv: list[str] | None = None) -> int:
     for name, dock in docks.items():
         dock.raise_()
         settle(app)
-        dock.grab().save(str(args.out / f"{name.lower()}_widget.png"))
+        save_trimmed(dock.grab(), args.out / f"{name.lower()}_widget.png")
         if name == "Adapt":
             viewer.layers["brain mask (new scanner)"].visible = False
             settle(app)
             viewer.window._qt_window.grab().save(str(args.out / "window.png"))
 
+    from napari.utils.colormaps import DirectLabelColormap
+
+    reference = viewer.layers["brain mask (new scanner)"]
+    reference.contour, reference.opacity = 1, 1.0
+    reference.colormap = DirectLabelColormap(
+        color_dict={None: "transparent", 0: "transparent", 1: "cyan"}
+    )
     dice = (
         (result.reference_dice_before or [np.nan])[-1],
         (result.reference_dice_after or [np.nan])[-1],
     )
-    image = target.name
+    image, ref = target.name, reference.name
     panels = [
-        (f"before adaptation  (Dice {dice[0]:.3f})",
-         canvas(viewer, {image, "segmentation (before)"})),
-        (f"after {result.method}  (Dice {dice[1]:.3f})",
-         canvas(viewer, {image, "segmentation (after)"})),
-        (f"entropy before  (mean {result.initial_prediction.entropy.mean():.3f})",
+        (f"before adaptation: Dice {dice[0]:.3f}",
+         canvas(viewer, {image, "segmentation (before)", ref})),
+        (f"after {result.method}: Dice {dice[1]:.3f}",
+         canvas(viewer, {image, "segmentation (after)", ref})),
+        (f"entropy before: mean {result.initial_prediction.entropy.mean():.3f}",
          canvas(viewer, {"entropy (before)"})),
-        (f"entropy after  (mean {result.prediction.entropy.mean():.3f})",
+        (f"entropy after: mean {result.prediction.entropy.mean():.3f}",
          canvas(viewer, {"entropy (after)"})),
     ]  # fmt: skip
     compose(panels, args.out / "before_after.png")

@@ -96,7 +96,8 @@ class LivePlots(QWidget):
             entries.append(
                 f'<span style="color:{colours[key]}">{mark}</span>&nbsp;{CURVES[key][1]}'
             )
-        self.legend.setText(" &nbsp; ".join(entries))
+        rows = [" &nbsp; ".join(entries[:2]), " &nbsp; ".join(entries[2:])]
+        self.legend.setText("<br>".join(rows))
 
     def clear(self) -> None:
         """Forget every point (a new run starts)."""
