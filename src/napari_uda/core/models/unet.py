@@ -36,6 +36,10 @@ class UNetConfig:
         groups: groups for GroupNorm. Default 8.
         dropout: dropout rate in every block. Default 0.1.
         early_head: add the UDAS early segmentation head. Default True.
+        early_head_layers: 3 (default) for the head of Sheikh & Schultz's code (three 3x3
+            convolutions, first-level features -> 12 -> 8 -> classes, with ReLU); 1 for a
+            single 1x1 convolution, which cannot see enough context to separate brain from
+            scalp (bundles saved before this option have it).
     """
 
     in_channels: int = 1
@@ -46,12 +50,15 @@ class UNetConfig:
     groups: int = 8
     dropout: float = 0.1
     early_head: bool = True
+    early_head_layers: int = 3
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> UNetConfig:
+        values = dict(values)
+        values.setdefault("early_head_layers", 1)  # bundles made before the option existed
         return cls(**values)
 
 
@@ -92,6 +99,21 @@ class ConvBlock(nn.Sequential):
         )
 
 
+def make_early_head(channels: int, num_classes: int, layers: int) -> nn.Module:
+    """The UDAS early segmentation head on the first level's ``channels`` features."""
+    if layers == 1:
+        return nn.Conv2d(channels, num_classes, 1)
+    if layers == 3:
+        return nn.Sequential(
+            nn.Conv2d(channels, 12, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(12, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, num_classes, 3, padding=1),
+        )
+    raise ValueError(f"early_head_layers must be 1 or 3, not {layers}")
+
+
 class UNet2D(nn.Module):
     """2D U-Net. ``encoders[0]`` is the *early* block shared by the final and the early head."""
 
@@ -114,7 +136,11 @@ class UNet2D(nn.Module):
             block(2 * widths[i], widths[i]) for i in reversed(range(config.depth))
         )
         self.head = nn.Conv2d(widths[0], config.num_classes, 1)
-        self.early_head = nn.Conv2d(widths[0], config.num_classes, 1) if config.early_head else None
+        self.early_head = (
+            make_early_head(widths[0], config.num_classes, config.early_head_layers)
+            if config.early_head
+            else None
+        )
 
     @property
     def num_classes(self) -> int:
