@@ -37,3 +37,8 @@ def test_demo_session_opens_everything_needed(make_napari_viewer):
     assert state.model is not None and state.model_source == "demo model"
     docked = set(viewer.window.dock_widgets)
     assert any("Model" in name for name in docked) and any("Adapt" in name for name in docked)
+    # widgets napari makes from the manifest share the viewer's state
+    _, qa = viewer.window.add_plugin_dock_widget("napari-uda", "QA")
+    _, model_widget = viewer.window.add_plugin_dock_widget("napari-uda", "Model")
+    assert qa.state is state and model_widget.state is state
+    assert model_widget.fields["classes"].text() == "background, brain"
