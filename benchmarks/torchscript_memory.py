@@ -1,7 +1,7 @@
 """Peak memory and time of a generic 3D TorchScript model on one 1 mm head, on the CPU.
 
 A 3D U-Net-like network (3 levels, 16-32-64 channels, InstanceNorm with affine parameters,
-about 0.9 M parameters) is scripted and saved with a JSON spec for 128^3 sliding windows
+about 0.34 M parameters) is scripted and saved with a JSON spec for 128^3 sliding windows
 (overlap 0.5, Gaussian stitching). In fresh processes the script measures:
 
 * ``predict``: preprocessing, sliding-window inference and stitching back onto the scan's grid
