@@ -14,7 +14,7 @@ are mapped to the file's array axes, so a profile means the same for RAS, LAS or
 
 Built-in profiles (see :func:`list_profiles`):
 
-* ``new_scanner``: the demo's new scanner; a partly T2-like contrast, gamma change, a strong
+* ``new_scanner``: the demo's new scanner; a mostly T2-like contrast, gamma change, a strong
   bias field, 3 mm axial slices, ghosting and Rician noise;
 * ``t2_like``: contrast remap only (CSF bright, white matter dark);
 * ``bias_noise``: smooth bias field plus Rician noise;
@@ -95,15 +95,15 @@ PROFILES: dict[str, ScannerProfile] = {
     for profile in (
         ScannerProfile(
             "new_scanner",
-            "The demo's new scanner: partly T2-like contrast, gamma, strong bias field, 3 mm "
+            "The demo's new scanner: mostly T2-like contrast, gamma, strong bias field, 3 mm "
             "axial slices, ghosting and Rician noise.",
-            t2_blend=0.45,
+            t2_blend=0.7,
             gamma=1.6,
             bias_coefficients=0.6,
             slice_thickness_mm=3.0,
             ghosts=4,
             ghost_intensity=0.3,
-            rician_sigma=0.05,
+            rician_sigma=0.08,
         ),
         ScannerProfile(
             "t2_like",
