@@ -6,8 +6,9 @@ Two figures, on the shipped demo (demo model, new-scanner head) unless told othe
   from the Adapt widget; the largest gap between ticks (target: under 100 ms).
 * **Throughput ratio**: optimiser steps per second of the engine inside napari divided by the
   same for the headless CLI (``napari-uda adapt``) on the same input, method and settings
-  (target: at least 0.9). Both use the engine's own timing (``result.seconds``); the napari
-  run also predicts the "before" layers first, which is reported separately as end-to-end time.
+  (target: at least 0.9). Both come from the engine's own per-step timing, after the first
+  epoch (so a fresh process's warm-up does not count against the CLI); the napari run also
+  predicts the "before" layers first, which is reported separately as end-to-end time.
 
 Runs alternate (napari, CLI, napari, CLI, ...) and medians are reported, because the machine
 may be shared. Needs a display: run under Xvfb::
@@ -96,13 +97,24 @@ def run_in_napari(model_path: Path, image_path: Path, args, refresh_every: int) 
         "steps": len(result.history),
         "engine_seconds": result.seconds,
         "end_to_end_seconds": ended - started,
-        "steps_per_second": len(result.history) / result.seconds,
+        "steps_per_second": steady_steps_per_second(result.history),
         "ticks": len(whole) + 1,
         "max_gap_ms": 1000 * max(whole),
         "max_gap_training_ms": 1000 * max(training, default=0.0),
         "p99_gap_ms": 1000 * sorted(whole)[int(0.99 * (len(whole) - 1))],
         "median_gap_ms": 1000 * statistics.median(whole),
     }
+
+
+def steady_steps_per_second(history: list[dict]) -> float:
+    """Steps per second after the first epoch (leaves out warm-up and the initial prediction;
+    each later epoch still includes its end-of-epoch evaluation)."""
+    first_epoch = sum(1 for record in history if record["epoch"] == 1)
+    later = history[first_epoch - 1 :]
+    if len(later) < 2:
+        return len(history) / history[-1]["elapsed_seconds"]
+    seconds = later[-1]["elapsed_seconds"] - later[0]["elapsed_seconds"]
+    return (len(later) - 1) / seconds
 
 
 def _gaps(ticks: list[float], start: float, end: float) -> list[float]:
@@ -130,7 +142,7 @@ def run_cli(model_path: Path, image_path: Path, args) -> dict:
         "steps": steps,
         "engine_seconds": data["seconds"],
         "process_seconds": wall,
-        "steps_per_second": steps / data["seconds"],
+        "steps_per_second": steady_steps_per_second(data["history"]),
     }
 
 
@@ -151,8 +163,8 @@ def write_table(summary: dict, path: Path) -> None:
         f"{setup['cpu_count']} CPU cores, torch threads {setup['torch_threads']}, "
         f"load average before {setup['load_before']:.1f}, after {setup['load_after']:.1f}.",
         "",
-        "| run | steps/s (engine) | largest GUI gap, whole run (ms) | largest GUI gap while "
-        "training (ms) | 99th percentile gap (ms) | end-to-end (s) |",
+        "| run | steps/s (engine, after epoch 1) | largest GUI gap, whole run (ms) | "
+        "largest GUI gap while training (ms) | 99th percentile gap (ms) | end-to-end (s) |",
         "|---|---|---|---|---|---|",
         f"| napari, refresh every {live['refresh_every']} steps (live previews) | "
         f"{live['steps_per_second']:.2f} | {live['max_gap_ms']:.0f} | "
@@ -172,8 +184,8 @@ def write_table(summary: dict, path: Path) -> None:
         "making the four result layers (one per event-loop turn) and redrawing the canvas "
         "after new data.",
         f"* **Throughput in napari / headless CLI: {summary['throughput_ratio']:.2f}** "
-        "(target ≥ 0.9; engine steps per second, napari refreshing once per epoch as the CLI "
-        f"does). With live previews every {live['refresh_every']} steps: "
+        "(target ≥ 0.9; engine steps per second after the first epoch, napari refreshing once "
+        f"per epoch as the CLI does). With live previews every {live['refresh_every']} steps: "
         f"{summary['throughput_ratio_live']:.2f} (each preview is an extra no-grad pass over "
         "the volume).",
         "",
@@ -194,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="tent")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--live-refresh", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--live-refresh", type=int, default=5)
     parser.add_argument("--model", type=Path, help="model (default: the demo model)")
     parser.add_argument("--image", type=Path, help="target scan (default: the demo's)")
     parser.add_argument("--results", type=Path, default=RESULTS)
