@@ -1,0 +1,104 @@
+"""``napari-uda predict``: segment a scan with a model; masks overlay the input exactly."""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from ..core.inference import Prediction, predict_volume
+from ..core.models import ModelAdapter, load_model
+from ..core.volume import Volume, atomic_output, is_nifti_path, load_volume, save_volume
+from . import CLIError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment a NIfTI scan with a model bundle",
+        description="Segment a NIfTI scan. Every output keeps the input's grid (affine and "
+        "header), so it overlays the scan in any viewer. Nothing is written if anything fails.",
+    )
+    parser.add_argument("--model", required=True, type=Path, help="model bundle (.safetensors)")
+    parser.add_argument("--image", required=True, type=Path, help="input scan (.nii / .nii.gz)")
+    parser.add_argument("--out", required=True, type=Path, help="label map to write (uint8)")
+    parser.add_argument(
+        "--entropy-out", type=Path, help="also write the normalised entropy map (float32, 0..1)"
+    )
+    parser.add_argument(
+        "--probabilities-out",
+        type=Path,
+        help="also write class probabilities (float32, 4D: one volume per class)",
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default auto"
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def check_outputs(inputs: list[Path], outputs: list[Path]) -> None:
+    """Refuse output names that are not NIfTI, repeat, or would overwrite an input."""
+    resolved_inputs = {path.resolve() for path in inputs}
+    seen: set[Path] = set()
+    for path in outputs:
+        if not is_nifti_path(path):
+            raise CLIError(f"{path}: output must end in .nii or .nii.gz")
+        resolved = path.resolve()
+        if resolved in resolved_inputs:
+            raise CLIError(f"{path}: would overwrite an input; choose another name")
+        if resolved in seen:
+            raise CLIError(f"{path}: given for two outputs")
+        if path.is_dir():
+            raise CLIError(f"{path}: is a folder")
+        seen.add(resolved)
+
+
+def check_compatible(model: ModelAdapter, image: Volume, model_path: Path) -> None:
+    """A 3D scan has one channel; refuse models that expect another number."""
+    in_channels = getattr(getattr(model, "bundle", None), "architecture", None)
+    in_channels = getattr(in_channels, "in_channels", 1)
+    if in_channels != 1:
+        raise CLIError(
+            f"{model_path}: the model expects {in_channels} input channels but "
+            f"{image.path.name if image.path else 'the image'} has 1"
+        )
+
+
+def prediction_volumes(prediction: Prediction) -> dict[str, Volume]:
+    """Label map, entropy map and probabilities as volumes on the input's grid."""
+    probabilities = np.moveaxis(prediction.probabilities, 0, -1).astype(np.float32)
+    return {
+        "labels": prediction.label_volume(),
+        "entropy": prediction.entropy_volume(),
+        "probabilities": prediction.source.with_data(probabilities),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    requested = {"labels": args.out, "entropy": args.entropy_out}
+    requested["probabilities"] = args.probabilities_out
+    requested = {key: path for key, path in requested.items() if path is not None}
+    check_outputs([args.model, args.image], list(requested.values()))
+    image = load_volume(args.image)
+    model = load_model(args.model)
+    check_compatible(model, image, args.model)
+    prediction = predict_volume(model, image, device=args.device)
+    volumes = prediction_volumes(prediction)
+    dtypes = {"labels": np.uint8, "entropy": np.float32, "probabilities": np.float32}
+    write_outputs({path: (volumes[key], dtypes[key]) for key, path in requested.items()})
+    return 0
+
+
+def write_outputs(outputs: dict[Path, tuple[Volume, type]]) -> None:
+    """Write every volume to a temporary file beside its destination, then move them all into
+    place; if any write fails, no output appears and existing files stay untouched."""
+    with ExitStack() as stack:
+        for path, (volume, dtype) in outputs.items():
+            suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+            temporary = stack.enter_context(atomic_output(path, suffix=suffix))
+            save_volume(volume, temporary, dtype=dtype)
+    for path in outputs:
+        print(f"wrote {path}")
