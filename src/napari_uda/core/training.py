@@ -463,17 +463,3 @@ def train_bundle(
         source_statistics=source_statistics(slices, num_classes),
         source_pack=choose_source_pack(slices, settings.source_pack_size),
     )
-
-
-def evaluate_slices(model: UNet2D, slices: TrainingSlices, batch_size: int = 32) -> float:
-    """Hard foreground Dice of ``model`` (eval mode) on training slices, pooled over all."""
-    model.eval()
-    intersection = total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(slices.labels), batch_size):
-            logits = model(slices.images[start : start + batch_size])
-            predicted = logits.argmax(1) > 0
-            reference = slices.labels[start : start + batch_size] > 0
-            intersection += float((predicted & reference).sum())
-            total += float(predicted.sum() + reference.sum())
-    return 2 * intersection / total if total else 1.0
