@@ -108,7 +108,7 @@ def compose(panels: list[tuple[str, np.ndarray]], path: Path, columns: int = 2) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="udas", help="method to run (default udas)")
+    parser.add_argument("--method", default="tent", help="method to run (default tent)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--model", help="model bundle (default: the demo model)")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -174,12 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         save_trimmed(dock.grab(), args.out / f"{name.lower()}_widget.png")
         if name == "Adapt":
             viewer.layers["brain mask (new scanner)"].visible = False
+            viewer.reset_view()
             settle(app)
             viewer.window._qt_window.grab().save(str(args.out / "window.png"))
 
     from napari.utils.colormaps import DirectLabelColormap
 
     reference = viewer.layers["brain mask (new scanner)"]
+    viewer.layers.move(viewer.layers.index(reference), len(viewer.layers))  # outline on top
     reference.contour, reference.opacity = 1, 1.0
     reference.colormap = DirectLabelColormap(
         color_dict={None: "transparent", 0: "transparent", 1: "cyan"}
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     image, ref = target.name, reference.name
     panels = [
-        (f"before adaptation: Dice {dice[0]:.3f}",
+        (f"before: Dice {dice[0]:.3f} (cyan: reference mask)",
          canvas(viewer, {image, "segmentation (before)", ref})),
         (f"after {result.method}: Dice {dice[1]:.3f}",
          canvas(viewer, {image, "segmentation (after)", ref})),

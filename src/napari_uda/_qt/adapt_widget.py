@@ -35,7 +35,7 @@ from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
 #: Seconds between moves of napari's progress bar.
 PROGRESS_INTERVAL = 1.0
 #: Methods offered first when the model allows them.
-PREFERRED_METHODS = ("udas", "adaent", "tent")
+PREFERRED_METHODS = ("tent", "adaent", "udas")
 
 
 def _clock(seconds: float) -> str:

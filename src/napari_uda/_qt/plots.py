@@ -114,14 +114,27 @@ class LivePlots(QWidget):
         self.curves[key].setData(np.asarray(steps), np.asarray(values))
 
     def add_event(self, event: AdaptationEvent) -> None:
-        """Add one event's loss, entropy and Dice values."""
+        """Add one event's values.
+
+        The loss is plotted at every step. Entropy and Dice against the reference change only
+        when the engine evaluates, so they are plotted at evaluated steps (and at step 0, from
+        the first event, which carries the values before adaptation). The agreement Dice is
+        plotted whenever it is new (every step for methods that measure it per step).
+        """
         losses = event.losses or {}
-        loss = losses.get("total", next(iter(losses.values()), None))
-        self._append("loss", event.step, loss)
-        self._append("entropy", event.step, event.mean_entropy)
-        self._append("agreement", event.step, event.agreement_dice)
-        if event.reference_dice:
-            self._append("reference", event.step, float(np.mean(event.reference_dice)))
+        self._append("loss", event.step, losses.get("total", next(iter(losses.values()), None)))
+        reference = float(np.mean(event.reference_dice)) if event.reference_dice else None
+        if self.points("loss") == 1 and not event.evaluated:
+            self._append("entropy", 0, event.mean_entropy)
+            self._append("reference", 0, reference)
+        if event.evaluated:
+            self._append("entropy", event.step, event.mean_entropy)
+            self._append("reference", event.step, reference)
+        previous = self.data["agreement"][1][-1] if self.points("agreement") else None
+        if event.evaluated or event.agreement_dice != previous:
+            self._append("agreement", event.step, event.agreement_dice)
+        first = 0 if self.points("entropy") and self.data["entropy"][0][0] == 0 else 1
+        self.plots["loss"].setXRange(first, max(event.step, first + 1), padding=0.02)
 
     def points(self, key: str) -> int:
         """How many points curve ``key`` has."""
