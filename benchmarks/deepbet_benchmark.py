@@ -199,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-docs", action="store_true", help="do not update the docs table")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in --out (a new row replaces one of the same case)",
+    )
     args = parser.parse_args(argv)
 
     from napari_uda.core.models.deepbet import deepbet_missing_reason
@@ -230,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['peak_memory_mb']:6.0f} MB",
                     flush=True,
                 )
+    if args.append and args.out.exists():
+        new_cases = {(r["head"], r["profile"], r["method"]) for r in rows}
+        old = json.loads(args.out.read_text())["rows"]
+        kept = [r for r in old if (r["head"], r["profile"], r["method"]) not in new_cases]
+        rows = kept + rows
+        order = {name: i for i, name in enumerate(["none", *METHOD_SETTINGS])}
+        rows.sort(key=lambda r: (r["head"], r["profile"], order.get(r["method"], 99)))
     payload = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} CPU cores, no GPU",
