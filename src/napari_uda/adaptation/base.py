@@ -124,16 +124,19 @@ class AdaptationContext:
         """Context for a training forward pass: float16 autocast on CUDA if enabled."""
         return autocast(self.device, enabled=self.mixed_precision)
 
-    def predict_target(self, model: ModelAdapter | None = None) -> torch.Tensor:
+    def predict_target(
+        self, model: ModelAdapter | None = None, *, cached: bool = True
+    ) -> torch.Tensor:
         """(N, C, ...) probabilities on all target inputs, no gradient, eval mode, on the CPU.
 
         For the adapted model (the default) the engine's latest evaluation is reused when no
         step happened since, so a method that refreshes pseudo-labels at the end of an epoch
-        costs no extra pass. The modules' train/eval modes are restored afterwards.
+        costs no extra pass (``cached=False`` forces a pass, e.g. after changing BatchNorm
+        statistics without a step). The modules' train/eval modes are restored afterwards.
         """
         model = model or self.model
         adapted = model is self.model
-        if adapted and self._latest_prediction is not None:
+        if adapted and cached and self._latest_prediction is not None:
             step, probabilities = self._latest_prediction
             if step == self.steps_done:
                 return probabilities
