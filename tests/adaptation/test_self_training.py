@@ -35,10 +35,12 @@ def probabilities():
 
 
 def test_st_keeps_voxels_above_the_threshold_and_never_padding(tiny_model, probabilities):
+    """Pseudo-labels from given probabilities (the source statistics, so no forward pass)."""
     valid = torch.ones(2, 1, 6, 6, dtype=torch.bool)
     valid[:, :, -1] = False  # a padded row
     method = SelfTraining(
-        SelfTraining.Settings(threshold=0.8), make_context(probabilities, valid, tiny_model.clone())
+        SelfTraining.Settings(threshold=0.8, target_statistics=False),
+        make_context(probabilities, valid, tiny_model.clone()),
     )
     method.setup()
     confidence, labels = probabilities.max(1)
@@ -52,7 +54,7 @@ def test_st_keeps_voxels_above_the_threshold_and_never_padding(tiny_model, proba
 
 def test_cbst_keeps_the_most_confident_portion_of_each_class(tiny_model, probabilities):
     valid = torch.ones(2, 1, 6, 6, dtype=torch.bool)
-    settings = ClassBalancedSelfTraining.Settings(initial_portion=0.5)
+    settings = ClassBalancedSelfTraining.Settings(initial_portion=0.5, target_statistics=False)
     method = ClassBalancedSelfTraining(settings, make_context(probabilities, valid, tiny_model))
     method.setup()
     confidence, labels = probabilities.max(1)

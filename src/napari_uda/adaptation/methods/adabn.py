@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...core.models.adapter import BATCHNORM
+from ...core.models.adapter import BATCHNORM, norm_layers
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, register
 from ..losses import entropy_loss
@@ -40,6 +40,43 @@ def restore_batchnorm_momentum(momenta: dict[nn.Module, float | None]) -> None:
     """Give BatchNorm layers back the momentum they had before the restart."""
     for layer, momentum in momenta.items():
         layer.momentum = momentum
+
+
+class TargetStatistics:
+    """Normalise with the target's statistics while a method adapts weights.
+
+    :meth:`start`: dropout off, normalisation layers in training mode (BatchNorm normalises each
+    batch with its own statistics, as TENT does), running statistics restarted as a cumulative
+    average; :meth:`restart` at each epoch re-estimates them over that epoch's batches, so the
+    engine's evaluation (eval mode) and the adapted model use target statistics that follow the
+    changing weights; :meth:`estimate` fills them with one no-grad pass (AdaBN);
+    :meth:`finish` gives the layers their momentum back. A model without BatchNorm is unaffected.
+    """
+
+    def __init__(self, network: nn.Module):
+        self.network = network
+        self.momenta: dict[nn.Module, float | None] = {}
+
+    def start(self) -> None:
+        self.network.eval()
+        for layer in norm_layers(self.network):
+            layer.train()
+        self.restart()
+
+    def restart(self) -> None:
+        self.momenta = {**restart_batchnorm_statistics(self.network), **self.momenta}
+
+    @torch.no_grad()
+    def estimate(self, context, batch_size: int) -> None:
+        """Re-estimate the running statistics over all target slices (no gradient)."""
+        self.restart()
+        for index in context.target_batches(batch_size):
+            inputs, _ = context.batch(index)
+            context.model.forward(inputs)
+
+    def finish(self) -> None:
+        restore_batchnorm_momentum(self.momenta)
+        self.network.eval()
 
 
 @register

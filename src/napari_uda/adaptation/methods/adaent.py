@@ -27,6 +27,7 @@ import torch
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, register
 from ..losses import class_ratio, entropy_loss, kl_prior_loss
+from .adabn import TargetStatistics
 
 
 @register
@@ -61,6 +62,11 @@ class AdaEnt(AdaptationMethod):
         class_ratios: tuple | None = setting(
             None, "Your class-ratio prior, one number per class (e.g. 0.85,0.15)."
         )
+        target_statistics: bool = setting(
+            True,
+            "Normalise with the target's BatchNorm statistics (training-mode BatchNorm, as in "
+            "the papers' code); False keeps the source statistics.",
+        )
         parameters: Literal["all", "norm"] = setting(
             "all",
             "Parameters to update: all (the papers fine-tune the whole network) or only the "
@@ -73,7 +79,11 @@ class AdaEnt(AdaptationMethod):
         self.prior, self.prior_source = self._choose_prior()
         self.prior = self.prior.to(context.device)
         self.make_adam(self.select_trainable(self.settings.parameters))
-        network.eval()  # dropout off; BatchNorm keeps the source statistics
+        network.eval()  # dropout off
+        self.statistics = TargetStatistics(network) if self.settings.target_statistics else None
+        if self.statistics is not None:
+            self.statistics.start()
+        self.steps_in_epoch = self.steps_per_epoch()
 
     def _choose_prior(self) -> tuple[torch.Tensor, str]:
         settings, context = self.settings, self.context
@@ -100,6 +110,8 @@ class AdaEnt(AdaptationMethod):
         return class_ratio(context.initial_probabilities, context.valid_mask), "estimate"
 
     def step(self, batch_index: torch.Tensor, step: int) -> StepOutput:
+        if self.statistics is not None and step > 1 and (step - 1) % self.steps_in_epoch == 0:
+            self.statistics.restart()
         inputs, mask = self.context.batch(batch_index)
         with self.context.autocast():
             logits = self.context.model.forward(inputs).logits
@@ -116,6 +128,10 @@ class AdaEnt(AdaptationMethod):
             {"total": loss.item(), "entropy": entropy.item(), "kl_prior": kl.item()},
             message=message,
         )
+
+    def finish(self) -> None:
+        if self.statistics is not None:
+            self.statistics.finish()
 
     def report(self) -> dict:
         return {"prior_source": self.prior_source, "prior": self.prior.tolist()}

@@ -10,8 +10,9 @@ is then fine-tuned with cross-entropy on the confident voxels only, all others i
   voxels predicted as that class are kept, so a small structure is not swamped by background;
   the portion starts at 20 % and grows by 5 % per epoch up to 50 %, as in the paper.
 
-The network trains in training mode (BatchNorm uses batch statistics and follows the target;
-dropout on). Padding voxels are never labelled.
+BatchNorm normalises with the target's statistics (training-mode BatchNorm, as when fine-tuning
+in the paper): they are re-estimated on the target before the first pseudo-labels and during
+every epoch (``target_statistics``). Dropout is off. Padding voxels are never labelled.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, register
 from ..losses import pseudo_label_cross_entropy
+from .adabn import TargetStatistics
 
 IGNORE = -1
 
@@ -37,6 +39,12 @@ class SelfTrainingSettings(CommonSettings):
     learning_rate: float = setting(1e-4, "Adam learning rate.", min=1e-7, max=1.0)
     parameters: Literal["all", "norm"] = setting(
         "all", "Parameters to fine-tune: all (as in the paper) or only normalisation layers."
+    )
+    target_statistics: bool = setting(
+        True,
+        "Normalise with the target's BatchNorm statistics: re-estimated before the first "
+        "pseudo-labels and during every epoch (training-mode BatchNorm); False keeps the "
+        "source statistics.",
     )
 
 
@@ -62,11 +70,19 @@ class SelfTraining(AdaptationMethod):
         )
 
     def setup(self) -> None:
-        network = self.context.model.network.to(self.context.device)
-        self.make_adam(self.select_trainable(self.settings.parameters))
-        network.train()
+        context, settings = self.context, self.settings
+        network = context.model.network.to(context.device)
+        self.make_adam(self.select_trainable(settings.parameters))
+        network.eval()  # dropout off
         self.rounds: list[dict] = []
-        self.refresh(self.context.initial_probabilities, round_index=0)
+        self.steps_in_epoch = self.steps_per_epoch()
+        self.statistics = TargetStatistics(network) if settings.target_statistics else None
+        if self.statistics is None:
+            self.refresh(context.initial_probabilities, round_index=0)
+            return
+        self.statistics.start()
+        self.statistics.estimate(context, max(settings.batch_size, context.inference_batch_size))
+        self.refresh(context.predict_target(cached=False), round_index=0)
 
     def select(self, confidence, labels, valid, round_index: int) -> tuple[torch.Tensor, dict]:
         """Boolean mask of the voxels to keep, and facts about the choice."""
@@ -90,6 +106,9 @@ class SelfTraining(AdaptationMethod):
         self.refresh(self.context.predict_target(), round_index=epoch)
 
     def step(self, batch_index: torch.Tensor, step: int) -> StepOutput:
+        new_epoch = (step - 1) % self.steps_in_epoch == 0
+        if self.statistics is not None and new_epoch:
+            self.statistics.restart()
         inputs, _ = self.context.batch(batch_index)
         targets = self.pseudo_labels[batch_index].to(self.context.device)
         with self.context.autocast():
@@ -97,11 +116,15 @@ class SelfTraining(AdaptationMethod):
         loss = pseudo_label_cross_entropy(logits, targets, ignore_index=IGNORE)
         self.optimise(loss)
         message = ""
-        if (step - 1) % self.steps_per_epoch() == 0:
+        if new_epoch:
             facts = self.rounds[-1]
             message = f"pseudo-labels on {facts['labelled_fraction']:.1%} of voxels"
         value = loss.item()
         return StepOutput({"total": value, "cross_entropy": value}, message=message)
+
+    def finish(self) -> None:
+        if self.statistics is not None:
+            self.statistics.finish()
 
     def report(self) -> dict:
         return {"pseudo_label_rounds": self.rounds}

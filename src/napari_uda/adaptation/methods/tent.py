@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ...core.models.adapter import NORM_AFFINE, norm_layers
+from ...core.models.adapter import NORM_AFFINE
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, register
 from ..losses import entropy_loss
-from .adabn import restart_batchnorm_statistics, restore_batchnorm_momentum
+from .adabn import TargetStatistics
 
 
 @register
@@ -52,19 +52,15 @@ class Tent(AdaptationMethod):
         learning_rate: float = setting(1e-3, "Adam learning rate.", min=1e-7, max=1.0)
 
     def setup(self) -> None:
-        network = self.context.model.network.to(self.context.device)
-        parameters = self.select_trainable("norm")
-        self.make_adam(parameters)
-        network.eval()
-        for layer in norm_layers(network):
-            layer.train()  # BatchNorm: normalise with the batch's statistics
+        self.context.model.network.to(self.context.device)
+        self.make_adam(self.select_trainable("norm"))
+        self.statistics = TargetStatistics(self.context.model.network)
+        self.statistics.start()
         self.steps_in_epoch = self.steps_per_epoch()
-        self.momenta: dict = {}
 
     def step(self, batch_index: torch.Tensor, step: int) -> StepOutput:
-        if (step - 1) % self.steps_in_epoch == 0:
-            momenta = restart_batchnorm_statistics(self.context.model.network)
-            self.momenta = {**momenta, **self.momenta}  # keep the first (original) values
+        if step > 1 and (step - 1) % self.steps_in_epoch == 0:
+            self.statistics.restart()
         inputs, mask = self.context.batch(batch_index)
         with self.context.autocast():
             logits = self.context.model.forward(inputs).logits
@@ -74,5 +70,4 @@ class Tent(AdaptationMethod):
         return StepOutput({"total": value, "entropy": value})
 
     def finish(self) -> None:
-        restore_batchnorm_momentum(self.momenta)
-        self.context.model.network.eval()
+        self.statistics.finish()
