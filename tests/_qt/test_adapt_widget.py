@@ -1,7 +1,9 @@
-"""The Adapt widget driven as a user does: demo model, new-scanner sample, Run, Stop, close."""
+"""The Adapt widget driven as a user does: demo model, new-scanner sample, Run (then Export),
+Stop, close."""
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 from qtpy.QtCore import Qt
@@ -14,6 +16,7 @@ from napari_uda._qt.layers import (
 )
 from napari_uda._qt.state import FAILED, FINISHED, STOPPED, get_state
 from napari_uda.adaptation import available_methods
+from napari_uda.data import demo_files
 
 TARGET = "head (new scanner)"
 REFERENCE = "brain mask (new scanner)"
@@ -37,7 +40,7 @@ def demo_session(docked, qtbot):
 
 
 def test_run_shows_before_and_after_layers_on_the_target(
-    demo_session, qtbot, notifications, wait_for_run
+    demo_session, qtbot, notifications, wait_for_run, tmp_path
 ):
     viewer, widgets = demo_session
     adapt = widgets["Adapt"]
@@ -73,6 +76,17 @@ def test_run_shows_before_and_after_layers_on_the_target(
     assert result.reference_dice_after is not None
     assert "Dice vs reference" in adapt.status.text()
     assert adapt.run_button.isEnabled() and not adapt.stop_button.isEnabled()
+
+    # then the user exports the mask and opens it elsewhere: it lies on the scan's grid
+    export = widgets["Export"]
+    export.folder.value = tmp_path
+    qtbot.mouseClick(export.export_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "Exported" in export.plan.text(), timeout=60_000)
+    saved = nib.load(str(tmp_path / f"{export.stem.value}_mask.nii.gz"))
+    scan = nib.load(str(demo_files().target_image))
+    np.testing.assert_allclose(saved.affine, scan.affine)
+    assert saved.shape == scan.shape
+    np.testing.assert_array_equal(np.asanyarray(saved.dataobj), result.prediction.labels)
 
 
 def test_stop_halfway_keeps_layers_consistent(demo_session, qtbot, wait_for_run):
