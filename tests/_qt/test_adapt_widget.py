@@ -76,6 +76,9 @@ def test_run_shows_before_and_after_layers_on_the_target(
     assert result.reference_dice_after is not None
     assert "Dice vs reference" in adapt.status.text()
     assert adapt.run_button.isEnabled() and not adapt.stop_button.isEnabled()
+    # the result layers are not offered as inputs of the next run
+    assert [layer.name for layer in adapt.target.choices] == [TARGET]
+    assert [layer.name for layer in adapt.reference.choices if layer] == [REFERENCE]
 
     # then the user exports the mask and opens it elsewhere: it lies on the scan's grid
     export = widgets["Export"]

@@ -27,7 +27,7 @@ from ..adaptation.events import AdaptationEvent, AdaptationResult
 from ..settings import SettingsError
 from .forms import SettingsForm
 from .gui_queue import GuiQueue
-from .layers import layer_volume, prediction_updates
+from .layers import RESULT_LAYERS, layer_volume, prediction_updates
 from .plots import LivePlots
 from .runner import AdaptationRunner, InitialPrediction, RunFailure, RunRequest
 from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
@@ -110,16 +110,25 @@ class AdaptWidget(QWidget):
 
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self.reset_choices)
-        self.viewer.events.theme.connect(lambda event: self.plots.set_theme(str(event.value)))
+        self.viewer.events.theme.connect(self._theme_changed)
         self.state.events.model.connect(self._fill_methods)
         self.state.events.status.connect(self._update_buttons)
         self._fill_methods()
         self._update_buttons()
 
+    def _theme_changed(self, event) -> None:
+        self.plots.set_theme(str(event.value))
+
     # -- choices ------------------------------------------------------------------------------
     def _layers_of(self, kind):
+        """Choices of layers of ``kind``, leaving out the result layers this widget makes."""
+
         def choices(_widget=None):
-            return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, kind)]
+            return [
+                (layer.name, layer)
+                for layer in self.viewer.layers
+                if isinstance(layer, kind) and layer.name not in RESULT_LAYERS
+            ]
 
         return choices
 
