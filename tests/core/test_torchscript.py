@@ -236,9 +236,9 @@ def test_first_blocks_setting_limits_what_methods_train(model_2d, shifted_case):
     ("which", "method"),
     [
         ("model_2d", "adaent"),
-        ("model_2d", "st"),
-        ("model_3d", "st"),
+        ("model_2d", "distillation"),
         ("model_3d", "mean_teacher"),
+        ("model_3d", "distillation"),
     ],
 )
 def test_adaptation_raises_dice_on_a_scanner_shift(which, method, request, shifted_case):
