@@ -61,13 +61,14 @@ def test_kl_term_pulls_the_foreground_towards_the_prior(tiny_model, tiny_target)
     assert small < large
 
 
-def test_norm_only_leaves_convolutions_unchanged(tiny_model, tiny_target):
-    result = adapt(tiny_model, tiny_target, "adaent", {**QUICK, "parameters": "norm"},
-                   device="cpu")  # fmt: skip
+@pytest.mark.parametrize("parameters", ["norm", "all"])
+def test_parameter_choice(tiny_model, tiny_target, parameters):
+    settings = {**QUICK, "parameters": parameters, "learning_rate": 1e-3}
+    result = adapt(tiny_model, tiny_target, "adaent", settings, device="cpu")
     before = dict(tiny_model.network.named_parameters())
     after = dict(result.model.network.named_parameters())
-    conv = [n for n, p in before.items() if p.dim() == 4]
-    assert all(torch.equal(before[n], after[n]) for n in conv)
+    conv_changed = [not torch.equal(before[n], after[n]) for n in before if before[n].dim() == 4]
+    assert any(conv_changed) == (parameters == "all")
     assert any(not torch.equal(before[n], after[n]) for n in before if before[n].dim() == 1)
 
 

@@ -10,7 +10,7 @@ the target during each epoch (cumulative average). Works with BatchNorm, GroupNo
 InstanceNorm (any layer with affine parameters).
 
 Defaults: Adam, learning rate 1e-3 (the paper's Adam setting), batch 16 slices. TENT is online
-(one pass over the test stream); a single scan gives few batches, so the default is 10 passes
+(one pass over the test stream); a single scan gives few batches, so the default is 5 passes
 (set ``epochs=1`` for the online setting). Dropout stays off during adaptation.
 """
 
@@ -46,7 +46,7 @@ class Tent(AdaptationMethod):
         """TENT (Adam, lr 1e-3 as in the paper)."""
 
         epochs: int = setting(
-            10, "Passes over the target slices (the paper's online setting is 1).", min=1
+            5, "Passes over the target slices (the paper's online setting is 1).", min=1
         )
         batch_size: int = setting(16, "Slices per optimiser step.", min=2, max=512)
         learning_rate: float = setting(1e-3, "Adam learning rate.", min=1e-7, max=1.0)
