@@ -200,18 +200,24 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['peak_memory_mb']:6.0f} MB",
                     flush=True,
                 )
+                save(rows, args.seed)
+    save(rows, args.seed)
+    print(f"wrote {RESULTS.relative_to(ROOT)} and {DOCS.relative_to(ROOT)}")
+    return 0
+
+
+def save(rows: list[dict], seed: int) -> None:
+    """Write the results so far (after every case, so an interrupted run keeps its rows)."""
     payload = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, CPU only",
-        "seed": args.seed,
+        "seed": seed,
         "tolerance_mm": TOLERANCE_MM,
         "rows": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2))
     write_docs(payload)
-    print(f"wrote {RESULTS.relative_to(ROOT)} and {DOCS.relative_to(ROOT)}")
-    return 0
 
 
 if __name__ == "__main__":
