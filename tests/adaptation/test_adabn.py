@@ -48,4 +48,4 @@ def test_adabn_raises_dice_on_the_demo_scanner_shift(
         demo_model, demo_target_slab, "adabn", reference=demo_reference_slab, device="cpu"
     )
     before, after = result.reference_dice_before[0], result.reference_dice_after[0]
-    assert after > before + 0.01, (before, after)
+    assert after > before + 0.1, (before, after)

@@ -84,5 +84,5 @@ def test_adaent_raises_dice_on_the_demo_scanner_shift(
         device="cpu",
     )
     before, after = result.reference_dice_before[0], result.reference_dice_after[0]
-    assert after > before + 0.01, (before, after)
+    assert after > before + 0.1, (before, after)
     assert result.extra["prior_source"] == "bundle"

@@ -72,7 +72,11 @@ class EngineOptions:
     inference_batch_size: int = setting(
         32, "Slices per no-grad forward pass (initial prediction, evaluation).", min=1
     )
-    mixed_precision: bool = setting(True, "float16 autocast on CUDA (no effect on CPU or MPS).")
+    mixed_precision: bool = setting(
+        True,
+        "float16 autocast with gradient scaling in training steps on CUDA (no effect on CPU or "
+        "MPS; no-grad passes use core.inference's autocast on CUDA).",
+    )
     collapse_guard: bool = setting(
         True, "Watch the label-free signals for collapse and keep the last healthy checkpoint."
     )
