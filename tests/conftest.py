@@ -129,3 +129,10 @@ def tiny_target(tiny_case) -> Volume:
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_case) -> Volume:
     return tiny_case[1]
+
+
+@pytest.fixture(scope="session")
+def make_synthetic_head():
+    """:func:`synthetic_head` for tests that need another synthetic case (conftest modules are
+    not importable by name: several conftest.py files exist)."""
+    return synthetic_head

@@ -234,10 +234,8 @@ def test_bad_settings_and_reference_are_rejected(tiny_model, tiny_target, tiny_r
         adapt(tiny_model, tiny_target, "no-such-method", device="cpu")
 
 
-def test_several_volumes_of_different_shapes(tiny_model, tiny_target):
-    from conftest import synthetic_head
-
-    other, _ = synthetic_head(shape=(36, 44, 16), brain=0.8, scalp=0.6, seed=5)
+def test_several_volumes_of_different_shapes(tiny_model, tiny_target, make_synthetic_head):
+    other, _ = make_synthetic_head(shape=(36, 44, 16), brain=0.8, scalp=0.6, seed=5)
     result = adapt(tiny_model, [tiny_target, other], "tent", FAST, device="cpu")
     assert [p.labels.shape for p in result.predictions] == [tiny_target.shape, other.shape]
     assert result.prediction is result.predictions[0]
