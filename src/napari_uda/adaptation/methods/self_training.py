@@ -168,7 +168,8 @@ class ClassBalancedSelfTraining(SelfTraining):
             if count == 0:
                 thresholds.append(None)
                 continue
-            threshold = float(torch.topk(scores, count, sorted=False).values.min())
+            # the count-th largest confidence of the class is its threshold
+            threshold = float(torch.kthvalue(scores, scores.numel() - count + 1).values)
             thresholds.append(threshold)
             keep |= of_class & (confidence >= threshold)
         return keep, {"portion": portion, "thresholds": thresholds}
