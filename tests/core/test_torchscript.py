@@ -224,7 +224,8 @@ def test_first_blocks_setting_limits_what_methods_train(model_2d, shifted_case):
     assert {id(p) for p in groups["all"]} == first
     assert len(groups["every"]) == len(names) > len(groups["all"])
     image, _ = shifted_case
-    result = adapt(model, image, "adaent", {"epochs": 1}, device="cpu", seed=0)
+    # AdaEnt updates only norm layers by default; "all" means the adapter's trainable set
+    result = adapt(model, image, "adaent", {"epochs": 1, "parameters": "all"}, device="cpu", seed=0)
     before = dict(model.scripted.named_parameters())
     after = dict(result.model.scripted.named_parameters())
     changed = {n for n in names if not torch.equal(before[n], after[n])}
