@@ -117,9 +117,9 @@ def test_aiva_improves_dice_on_the_demo_scanner_shift(
         demo_model,
         demo_target_slab,
         "aiva",
-        {"epochs": 6},
+        {"epochs": 3, "batch_size": 8},
         reference=demo_reference_slab,
         device="cpu",
     )
     before, after = result.reference_dice_before[0], result.reference_dice_after[0]
-    assert after > before + 0.02, (before, after)
+    assert after > before + 0.1, (before, after)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from napari_uda.adaptation.base import AdaptationContext
 from napari_uda.adaptation.engine import adapt
-from napari_uda.adaptation.methods.distillation import distillation_loss, soften
+from napari_uda.adaptation.methods.distillation import (
+    DistillationSettings,
+    KnowledgeDistillation,
+    distillation_loss,
+    soften,
+)
+from napari_uda.core.inference import predict_batches
 
 
 def test_soften_equals_softmax_at_the_temperature():
@@ -53,6 +60,38 @@ def test_mask_excludes_voxels():
     assert float(masked) == pytest.approx(float(top), rel=1e-6)
 
 
+def test_teacher_uses_batch_statistics_without_touching_the_source_model(tiny_model):
+    inputs = tiny_model.source_pack().images * 0.6 + 0.3  # an intensity-shifted batch
+    context = AdaptationContext(
+        model=tiny_model.clone(),
+        source_model=tiny_model.clone(),
+        target_inputs=inputs,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+        initial_probabilities=predict_batches(tiny_model, inputs, device="cpu"),
+    )
+    source_state = {k: v.clone() for k, v in context.source_model.network.state_dict().items()}
+    method = KnowledgeDistillation(DistillationSettings(augment=False), context)
+    method.setup()
+    with torch.no_grad():
+        batch_normalised = torch.softmax(method.teacher(inputs), 1)
+    # the shifted batch is normalised with its own statistics: not the stored-statistics answer
+    assert (batch_normalised - context.initial_probabilities).abs().max() > 0.05
+    method.step(torch.arange(len(inputs)), step=1)
+    for key, value in context.source_model.network.state_dict().items():
+        assert torch.equal(value, source_state[key]), key
+    for key, value in method.teacher.state_dict().items():
+        if "running" in key:
+            assert torch.equal(value, source_state[key]), key
+
+    literal = KnowledgeDistillation(
+        DistillationSettings(augment=False, teacher_batch_statistics=False), context
+    )
+    literal.setup()
+    output = literal.step(torch.arange(len(inputs)), step=1)
+    assert output.losses["target_distillation"] >= 0.0
+
+
 def test_source_pack_terms_are_used_when_present(tiny_model, tiny_target):
     result = adapt(
         tiny_model, tiny_target, "distillation", {"epochs": 1, "batch_size": 10}, device="cpu"
@@ -69,11 +108,6 @@ def test_source_pack_terms_are_used_when_present(tiny_model, tiny_target):
     assert set(alone.history[0]["losses"]) == {"total", "target_distillation"}
 
 
-@pytest.mark.xfail(
-    reason="distillation with paper defaults lowered Dice on the demo slab (0.515 -> 0.365); "
-    "being reworked, see the session note",
-    strict=False,
-)
 def test_distillation_improves_dice_on_the_demo_scanner_shift(
     demo_model, demo_target_slab, demo_reference_slab
 ):
@@ -81,9 +115,9 @@ def test_distillation_improves_dice_on_the_demo_scanner_shift(
         demo_model,
         demo_target_slab,
         "distillation",
-        {"epochs": 6},
+        {"epochs": 3, "batch_size": 8},
         reference=demo_reference_slab,
         device="cpu",
     )
     before, after = result.reference_dice_before[0], result.reference_dice_after[0]
-    assert after > before + 0.02, (before, after)
+    assert after > before + 0.1, (before, after)

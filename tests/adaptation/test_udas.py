@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from napari_uda.adaptation.base import AdaptationContext
@@ -59,6 +58,28 @@ def test_only_the_early_block_changes_in_a_step():
     )
 
 
+def test_early_block_keeps_its_statistics_when_asked():
+    adapter = untrained_adapter()
+    inputs = torch.randn(8, 1, 16, 16)
+    settings = UDASSettings(batch_size=8, early_batch_statistics=False)
+    method = UDAS(settings, context_for(adapter, inputs))
+    method.setup()
+    before = {k: v.clone() for k, v in adapter.network.state_dict().items()}
+    method.step(torch.arange(8), step=1)
+    after = adapter.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" in k)
+    assert not torch.equal(before["encoders.0.0.weight"], after["encoders.0.0.weight"])
+
+
+def test_the_early_head_is_the_papers_and_old_bundles_keep_theirs():
+    paper = UNet2D(UNetConfig(base_channels=4, depth=2))
+    convolutions = [m for m in paper.early_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convolutions] == [(3, 3)] * 3
+    assert [c.out_channels for c in convolutions] == [12, 8, 2]
+    legacy = UNetConfig.from_dict({"base_channels": 4, "depth": 2})  # saved before the option
+    assert isinstance(UNet2D(legacy).early_head, torch.nn.Conv2d)
+
+
 def test_convergence_rule_stops_when_agreement_settles():
     adapter = untrained_adapter()
     method = UDAS(UDASSettings(min_epochs=2), context_for(adapter, torch.randn(4, 1, 16, 16)))
@@ -78,7 +99,7 @@ def test_engine_ends_a_run_by_the_rule_and_reports_the_agreement_curve(tiny_mode
         tiny_model,
         tiny_target,
         "udas",
-        {"epochs": 5, "batch_size": 10, "tolerance": 1.0},
+        {"epochs": 5, "batch_size": 10, "tolerance": 1.0, "min_epochs": 1},
         device="cpu",
     )
     assert settled.stop_reason.startswith("converged")
@@ -97,11 +118,6 @@ def test_engine_ends_a_run_by_the_rule_and_reports_the_agreement_curve(tiny_mode
     assert full.stop_reason == "completed" and full.extra["steps_done"] == 6
 
 
-@pytest.mark.xfail(
-    reason="UDAS with paper defaults did not raise Dice on the demo slab (0.515 -> 0.515); "
-    "being reworked, see the session note",
-    strict=False,
-)
 def test_udas_improves_dice_on_the_demo_scanner_shift(
     demo_model, demo_target_slab, demo_reference_slab
 ):
@@ -109,9 +125,9 @@ def test_udas_improves_dice_on_the_demo_scanner_shift(
         demo_model,
         demo_target_slab,
         "udas",
-        {"epochs": 8},
+        {"epochs": 5, "batch_size": 8},
         reference=demo_reference_slab,
         device="cpu",
     )
     before, after = result.reference_dice_before[0], result.reference_dice_after[0]
-    assert after > before + 0.02, (before, after)
+    assert after > before + 0.1, (before, after)

@@ -214,12 +214,14 @@ class AIVA(AdaptationMethod):
         context = self.context
         stored = context.model.source_tensors().get(SOURCE_FEATURES_KEY)
         if stored is not None:
+            self.source_features_from = "bundle statistics"
             return stored.float().cpu().numpy()
         if context.source_pack is None or len(context.source_pack) == 0:
             raise ValueError(
                 "AIVA needs source features: a source pack or stored "
                 f"'{SOURCE_FEATURES_KEY}' statistics in the bundle"
             )
+        self.source_features_from = "source pack"
         return bottleneck_features(
             context.source_model, context.source_pack.images, device=context.device
         ).numpy()
@@ -277,3 +279,11 @@ class AIVA(AdaptationMethod):
     def end_epoch(self, epoch: int) -> None:
         if self.settings.recluster_every_epoch:
             self._cluster_target(self._target_features())
+
+    def report(self) -> dict:
+        return {
+            "aiva_source_features_from": self.source_features_from,
+            "aiva_lambda": self.lambda_,
+            "aiva_source_clusters": len(self.source_centres),
+            "aiva_target_clusters": len(self.target_clusters.centres),
+        }

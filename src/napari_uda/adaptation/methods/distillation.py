@@ -8,26 +8,33 @@ changes (Hinton et al.). On source-pack slices the student also learns from the 
 (cross-entropy), as in the paper's semi-supervised setting, where the labelled data are what
 moves the student away from the teacher.
 
-What it gains without source data, honestly: the student starts as a copy of the teacher, so
-distillation on the plain target slices alone has nothing to learn (the loss is zero at the
-start). What changes the student here is (a) the random spatial transform of its input (on by
-default): it must predict the teacher's clean-slice answer, transformed the same way, from a
-transformed slice, which regularises it like Mean Teacher with a fixed teacher; (b) BatchNorm
-statistics, which follow the target while the student trains; and (c) with a source pack, the
-labelled source slices. Expect smaller gains than the self-training methods in a one-shot,
-source-free setting; it is mainly a safe, conservative baseline that rarely collapses.
+The teacher's BatchNorm statistics: the literal teacher (the source model with its stored
+source statistics) sees the new scanner's intensities through the source normalisation, and its
+soft labels carry exactly the errors adaptation should remove; distilling them made the demo
+worse (Dice 0.61 -> 0.52 with the source pack, 0.63 without). By default the teacher therefore
+normalises each batch with that batch's own BatchNorm statistics (``teacher_batch_statistics``;
+its weights stay frozen and its stored statistics untouched), which removes most of the
+intensity shift from its answers (demo: 0.61 -> 0.78). Models without BatchNorm are unaffected.
 
-The teacher's target probabilities are the source model's, computed once by the engine
-(``context.initial_probabilities``); softening them is ``p ** (1 / T)`` renormalised, which
-equals ``softmax(z / T)``, so no teacher pass on the target is needed during training.
+What it gains without source data, honestly: the student starts as a copy of the teacher, so
+distillation on plain target slices has little to learn. What changes the student is (a) the
+random spatial transform of its input (on by default): it must predict the teacher's
+clean-slice answer, transformed the same way, from a transformed slice, which regularises it
+like Mean Teacher with a fixed teacher; (b) BatchNorm statistics, in the teacher as above and in
+the student, which follow the target while it trains; and (c) with a source pack, the labelled
+source slices. On the demo shift the result is at the level of re-estimating BatchNorm
+statistics (AdaBN); expect the self-training methods to do better in a one-shot, source-free
+setting. It is mainly a conservative baseline.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ...core.metrics import mean_foreground_dice
 from ...settings import setting
@@ -48,6 +55,11 @@ class DistillationSettings(CommonSettings):
         "the source pack.",
         min=0.0,
         max=100.0,
+    )
+    teacher_batch_statistics: bool = setting(
+        True,
+        "The teacher normalises each batch with the batch's own BatchNorm statistics; False "
+        "uses its stored source statistics (the literal source model).",
     )
     augment: bool = setting(
         True,
@@ -108,8 +120,14 @@ class KnowledgeDistillation(AdaptationMethod):
         settings, context = self.settings, self.context
         self.student = context.model.network.to(context.device).train()
         self.make_adam(self.select_trainable("all"))
-        self.teacher = context.source_model.network.to(context.device).eval()
+        # a private copy: the teacher's stored statistics must stay the source model's
+        self.teacher = copy.deepcopy(context.source_model.network).to(context.device).eval()
         self.teacher.requires_grad_(False)
+        if settings.teacher_batch_statistics:
+            for module in self.teacher.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
+                    module.momentum = 0.0  # batch statistics, stored statistics unchanged
         self.augmentation = SpatialAugmentation(
             rotation_degrees=settings.rotation_degrees,
             max_translation=settings.max_translation,
@@ -120,7 +138,11 @@ class KnowledgeDistillation(AdaptationMethod):
         settings, context = self.settings, self.context
         temperature = settings.temperature
         images, mask = context.batch(batch_index)
-        teacher_probs = context.initial_probabilities[batch_index].to(context.device)
+        if settings.teacher_batch_statistics:
+            with torch.no_grad(), context.autocast():
+                teacher_probs = torch.softmax(self.teacher(images).float(), 1)
+        else:  # the source model's answer, computed once by the engine
+            teacher_probs = context.initial_probabilities[batch_index].to(context.device)
         if settings.augment:
             transform = self.augmentation.sample(images.cpu(), generator=context.generator)
             transform.theta = transform.theta.to(context.device)
@@ -152,3 +174,6 @@ class KnowledgeDistillation(AdaptationMethod):
             student_logits.detach().argmax(1), teacher_probs.argmax(1), teacher_probs.shape[1]
         )
         return StepOutput({"total": float(total.detach()), **losses}, agreement=agreement)
+
+    def report(self) -> dict:
+        return {"distillation_source_pack_used": self.use_source}

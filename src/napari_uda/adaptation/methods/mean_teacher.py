@@ -173,3 +173,6 @@ class MeanTeacher(AdaptationMethod):
             student_logits.detach().argmax(1), teacher_probs.argmax(1), teacher_probs.shape[1]
         )
         return StepOutput({"total": float(total.detach()), **losses}, agreement=agreement)
+
+    def report(self) -> dict:
+        return {"mean_teacher_mode": "source pack + target" if self.use_source else "target only"}
