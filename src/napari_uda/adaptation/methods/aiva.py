@@ -24,6 +24,11 @@ Source data: source features come from the bundle's stored statistics when prese
 ``aiva_source_features``, made with :func:`compute_source_statistics` at training time, so no
 source image is needed), otherwise from the source pack through the frozen source model. The
 segmentation loss needs the source pack; with statistics only, the method aligns features alone.
+
+Measured on the demo shift (one scan, BatchNorm U-Net): Dice 0.61 -> 0.78 with the source pack,
+and the same from stored statistics alone; ``alignment_scale = 0`` gives the same, so on this
+case the gain comes from the BatchNorm statistics following the target while training (AdaBN
+alone: 0.76), not from the cluster alignment.
 """
 
 from __future__ import annotations

@@ -17,8 +17,18 @@ ramp-up over 100 of 350 epochs (here a fraction of the run, 0.3), EMA 0.99 then 
 The teacher, like in the paper, runs in training mode (dropout, batch statistics) with no
 gradient; the adapted model returned is the student.
 
+Learning rate: 1e-4 (the common default). The paper's 6e-4, with warm-up and cosine decay,
+trained a network from scratch; here a trained model is fine-tuned (6e-4 gave the same demo
+result).
+
 Agreement (the live label-free Dice): Dice between the student's and the teacher's labels on
 each batch.
+
+Measured on the demo shift (one scan, BatchNorm U-Net; see the benchmark for more shifts): Dice
+0.61 -> 0.78 with or without the source pack, and the same with ``consistency_weight = 0``: on
+this one-shot case the gain comes from the BatchNorm statistics following the target while the
+student trains (AdaBN alone: 0.76), not from the consistency term, which the paper ran for
+hundreds of epochs over many target images.
 """
 
 from __future__ import annotations
