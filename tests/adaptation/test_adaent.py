@@ -32,7 +32,7 @@ def test_prior_source_is_chosen_and_reported(tiny_model, tiny_target, settings, 
     result = adapt(model, tiny_target, "adaent", {**QUICK, **settings}, device="cpu",
                    on_event=events.append)  # fmt: skip
     assert result.extra["prior_source"] == source
-    assert events[0].message.startswith(f"class-ratio prior from {source}")
+    assert events[1].message.startswith(f"class-ratio prior from {source}")
     prior = result.extra["prior"]
     assert sum(prior) == pytest.approx(1.0)
     if source == "user":

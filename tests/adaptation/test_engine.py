@@ -90,13 +90,13 @@ def test_stop_is_honoured_before_the_next_step(tiny_model, tiny_target):
         "tent",
         FAST,
         device="cpu",
-        should_stop=lambda: len(seen) >= 3,
+        should_stop=lambda: len(seen) >= 4,  # step 0 (the unadapted model) and 3 steps
     )
     with pytest.raises(StopIteration) as finished:
         while True:
             seen.append(next(run))
     result = finished.value.value
-    assert len(seen) == 3 and result.stopped and result.stop_reason == "stopped by user"
+    assert [e.step for e in seen] == [0, 1, 2, 3] and result.stopped and result.stop_reason == "stopped by user"
     assert len(result.history) == 3 and result.extra["steps_done"] == 3
     assert result.checkpoint.step == 3  # the final weights were evaluated and kept
     # consistent: the result's prediction is what the returned model predicts
@@ -123,6 +123,10 @@ def test_events_carry_signals_reference_dice_and_previews(tiny_model, tiny_targe
         preview_every=2,
         on_event=events.append,
     )
+    initial, *events = events
+    assert initial.step == 0 and initial.losses == {} and initial.evaluated
+    assert initial.change_since_start == 0 and initial.reference_dice is not None
+    np.testing.assert_array_equal(initial.preview.labels, result.initial_prediction.labels)
     steps_per_epoch = result.extra["steps_per_epoch"]
     assert [e.step for e in events] == list(range(1, 2 * steps_per_epoch + 1))
     assert [e.evaluated for e in events] == [e.step % steps_per_epoch == 0 for e in events]
@@ -145,6 +149,7 @@ def test_evaluate_every_n_steps(tiny_model, tiny_target):
     adapt(
         tiny_model, tiny_target, "tent", FAST, device="cpu", options=options, on_event=events.append
     )
+    events = events[1:]  # without step 0
     total = len(events)
     assert [e.step for e in events if e.evaluated] == [
         s for s in range(1, total + 1) if s % 2 == 0 or s == total
@@ -162,6 +167,7 @@ def test_collapse_guard_keeps_an_earlier_checkpoint(tiny_model, tiny_target):
         options=options,
         on_event=events.append,
     )
+    events = events[1:]  # without step 0
     start_fraction = result.extra["initial_signals"]["foreground_fraction"][1]
     assert start_fraction > 0.05
     collapsed = [e for e in events if "collapse detected" in e.message]

@@ -430,6 +430,24 @@ def run_adaptation(
         grid = prepared[0].to_source_grid(part)
         return Prediction.from_probabilities(grid, prepared[0].source)
 
+    # step 0: the unadapted model's prediction, so a UI can show "before" without recomputing it
+    initial_event = AdaptationEvent(
+        step=0,
+        total_steps=total_steps,
+        epoch=0,
+        losses={},
+        elapsed_seconds=time.perf_counter() - started,
+        mean_entropy=start_signals.mean_entropy,
+        agreement_dice=start_signals.dice_with_start,
+        change_since_start=0.0,
+        foreground_fraction=list(start_signals.foreground_fraction),
+        reference_dice=start_signals.reference_dice,
+        evaluated=True,
+        message="unadapted model",
+    )
+    initial_event.preview = preview(initial)
+    yield initial_event
+
     history: list[dict[str, Any]] = []
     for epoch in range(1, method_settings.epochs + 1):
         batches = list(context.target_batches(method_settings.batch_size))

@@ -17,6 +17,10 @@ from ..core.models.adapter import ModelAdapter
 class AdaptationEvent:
     """Progress after one optimiser step.
 
+    The first event of a run has ``step == 0``: the unadapted model's signals, with its
+    prediction (on the source grid of the first volume) as ``preview``; it is not part of the
+    history.
+
     Attributes:
         step: steps done so far (1-based).
         total_steps: planned steps (the run may end earlier).

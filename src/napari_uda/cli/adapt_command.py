@@ -48,7 +48,13 @@ def add_parser(subparsers) -> None:
         "--out", required=True, nargs="+", help="segmentation NIfTI, one per --image"
     )
     parser.add_argument("--entropy-out", nargs="+", help="entropy map NIfTI, one per --image")
-    parser.add_argument("--save-model", help="write the adapted model as a new bundle")
+    parser.add_argument(
+        "--save-model",
+        help=(
+            "write the adapted model: a bundle (.safetensors) for bundles, a TorchScript file "
+            "(.pt) with its .json spec next to it for TorchScript models and deepbet"
+        ),
+    )
     parser.add_argument("--report", help="write a JSON report (settings, history, checkpoint)")
     parser.add_argument(
         "--reference", help="reference mask of the first image, for QA Dice (never trained on)"
@@ -93,6 +99,23 @@ def _check_outputs(args) -> list[Path]:
     return outputs
 
 
+def _check_model_output(args, model) -> None:
+    """``--save-model``: the model can be saved, with that suffix, and none of the files it
+    writes (a TorchScript model also writes its .json spec) is an input or another output."""
+    from ..core.models import ModelSaveError
+
+    try:
+        model.check_save_path(args.save_model)
+    except ModelSaveError as error:
+        raise CLIError(str(error)) from None
+    others = [args.model, *args.image, args.reference, args.report]
+    others += [*args.out, *(args.entropy_out or [])]
+    taken = {Path(p).resolve() for p in others if p}
+    for path in model.saved_files(args.save_model)[1:]:
+        if path.resolve() in taken:
+            raise CLIError(f"--save-model also writes {path}, which is another input or output")
+
+
 def _jsonable(value: Any) -> Any:
     """``value`` with numpy and torch values turned into plain JSON types (others dropped)."""
     if isinstance(value, dict):
@@ -115,8 +138,12 @@ _DROP = object()
 
 
 def _progress_line(event, class_names: list[str]) -> str:
-    loss = event.losses.get("total", next(iter(event.losses.values()), float("nan")))
-    parts = [f"epoch {event.epoch}", f"step {event.step}/{event.total_steps}", f"loss {loss:.4f}"]
+    if event.step == 0:
+        parts = [f"before adaptation ({event.total_steps} steps planned)"]
+    else:
+        loss = event.losses.get("total", next(iter(event.losses.values()), float("nan")))
+        parts = [f"epoch {event.epoch}", f"step {event.step}/{event.total_steps}"]
+        parts.append(f"loss {loss:.4f}")
     if event.mean_entropy is not None:
         parts.append(f"entropy {event.mean_entropy:.4f}")
     if event.agreement_dice is not None:
@@ -145,8 +172,8 @@ def run(args: argparse.Namespace) -> int:
     unmet = method.unmet_needs(model.capabilities)
     if unmet:
         raise AdaptationError(f"{method.name} cannot adapt {args.model}: {'; '.join(unmet)}")
-    if args.save_model and not hasattr(model, "to_bundle"):
-        raise CLIError(f"{args.model}: this kind of model cannot be saved as a bundle")
+    if args.save_model:
+        _check_model_output(args, model)
     volumes = [load_volume(path) for path in args.image]
     reference = load_volume(args.reference) if args.reference else None
     if reference is not None and reference.shape != volumes[0].shape:
@@ -190,10 +217,9 @@ def run(args: argparse.Namespace) -> int:
         if args.entropy_out:
             save_volume(prediction.entropy_volume(), args.entropy_out[index])
     if args.save_model:
-        bundle = result.model.to_bundle(
-            {"adapted": {"method": method.name, "settings": result.settings, "seed": args.seed}}
-        )
-        bundle.save(args.save_model)
+        adapted = {"method": method.name, "settings": result.settings, "seed": args.seed}
+        adapted["from"] = str(args.model)
+        result.model.save(args.save_model, provenance={"adapted": _jsonable(adapted)})
     if args.report:
         report = {
             "command": "napari-uda adapt",

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         from ..adaptation.engine import adapt
 
         def progress(event) -> None:
-            if event.evaluated:
+            if event.evaluated and event.step > 0:
                 entropy = f"{event.mean_entropy:.4f}" if event.mean_entropy is not None else "-"
                 dice = f"{np.mean(event.reference_dice):.3f}" if event.reference_dice else "-"
                 say(
