@@ -96,7 +96,11 @@ def test_stop_is_honoured_before_the_next_step(tiny_model, tiny_target):
         while True:
             seen.append(next(run))
     result = finished.value.value
-    assert [e.step for e in seen] == [0, 1, 2, 3] and result.stopped and result.stop_reason == "stopped by user"
+    assert (
+        [e.step for e in seen] == [0, 1, 2, 3]
+        and result.stopped
+        and result.stop_reason == "stopped by user"
+    )
     assert len(result.history) == 3 and result.extra["steps_done"] == 3
     assert result.checkpoint.step == 3  # the final weights were evaluated and kept
     # consistent: the result's prediction is what the returned model predicts

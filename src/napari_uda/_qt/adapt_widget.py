@@ -285,8 +285,10 @@ class AdaptWidget(QWidget):
     def _update_progress(self, event: AdaptationEvent) -> None:
         """Move napari's progress bar, at most once a second (each move repaints the window)."""
         now = time.monotonic()
-        if event.step == 0 or self._progress is None or (
-            now - self._progress_moved < PROGRESS_INTERVAL and event.step < event.total_steps
+        if (
+            event.step == 0
+            or self._progress is None
+            or (now - self._progress_moved < PROGRESS_INTERVAL and event.step < event.total_steps)
         ):
             return
         self._progress_moved = now
