@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from napari_uda.cli import main
 from napari_uda.core.models import ModelBundle, UNet2D, UNetConfig
@@ -208,6 +209,8 @@ def test_train_writes_a_bundle_that_predicts(tmp_path, capsys):
     assert command.startswith("napari-uda train --images")
     assert "epochs=2" in command and "--seed 5" in command
     assert len(bundle.source_pack) == 3
+    features = bundle.source_tensors["aiva_source_features"]  # AIVA without source images
+    assert features.shape[0] == mask.shape[2] and torch.isfinite(features).all()
 
     out = tmp_path / "seg.nii.gz"
     code, _, _ = run_cli(capsys, "predict", "--model", model, "--image", image_path, "--out", out)

@@ -6,6 +6,10 @@ import argparse
 import shlex
 from pathlib import Path
 
+import torch
+
+from ..core.models.adapter import UNetBundleAdapter
+from ..core.models.bundle import ModelBundle
 from ..core.models.unet import UNetConfig
 from ..core.preprocessing import PreprocessingConfig
 from ..core.training import TrainingProgress, TrainingSettings, train_bundle
@@ -83,6 +87,13 @@ def _print_progress(progress: TrainingProgress) -> None:
     )
 
 
+def aiva_source_features(bundle: ModelBundle, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AIVA's pooled source bottleneck features, stored in the bundle (no image content)."""
+    from ..adaptation.methods.aiva import compute_source_statistics
+
+    return compute_source_statistics(UNetBundleAdapter(bundle), images)
+
+
 def run(args: argparse.Namespace) -> int:
     if len(args.images) != len(args.masks):
         raise CLIError(f"{len(args.images)} images but {len(args.masks)} masks; give one each")
@@ -120,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         callback=None if args.quiet else _print_progress,
         device=args.device,
         provenance={"command": command_line(args, settings)},
+        source_tensors=aiva_source_features,
     )
     bundle.save(args.out)
     print(f"wrote {args.out}")

@@ -111,6 +111,7 @@ class TrainingProgress:
 
 
 ProgressCallback = Callable[[TrainingProgress], None]
+SourceTensorsHook = Callable[[ModelBundle, torch.Tensor], dict[str, torch.Tensor]]
 
 
 # -- losses -------------------------------------------------------------------------------------
@@ -347,6 +348,7 @@ def train_bundle(
     *,
     device: str = "auto",
     provenance: dict | None = None,
+    source_tensors: SourceTensorsHook | None = None,
 ) -> ModelBundle:
     """Train a U-Net bundle on labelled volumes.
 
@@ -364,6 +366,10 @@ def train_bundle(
             bundle holds the weights so far (``provenance["stopped_early"]`` is True).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``. Default ``"auto"``.
         provenance: extra provenance entries (e.g. the command line).
+        source_tensors: called with the finished bundle and every preprocessed training slice
+            (N, 1, H, W); the tensors it returns are stored with the bundle's source statistics
+            (``napari-uda train`` stores AIVA's source bottleneck features this way). Default
+            None.
     """
     settings = settings or TrainingSettings()
     class_names = list(class_names or ["background", "foreground"])
@@ -455,7 +461,7 @@ def train_bundle(
         "stopped_early": not completed,
     }
     record.update(provenance or {})
-    return ModelBundle.from_model(
+    bundle = ModelBundle.from_model(
         model,
         class_names,
         preprocessing,
@@ -463,3 +469,6 @@ def train_bundle(
         source_statistics=source_statistics(slices, num_classes),
         source_pack=choose_source_pack(slices, settings.source_pack_size),
     )
+    if source_tensors is not None:
+        bundle.source_tensors.update(source_tensors(bundle, slices.images))
+    return bundle
