@@ -1,5 +1,5 @@
-"""The Export widget: mask and entropy on the scan's grid, the adapted bundle, the report; and
-never replacing a file unless asked."""
+"""The Export widget: mask and entropy on the scan's grid, the adapted model in its own kind (a
+bundle, or TorchScript + JSON spec), the report; and never replacing a file unless asked."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from napari_uda._qt.layers import SEGMENTATION_AFTER, show_prediction
 from napari_uda._qt.state import FINISHED, get_state
+from napari_uda.core.inference import predict_volume
 from napari_uda.core.models import load_model
 
 
-@pytest.fixture
-def finished_run(docked, tiny_bundle_path, synthetic_scan, tmp_path):
-    """A viewer whose session holds a short real run of the engine on a scan file."""
+def _finish_run(docked, model_path, synthetic_scan, tmp_path, method="tent", settings=None):
+    """A short real run of the engine on a scan file, shown as the widgets would show it."""
     from napari_uda.adaptation.engine import adapt
 
     viewer, widgets = docked
@@ -28,26 +30,46 @@ def finished_run(docked, tiny_bundle_path, synthetic_scan, tmp_path):
     nib.save(nib.Nifti1Image(mask, affine), str(tmp_path / "scans" / "mask.nii.gz"))
     [target] = viewer.open(str(scan_path), plugin="napari-uda")
     [reference] = viewer.open(str(tmp_path / "scans" / "mask.nii.gz"), plugin="napari-uda")
-    widgets["Model"].load_path(tiny_bundle_path)
+    assert widgets["Model"].load_path(model_path)
     state = get_state(viewer)
     from napari_uda._qt.layers import layer_volume
 
     result = adapt(
         state.model,
         [layer_volume(target)],
-        "tent",
-        {"epochs": 1, "batch_size": 8},
+        method,
+        settings or {"epochs": 1, "batch_size": 8},
         reference=layer_volume(reference),
     )
     show_prediction(viewer, result.initial_prediction, target, after=False)
     show_prediction(viewer, result.prediction, target, after=True)
     state.target_layer, state.reference_layer = target.name, reference.name
-    state.run_info = {"method": "tent", "settings": result.settings}
+    state.run_info = {"method": method, "settings": result.settings}
     state.result = result
     state.status = FINISHED
     export = widgets["Export"]
     export.folder.value = tmp_path / "out"
     return viewer, export, result, scan_path
+
+
+@pytest.fixture
+def finished_run(docked, tiny_bundle_path, synthetic_scan, tmp_path):
+    """A viewer whose session holds a short real run of the engine on a scan file."""
+    return _finish_run(docked, tiny_bundle_path, synthetic_scan, tmp_path)
+
+
+def scripted_model(folder):
+    """A small 2D TorchScript network (conv, BatchNorm, conv) with its JSON spec."""
+    torch.manual_seed(0)
+    network = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)
+    )
+    folder.mkdir(parents=True)
+    path = folder / "x_model.pt"
+    torch.jit.save(torch.jit.script(network.eval()), str(path))
+    spec = {"spatial_dims": 2, "class_names": ["background", "brain"], "normalization": "zscore"}
+    path.with_suffix(".json").write_text(json.dumps(spec))
+    return path
 
 
 def _export(qtbot, export):
@@ -121,3 +143,43 @@ def test_nothing_to_export_before_a_run(docked):
     assert not export.export_button.isEnabled()
     assert export.export() is None
     assert "run an adaptation first" in export.plan.text()
+
+
+def test_export_an_adapted_torchscript_model(
+    docked, synthetic_scan, tmp_path, qtbot, notifications
+):
+    """A TorchScript model is exported as TorchScript + spec; reopened, it predicts the same."""
+    model_path = scripted_model(tmp_path / "models")
+    _, export, result, _ = _finish_run(
+        docked, model_path, synthetic_scan, tmp_path, "adaent", {"epochs": 1}
+    )
+    export.checks["report"].value = False
+    assert "TorchScript" in export.checks["model"].text
+    planned = [p.name for p in export.planned_files()["model"]]
+    assert planned == ["scan_adaent_model.pt", "scan_adaent_model.json"]
+    (export.folder.value / "scan_adaent_model.json").parent.mkdir(parents=True)
+    (export.folder.value / "scan_adaent_model.json").write_text("{}")  # someone's file
+    assert export.export() is None
+    assert "scan_adaent_model.json already exist" in notifications["error"][-1]
+    (export.folder.value / "scan_adaent_model.json").unlink()
+    notifications["error"].clear()
+    _export(qtbot, export)
+    assert not notifications["error"], notifications["error"]
+    saved = export.folder.value / "scan_adaent_model.pt"
+    reopened = load_model(saved)
+    spec = json.loads(saved.with_suffix(".json").read_text())
+    assert spec["provenance"]["adapted"]["method"] == "adaent" and spec["file"] == saved.name
+    volume = result.prediction.source
+    np.testing.assert_allclose(
+        predict_volume(reopened, volume, device="cpu").probabilities,
+        result.prediction.probabilities,
+        atol=1e-5,
+    )
+    # the input model itself is never written over, even with "Replace existing files"
+    export.folder.value, export.stem.value = model_path.parent, "x"
+    before = model_path.read_bytes()
+    export.replace.value = True
+    assert export.planned_files()["model"][0] == model_path
+    assert export.export() is None
+    assert "never overwritten" in notifications["error"][-1]
+    assert model_path.read_bytes() == before

@@ -13,7 +13,7 @@ from scripted_factory import TinyNet, base_spec, dice, save_model, synthetic_hea
 from napari_uda.adaptation.base import get_method
 from napari_uda.adaptation.engine import AdaptationError, adapt
 from napari_uda.core.inference import predict_volume
-from napari_uda.core.models import BundleError, load_model
+from napari_uda.core.models import BundleError, ModelSaveError, load_model
 from napari_uda.core.models.adapter import NORM_AFFINE
 from napari_uda.core.models.scripted import outputs_to_logits
 from napari_uda.core.models.torchscript import ModelSpecError, TorchScriptAdapter
@@ -271,3 +271,47 @@ def test_save_writes_a_model_that_loads_back(tmp_path, model_2d, shifted_case):
         predict_volume(adapted, image, device="cpu").probabilities,
         atol=1e-5,
     )
+
+
+def test_save_never_writes_over_the_input_model(tmp_path, model_2d):
+    model = load_model(model_2d)
+    before = model_2d.read_bytes(), model_2d.with_suffix(".json").read_text()
+    with pytest.raises(ModelSaveError, match="never overwritten"):
+        model.save(model_2d)
+    by_spec = load_model(model_2d.with_suffix(".json"))  # the .pt it names is an input too
+    with pytest.raises(ModelSaveError, match="never overwritten"):
+        by_spec.save(model_2d)
+    with pytest.raises(ModelSaveError, match=r"saved as TorchScript"):
+        model.save(tmp_path / "adapted.safetensors")
+    assert (model_2d.read_bytes(), model_2d.with_suffix(".json").read_text()) == before
+    assert [p.name for p in model.saved_files(tmp_path / "a.pt")] == ["a.pt", "a.json"]
+
+
+def test_cli_adapt_saves_an_adapted_torchscript_model(tmp_path, model_2d, shifted_case):
+    """``napari-uda adapt --save-model`` on a TorchScript model writes TorchScript + spec that
+    reopen to the same prediction as the mask the command wrote."""
+    from napari_uda.cli import main
+    from napari_uda.core.volume import load_volume, save_volume
+
+    image, _ = shifted_case
+    scan = save_volume(image, tmp_path / "scan.nii.gz")
+    out, saved = tmp_path / "seg.nii.gz", tmp_path / "models" / "adapted.pt"
+    args = ["adapt", "--model", str(model_2d), "--image", str(scan), "--method", "adaent"]
+    args += ["--set", "epochs=1", "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main([*args, "--save-model", str(saved)]) == 0
+    spec = json.loads(saved.with_suffix(".json").read_text())
+    assert spec["provenance"]["adapted"]["method"] == "adaent"
+    assert spec["provenance"]["adapted"]["from"] == str(model_2d)
+    reopened = load_model(saved)
+    labels = predict_volume(reopened, load_volume(scan), device="cpu").labels
+    np.testing.assert_array_equal(labels, load_volume(out).data)
+    original = predict_volume(load_model(model_2d), load_volume(scan), device="cpu").labels
+    assert not np.array_equal(labels, original)  # it is the adapted model, not a copy
+    # wrong suffix, the input model, or a spec that is another output: refused, nothing written
+    before = model_2d.read_bytes()
+    for bad in (str(tmp_path / "x.safetensors"), str(model_2d)):
+        assert main([*args, "--save-model", bad]) == 2
+    report = ["--report", str(tmp_path / "y.json")]
+    assert main([*args, "--save-model", str(tmp_path / "y.pt"), *report]) == 2
+    assert model_2d.read_bytes() == before
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.pt").exists()

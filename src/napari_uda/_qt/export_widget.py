@@ -1,8 +1,9 @@
 """The *Export* dock widget: save the adapted mask (and optionally the entropy map) as NIfTI on
-the scan's grid, the adapted model as a new bundle, and a JSON report plus a CSV history.
+the scan's grid, the adapted model (a new bundle, or a TorchScript file with its JSON spec, as
+the model's kind says), and a JSON report plus a CSV history.
 
 Files are written in a thread worker, each atomically; an existing file is never replaced unless
-"Replace existing files" is ticked.
+"Replace existing files" is ticked, and the model's own input files never.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from .report import run_metrics, run_report, write_history_csv, write_json
 from .runner import readable
 from .state import get_state
 
-#: What can be exported: key -> (check box label, file name suffixes).
+#: What can be exported: key -> (check box label, file name suffixes). The model's suffix is
+#: the adapted model's own (:attr:`ModelAdapter.save_suffix`); this one is for bundles.
 OUTPUTS = {
     "mask": ("Adapted mask", ("_mask.nii.gz",)),
     "entropy": ("Entropy map", ("_entropy.nii.gz",)),
     "model": ("Adapted model", ("_model.safetensors",)),
     "report": ("Report", ("_report.json", "_history.csv")),
 }
+MODEL_STEM = "_model"
 
 
 def default_folder(source_path: str | None) -> Path:
@@ -88,8 +91,23 @@ class ExportWidget(QWidget):
             self.folder.value = default_folder(source)
             name = (self.state.target_layer or "scan").replace(" ", "_").strip("()")
             self.stem.value = f"{name}_{result.method}".replace("(", "").replace(")", "")
+        self._describe_model(result)
         self._update_button()
         self._show_plan()
+
+    def _describe_model(self, result) -> None:
+        """The model check box says what will be written, or why nothing can be."""
+        check = self.checks["model"]
+        model = result.model if result is not None else None
+        if model is None:
+            check.text, check.tooltip, check.enabled = OUTPUTS["model"][0], "", True
+        elif model.can_save:
+            check.text = f"{OUTPUTS['model'][0]} ({model.save_description or model.save_suffix})"
+            check.tooltip, check.enabled = "", True
+        else:
+            check.text = f"{OUTPUTS['model'][0]} (this kind of model cannot be saved)"
+            check.tooltip = f"a {type(model).__name__} model has no way to be saved"
+            check.value, check.enabled = False, False
 
     def _update_button(self, *_args) -> None:
         ready = self.state.result is not None and not self.state.running
@@ -99,11 +117,18 @@ class ExportWidget(QWidget):
     def planned_files(self) -> dict[str, list[Path]]:
         """The files each ticked output would write."""
         folder, stem = Path(self.folder.value), self.stem.value.strip() or "adapted"
-        return {
+        plan = {
             key: [folder / f"{stem}{suffix}" for suffix in OUTPUTS[key][1]]
             for key, check in self.checks.items()
             if check.value
         }
+        model = self.state.result.model if self.state.result is not None else None
+        if "model" in plan and model is not None:
+            if model.can_save:  # the model's own kind: .safetensors, or .pt + .json
+                plan["model"] = model.saved_files(folder / f"{stem}{MODEL_STEM}{model.save_suffix}")
+            else:
+                del plan["model"]
+        return plan
 
     def _show_plan(self, *_args) -> None:
         if self.state.result is None:
@@ -122,6 +147,12 @@ class ExportWidget(QWidget):
         plan = self.planned_files()
         if result is None or not plan:
             return None
+        if "model" in plan:
+            try:  # the model's own files are never replaced, whatever the check box says
+                result.model.check_save_path(plan["model"][0])
+            except ValueError as error:
+                show_error(f"Not exported: {error}")
+                return None
         existing = [p.name for paths in plan.values() for p in paths if p.exists()]
         if existing and not self.replace.value:
             show_error(
@@ -193,9 +224,7 @@ class ExportWidget(QWidget):
 
 
 def _save_model(path: Path, result, model_source: str) -> list[str]:
-    to_bundle = getattr(result.model, "to_bundle", None)
-    if to_bundle is None:
-        raise ValueError(f"a {type(result.model).__name__} cannot be saved as a bundle")
+    """The adapted model in its own kind (a bundle, or TorchScript + JSON spec)."""
     update = {
         "adapted": {
             "method": result.method,
@@ -204,7 +233,19 @@ def _save_model(path: Path, result, model_source: str) -> list[str]:
             "checkpoint_step": result.checkpoint.step,
         }
     }
-    return [str(to_bundle(provenance_update=update).save(path))]
+    result.model.save(path, provenance=_plain(update))
+    return [str(p) for p in result.model.saved_files(path)]
+
+
+def _plain(value):
+    """Settings and provenance as plain JSON values (numpy scalars become numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
 
 
 def _save_report(paths, result, inputs, spacing, reference) -> list[str]:

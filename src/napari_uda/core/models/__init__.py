@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .adapter import ForwardOutputs, ModelAdapter, ModelInfo, UNetBundleAdapter
+from .adapter import (
+    ForwardOutputs,
+    ModelAdapter,
+    ModelInfo,
+    ModelSaveError,
+    UNetBundleAdapter,
+)
 from .bundle import BundleError, ModelBundle, SourcePack
 from .registry import ModelLoader, ModelLoadError, NamedModel, named_models
 from .unet import UNet2D, UNetConfig
@@ -18,6 +24,7 @@ __all__ = [
     "ModelInfo",
     "ModelLoadError",
     "ModelLoader",
+    "ModelSaveError",
     "NamedModel",
     "SourcePack",
     "UNet2D",

@@ -10,8 +10,10 @@ more under the entry-point group ``napari_uda.model_adapters``.
 from __future__ import annotations
 
 import copy
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from torch import nn
 
 from ..preprocessing import PreparedVolume, prepare_volume
 from ..volume import Volume
-from .bundle import ModelBundle, SourcePack
+from .bundle import BundleError, ModelBundle, SourcePack
 from .unet import UNet2D
 
 #: Capabilities an adapter can declare; methods list the ones they need.
@@ -65,6 +67,10 @@ class ModelInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class ModelSaveError(BundleError):
+    """A model that cannot be saved, or not at that path; the message is one line."""
+
+
 def norm_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, NORM_TYPES)]
 
@@ -94,6 +100,10 @@ class ModelAdapter(ABC):
     network: nn.Module
     class_names: list[str]
     spatial_dims: int = 2
+    #: Suffix of the file :meth:`save` writes (``""``: this kind of model cannot be saved).
+    save_suffix: str = ""
+    #: What :meth:`save` writes, for file dialogs and messages.
+    save_description: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -127,6 +137,52 @@ class ModelAdapter(ABC):
         """A deep copy whose network can be trained without touching this one."""
         return copy.deepcopy(self)
 
+    # -- saving an adapted model ----------------------------------------------------------------
+    @property
+    def can_save(self) -> bool:
+        return bool(self.save_suffix)
+
+    def input_files(self) -> list[Path]:
+        """Files the model was read from; :meth:`save` never writes over them."""
+        return []
+
+    def saved_files(self, path: str | os.PathLike) -> list[Path]:
+        """Every file ``save(path)`` writes (``path`` first)."""
+        return [Path(path)]
+
+    def check_save_path(self, path: str | os.PathLike) -> Path:
+        """``path`` if :meth:`save` may write there; :class:`ModelSaveError` (one line) if the
+        model cannot be saved, the suffix is wrong, or a file would replace an input file."""
+        path = Path(path)
+        if not self.can_save:
+            raise ModelSaveError(f"a {type(self).__name__} model cannot be saved")
+        if path.suffix.lower() != self.save_suffix:
+            raise ModelSaveError(
+                f"{path}: this model is saved as {self.save_description or self.save_suffix} "
+                f"(a {self.save_suffix} file)"
+            )
+        inputs = {p.resolve() for p in self.input_files()}
+        for target in self.saved_files(path):
+            if target.resolve() in inputs:
+                raise ModelSaveError(f"{target}: is the input model; it is never overwritten")
+            if target.is_dir():
+                raise ModelSaveError(f"{target}: is a folder")
+        return path
+
+    def save(self, path: str | os.PathLike, *, provenance: dict | None = None) -> Path:
+        """Write the current (adapted) weights so that ``load_model(path)`` reopens them.
+
+        Every file is written atomically (a temporary file, then a rename); the model's input
+        files are never overwritten. ``provenance`` (JSON-able, e.g. the adaptation method and
+        settings) is stored with the model. Returns ``path``. Adapters implement
+        :meth:`_write` and set :attr:`save_suffix`.
+        """
+        path = self.check_save_path(path)
+        return self._write(path, dict(provenance or {}))
+
+    def _write(self, path: Path, provenance: dict) -> Path:
+        raise ModelSaveError(f"a {type(self).__name__} model cannot be saved")
+
     def source_pack(self) -> SourcePack | None:
         return None
 
@@ -141,12 +197,15 @@ class UNetBundleAdapter(ModelAdapter):
     """The product's own 2D U-Net bundles."""
 
     spatial_dims = 2
+    save_suffix = ".safetensors"
+    save_description = "napari-uda bundle (.safetensors)"
 
-    def __init__(self, bundle: ModelBundle, name: str = "bundle"):
+    def __init__(self, bundle: ModelBundle, name: str = "bundle", path: Path | None = None):
         self.bundle = bundle
         self.network: UNet2D = bundle.build_model()
         self.class_names = list(bundle.class_names)
         self.name = name
+        self.path = Path(path) if path is not None else None
 
     def prepare(self, volume: Volume) -> PreparedVolume:
         return prepare_volume(volume, self.bundle.preprocessing)
@@ -198,6 +257,12 @@ class UNetBundleAdapter(ModelAdapter):
 
     def source_tensors(self) -> dict[str, torch.Tensor]:
         return self.bundle.source_tensors
+
+    def input_files(self) -> list[Path]:
+        return [self.path] if self.path is not None else []
+
+    def _write(self, path: Path, provenance: dict) -> Path:
+        return self.to_bundle(provenance).save(path)
 
     def to_bundle(self, provenance_update: dict | None = None) -> ModelBundle:
         """The current weights as a new bundle (for saving an adapted model)."""

@@ -35,7 +35,6 @@ either every parameter (``trainable="all"``, default) or the first blocks
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,7 @@ NOT_APPLICABLE = (
     "TENT and AdaBN do not apply: deepbet's InstanceNorm layers have no affine parameters "
     "and it has no BatchNorm"
 )
-SPEC_KEYS = {"adapter", "file", "name", "class_names", "trainable", "postprocess"}
+SPEC_KEYS = {"adapter", "file", "name", "class_names", "trainable", "postprocess", "provenance"}
 
 
 def deepbet_missing_reason() -> str:
@@ -136,13 +135,17 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
         self.postprocess = bool(postprocess)
         self.trainable = "all"
         self.set_trainable(trainable)
+        #: The files the networks were read from (never overwritten by :meth:`save`).
+        self.files: list[Path] = []
 
     @classmethod
     def from_package(cls, **options: Any) -> DeepbetAdapter:
         """deepbet as shipped in its wheel (``options``: see the class)."""
         _require_deepbet()
         model, localiser = deepbet_weight_paths()
-        return cls(load_scripted_network(model), load_scripted_network(localiser), **options)
+        adapter = cls(load_scripted_network(model), load_scripted_network(localiser), **options)
+        adapter.files = [model, localiser]
+        return adapter
 
     @classmethod
     def from_spec(cls, spec_path: Path, spec: dict, **options: Any) -> DeepbetAdapter:
@@ -161,7 +164,9 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
         }
         settings.update(options)
         _, localiser = deepbet_weight_paths()
-        return cls(load_scripted_network(file), load_scripted_network(localiser), **settings)
+        adapter = cls(load_scripted_network(file), load_scripted_network(localiser), **settings)
+        adapter.files = [file, spec_path, localiser]
+        return adapter
 
     # -- preprocessing ----------------------------------------------------------------------
     @torch.no_grad()
@@ -215,8 +220,12 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
             },
         )
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """The adapted main network as ``path`` (.pt) plus a .json that reopens it as deepbet."""
+    def input_files(self) -> list[Path]:
+        return list(self.files)
+
+    def _write(self, path: Path, provenance: dict) -> Path:
+        """The adapted main network as ``path`` (.pt) plus a .json that reopens it as deepbet
+        (the localiser stays deepbet's own)."""
         spec = {
             "adapter": "deepbet",
             "name": f"{self.name} (adapted)" if "adapted" not in self.name else self.name,
@@ -224,6 +233,8 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
             "trainable": self.trainable,
             "postprocess": self.postprocess,
         }
+        if provenance:
+            spec["provenance"] = provenance
         return save_scripted(self.scripted, spec, path)
 
 

@@ -91,7 +91,7 @@ class BundleLoader(ModelLoader):
         if options:
             raise ModelLoadError(f"bundles take no options (got {', '.join(sorted(options))})")
         path = Path(source)
-        return UNetBundleAdapter(ModelBundle.load(path), name=path.name)
+        return UNetBundleAdapter(ModelBundle.load(path), name=path.name, path=path)
 
 
 class TorchScriptLoader(ModelLoader):

@@ -15,13 +15,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..volume import atomic_output
 from .adapter import NORM_AFFINE
 from .registry import TORCHSCRIPT_SUFFIXES, ModelLoadError
 
@@ -169,6 +169,13 @@ class ScriptedAdapterMixin:
     network: LogitsNetwork
     first_block_prefixes: list[str]
     trainable: str = "all"
+    save_suffix = ".pt"
+    save_description = "TorchScript model (.pt with its .json spec)"
+
+    def saved_files(self, path: str | os.PathLike) -> list[Path]:
+        """The TorchScript file and its JSON spec next to it."""
+        path = Path(path)
+        return [path, path.with_suffix(".json")]
 
     @property
     def scripted(self) -> nn.Module:
@@ -247,21 +254,21 @@ def save_scripted(network: nn.Module, spec: dict[str, Any], path: str | os.PathL
     path = Path(path)
     if path.suffix.lower() not in TORCHSCRIPT_SUFFIXES:
         raise ModelLoadError(f"{path}: a TorchScript model is saved as .pt")
-    path.parent.mkdir(parents=True, exist_ok=True)
     spec = dict(spec, file=path.name)
     with torch.no_grad():  # see LogitsNetwork.__deepcopy__
         network = copy.deepcopy(network).cpu().eval()
-    spec_bytes = json.dumps(spec, indent=2).encode()
-    for target, write in (
-        (path, lambda handle: torch.jit.save(network, handle)),
-        (path.with_suffix(".json"), lambda handle: handle.write(spec_bytes)),
-    ):
-        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+    spec_text = json.dumps(spec, indent=2, default=_json_default)
+    with atomic_output(path) as temporary:
+        torch.jit.save(network, str(temporary))
+    with atomic_output(path.with_suffix(".json")) as temporary:
+        temporary.write_text(spec_text)
     return path
+
+
+def _json_default(value: Any) -> Any:
+    """numpy / torch scalars and arrays in a spec's provenance as plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

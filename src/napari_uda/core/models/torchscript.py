@@ -43,6 +43,8 @@ OutputActivation = Literal["none", "softmax", "sigmoid"]
 Trainable = Literal["all", "first_blocks"]
 
 NORMALIZATIONS = ("percentile_zscore", "zscore", "minmax", "none")
+#: Spec keys that describe the file and are not settings (``provenance``: how it was adapted).
+IGNORED_KEYS = {"format", "version", "description", "provenance"}
 
 
 class ModelSpecError(ModelLoadError):
@@ -112,7 +114,7 @@ class TorchScriptSpec:
         if not isinstance(values, dict):
             raise ModelSpecError(f"{where}: a model spec must be a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known - {"format", "version", "description"})
+        unknown = sorted(set(values) - known - IGNORED_KEYS)
         if unknown:
             raise ModelSpecError(
                 f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})"
@@ -232,9 +234,11 @@ class TorchScriptAdapter(ScriptedAdapterMixin, ModelAdapter):
         *,
         name: str = "",
         path: Path | None = None,
+        spec_path: Path | None = None,
     ):
         self.spec = spec
         self.path = path
+        self.spec_path = spec_path
         self.name = spec.name or name or (path.name if path else "torchscript")
         self.class_names = list(spec.class_names)
         self.spatial_dims = spec.spatial_dims
@@ -296,10 +300,16 @@ class TorchScriptAdapter(ScriptedAdapterMixin, ModelAdapter):
             },
         )
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the current weights as ``path`` (.pt) with its spec (.json) next to it."""
+    def input_files(self) -> list[Path]:
+        return [p for p in (self.path, self.spec_path) if p is not None]
+
+    def _write(self, path: Path, provenance: dict) -> Path:
+        """The current weights as ``path`` (.pt) with the spec (.json) next to it; the spec
+        keeps every setting, the current ``trainable`` and ``provenance``."""
         spec = self.spec.to_dict()
         spec["trainable"] = self.trainable
+        if provenance:
+            spec["provenance"] = provenance
         return save_scripted(self.scripted, spec, path)
 
 
@@ -348,7 +358,7 @@ def load_torchscript(
     values = read_spec(spec_path)
     spec = TorchScriptSpec.from_dict(values, where=str(spec_path))
     network = load_scripted_network(file)
-    adapter = TorchScriptAdapter(network, spec, name=file.name, path=file)
+    adapter = TorchScriptAdapter(network, spec, name=file.name, path=file, spec_path=spec_path)
     if spec.first_blocks and not adapter.first_block_params():
         raise ModelSpecError(
             f"{spec_path}: no parameter name starts with any of first_blocks {spec.first_blocks}"
