@@ -10,6 +10,7 @@ from qtpy.QtCore import Qt
 
 from napari_uda._qt.layers import (
     ENTROPY_AFTER,
+    ENTROPY_BEFORE,
     RESULT_LAYERS,
     SEGMENTATION_AFTER,
     SEGMENTATION_BEFORE,
@@ -50,7 +51,10 @@ def test_run_shows_before_and_after_layers_on_the_target(
     adapt.preview_every.value = 2
     qtbot.mouseClick(adapt.run_button, Qt.MouseButton.LeftButton)
     assert not adapt.run_button.isEnabled() and adapt.stop_button.isEnabled()
+    # the before layers come from the engine's first event (the unadapted model), before
+    # the run ends
     qtbot.waitUntil(lambda: SEGMENTATION_BEFORE in viewer.layers, timeout=60_000)
+    assert adapt.plots.points("entropy") >= 1
     wait_for_run(adapt)
 
     state = get_state(viewer)
@@ -70,6 +74,10 @@ def test_run_shows_before_and_after_layers_on_the_target(
     np.testing.assert_array_equal(
         viewer.layers[SEGMENTATION_BEFORE].data, result.initial_prediction.labels
     )
+    np.testing.assert_array_equal(
+        viewer.layers[ENTROPY_BEFORE].data, result.initial_prediction.entropy
+    )
+    assert adapt.plots.data["entropy"][0][0] == 0  # the curves start at step 0
     steps = len(result.history)
     assert adapt.plots.points("loss") == steps >= 1
     assert adapt.plots.points("entropy") >= 1 and adapt.plots.points("reference") >= 1
@@ -180,7 +188,7 @@ def test_worker_error_reaches_the_user_as_one_line(
     assert notifications["error"] == ["Adaptation failed: the target volume holds no head"]
     assert get_state(viewer).status == FAILED and get_state(viewer).result is None
     assert adapt.run_button.isEnabled()
-    assert SEGMENTATION_BEFORE in viewer.layers  # the before layers came first and stay
+    assert not any(name in viewer.layers for name in RESULT_LAYERS)  # nothing half-made
 
 
 def test_bad_settings_and_mismatched_reference_never_start(
@@ -203,7 +211,7 @@ def test_bad_settings_and_mismatched_reference_never_start(
     assert not adapt.runner.running and get_state(viewer).status == "idle"
 
 
-def test_training_steps_never_run_on_the_gui_thread(
+def test_training_and_predictions_never_run_on_the_gui_thread(
     docked, tiny_bundle_path, qtbot, monkeypatch, synthetic_scan, wait_for_run
 ):
     import threading
@@ -220,9 +228,20 @@ def test_training_steps_never_run_on_the_gui_thread(
         return original_step(self, *args, **kwargs)
 
     monkeypatch.setattr(tent, "step", recording_step)
+    from napari_uda.adaptation import engine
+
+    original_predict, predicting = engine.predict_batches, []
+
+    def recording_predict(*args, **kwargs):
+        predicting.append(threading.current_thread())
+        return original_predict(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "predict_batches", recording_predict)
     adapt = widgets["Adapt"]
     choose_method(adapt, "tent", epochs=1, batch_size=8)
     adapt.run_button.click()
     wait_for_run(adapt)
     assert len(threads) == len(get_state(viewer).result.history) >= 2
     assert all(thread is not threading.main_thread() for thread in threads)
+    # the unadapted prediction ("before") and the evaluations happen in the worker too
+    assert predicting and all(thread is not threading.main_thread() for thread in predicting)

@@ -12,8 +12,8 @@ def _event(step, *, evaluated=False, entropy=0.5, agreement=None, reference=None
     return AdaptationEvent(
         step=step,
         total_steps=6,
-        epoch=1 + (step - 1) // 3,
-        losses={"total": 1.0 / step, "entropy": 0.1},
+        epoch=1 + (step - 1) // 3 if step else 0,
+        losses={"total": 1.0 / step, "entropy": 0.1} if step else {},
         elapsed_seconds=float(step),
         mean_entropy=entropy,
         agreement_dice=agreement,
@@ -26,7 +26,8 @@ def test_points_follow_evaluations(qtbot):
     plots = LivePlots("dark")
     qtbot.addWidget(plots)
     events = [
-        _event(1, entropy=0.6, agreement=1.0, reference=[0.6]),  # start values: step 0
+        _event(0, evaluated=True, entropy=0.6, agreement=1.0, reference=[0.6]),  # unadapted
+        _event(1, entropy=0.6, agreement=1.0, reference=[0.6]),
         _event(2, entropy=0.6, agreement=1.0, reference=[0.6]),
         _event(3, evaluated=True, entropy=0.4, agreement=0.9, reference=[0.7]),
         _event(4, entropy=0.4, agreement=0.9, reference=[0.7]),
@@ -38,7 +39,7 @@ def test_points_follow_evaluations(qtbot):
     assert plots.data["loss"][0] == [1, 2, 3, 4, 5, 6]
     assert plots.data["entropy"] == ([0, 3, 6], [0.6, 0.4, 0.3])
     assert plots.data["reference"] == ([0, 3, 6], [0.6, 0.7, 0.8])
-    assert plots.data["agreement"][0] == [1, 3, 5, 6]
+    assert plots.data["agreement"][0] == [0, 3, 5, 6]
     plots.clear()
     assert all(plots.points(key) == 0 for key in plots.data)
 

@@ -29,7 +29,7 @@ from .forms import SettingsForm
 from .gui_queue import GuiQueue
 from .layers import RESULT_LAYERS, layer_volume, prediction_updates
 from .plots import LivePlots
-from .runner import AdaptationRunner, InitialPrediction, RunFailure, RunRequest
+from .runner import AdaptationRunner, RunFailure, RunRequest
 from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
 
 #: Seconds between moves of napari's progress bar.
@@ -240,7 +240,7 @@ class AdaptWidget(QWidget):
         self._progress = progress(total=0, desc=f"Adapting with {method}")
         self._started = time.monotonic()
         self._progress_moved = 0.0
-        self.status.setText("Predicting with the unadapted model…")
+        self.status.setText("Preparing the scan and predicting with the unadapted model…")
         self.state.status = RUNNING
         self.runner.start(request)
 
@@ -263,18 +263,20 @@ class AdaptWidget(QWidget):
                 self.updates.put(work, key=name)
 
     def _on_yield(self, item) -> None:
-        if isinstance(item, InitialPrediction):
-            before = item.prediction
-            self._show(before, after=False)
-            copy = type(before)(before.probabilities, before.labels.copy(),
-                                before.entropy.copy(), before.source)  # fmt: skip
-            self._show(copy, after=True)
-            self.status.setText("Adapting…")
-            return
         if not isinstance(item, AdaptationEvent):
             return
         self.plots.add_event(item)
         self._update_progress(item)
+        if item.step == 0:  # the unadapted model: the before layers, and after starts as a copy
+            if item.preview is not None:
+                before = item.preview
+                self._show(before, after=False)
+                copy = type(before)(before.probabilities, before.labels.copy(),
+                                    before.entropy.copy(), before.source)  # fmt: skip
+                self._show(copy, after=True)
+            if self.state.status == RUNNING:
+                self.status.setText("Adapting…")
+            return
         if item.preview is not None:
             self._show(item.preview, after=True)
         if item.message:
@@ -285,11 +287,12 @@ class AdaptWidget(QWidget):
     def _update_progress(self, event: AdaptationEvent) -> None:
         """Move napari's progress bar, at most once a second (each move repaints the window)."""
         now = time.monotonic()
-        if (
-            event.step == 0
-            or self._progress is None
-            or (now - self._progress_moved < PROGRESS_INTERVAL and event.step < event.total_steps)
-        ):
+        if self._progress is None:
+            return
+        if event.step == 0:  # the planned total is known from the first event
+            self._progress.total = event.total_steps
+            return
+        if now - self._progress_moved < PROGRESS_INTERVAL and event.step < event.total_steps:
             return
         self._progress_moved = now
         if self._progress.total != event.total_steps:

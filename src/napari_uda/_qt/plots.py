@@ -117,16 +117,13 @@ class LivePlots(QWidget):
         """Add one event's values.
 
         The loss is plotted at every step. Entropy and Dice against the reference change only
-        when the engine evaluates, so they are plotted at evaluated steps (and at step 0, from
-        the first event, which carries the values before adaptation). The agreement Dice is
+        when the engine evaluates, so they are plotted at evaluated steps, from step 0 (the
+        engine's first event, the unadapted model, which has no loss). The agreement Dice is
         plotted whenever it is new (every step for methods that measure it per step).
         """
         losses = event.losses or {}
         self._append("loss", event.step, losses.get("total", next(iter(losses.values()), None)))
         reference = float(np.mean(event.reference_dice)) if event.reference_dice else None
-        if self.points("loss") == 1 and not event.evaluated:
-            self._append("entropy", 0, event.mean_entropy)
-            self._append("reference", 0, reference)
         if event.evaluated:
             self._append("entropy", event.step, event.mean_entropy)
             self._append("reference", event.step, reference)

@@ -1,10 +1,11 @@
 """Run an adaptation in a napari thread worker and hand its events to the GUI thread.
 
-The job is a generator run by :func:`napari.qt.threading.create_worker`: it yields the unadapted
-prediction first (so the *before* layers appear at once), then every
-:class:`~napari_uda.adaptation.events.AdaptationEvent` of the engine, and returns the
-:class:`~napari_uda.adaptation.events.AdaptationResult` (or a :class:`RunFailure` with a readable
-message). Training therefore never runs on the GUI thread. :meth:`AdaptationRunner.stop` sets
+The job is a generator run by :func:`napari.qt.threading.create_worker`: it yields every
+:class:`~napari_uda.adaptation.events.AdaptationEvent` of the engine (the first, with
+``step == 0``, carries the unadapted model's prediction, which becomes the *before* layers) and
+returns the :class:`~napari_uda.adaptation.events.AdaptationResult` (or a :class:`RunFailure`
+with a readable message). Preprocessing, every prediction and training therefore run in the
+worker, never on the GUI thread. :meth:`AdaptationRunner.stop` sets
 the flag the engine checks before every optimiser step.
 """
 
@@ -19,17 +20,9 @@ from typing import Any
 
 from napari.qt.threading import GeneratorWorker, create_worker
 
-from ..core.inference import Prediction, predict_volume
 from ..core.volume import Volume
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class InitialPrediction:
-    """The unadapted model's prediction on the target (the *before* layers)."""
-
-    prediction: Prediction
 
 
 @dataclass
@@ -68,8 +61,6 @@ def adaptation_job(
     from ..adaptation.engine import EngineOptions, run_adaptation
 
     try:
-        before = predict_volume(request.model, request.target, device=request.device)
-        yield InitialPrediction(before)
         return (
             yield from run_adaptation(
                 request.model,
