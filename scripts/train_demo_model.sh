@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the shipped demo bundle on the source-scanner head only (CPU, a few minutes).
-# The same command is stored in the bundle's provenance ("command").
+# OUT=path writes elsewhere (to compare with the shipped bundle). The same command is stored in the bundle's provenance ("command").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=src/napari_uda/assets/demo
@@ -8,7 +8,7 @@ NAPARI_UDA=${NAPARI_UDA:-.venv/bin/napari-uda}
 "$NAPARI_UDA" train \
     --images "$DEMO/source_head_t1.nii.gz" \
     --masks "$DEMO/source_head_brainmask.nii.gz" \
-    --out "$DEMO/demo_model.safetensors" \
+    --out "${OUT:-$DEMO/demo_model.safetensors}" \
     --classes background brain \
     --base-channels 8 --depth 4 --norm batch --dropout 0.1 \
     --spacing 2 2 2 --slice-axis 2 --normalization percentile_zscore \

@@ -13,6 +13,7 @@ Training is deterministic on the CPU for a given seed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import time
@@ -402,18 +403,18 @@ def train_bundle(
             augmented = [torchio_augment(image) for image in images]
             return build_slices(augmented, masks, preprocessing, num_classes)
 
-        completed = _run_epochs(
+        run_epochs = functools.partial(
+            _run_epochs,
             model,
-            unet_slices,
-            settings,
-            phase="unet",
-            epochs=settings.epochs,
-            optimizer=optimizer,
+            settings=settings,
             device=device_obj,
             generator=generator,
             started=started,
             callback=callback,
             should_stop=should_stop,
+        )
+        completed = run_epochs(
+            unet_slices, phase="unet", epochs=settings.epochs, optimizer=optimizer
         )
 
         if completed and architecture.early_head and settings.early_head_epochs > 0:
@@ -424,18 +425,11 @@ def train_bundle(
             for parameter in head_parameters:
                 parameter.requires_grad_(True)
             head_optimizer = torch.optim.Adam(head_parameters, lr=settings.early_head_learning_rate)
-            completed = _run_epochs(
-                model,
+            completed = run_epochs(
                 lambda: slices,
-                settings,
                 phase="early_head",
                 epochs=settings.early_head_epochs,
                 optimizer=head_optimizer,
-                device=device_obj,
-                generator=generator,
-                started=started,
-                callback=callback,
-                should_stop=should_stop,
             )
             for parameter in model.parameters():
                 parameter.requires_grad_(True)
