@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from napari_uda.adaptation.engine import AdaptationError, adapt
 from napari_uda.adaptation.methods.adabn import batchnorm_layers
 from napari_uda.core.models import ModelBundle, UNet2D, UNetBundleAdapter, UNetConfig
+from napari_uda.core.models.torchscript import TorchScriptAdapter, TorchScriptSpec
 
 
 def test_only_batchnorm_statistics_change_and_match_the_target(tiny_model, tiny_target):
@@ -49,3 +51,31 @@ def test_adabn_raises_dice_on_the_demo_scanner_shift(
     )
     before, after = result.reference_dice_before[0], result.reference_dice_after[0]
     assert after > before + 0.1, (before, after)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_scripted_batchnorm_gets_the_same_statistics_as_eager(tiny_target, momentum):
+    """TorchScript fixes BatchNorm's momentum; AdaBN still ends with the statistics eager
+    BatchNorm (momentum None: the average over all batches) gets from the same batches."""
+    torch.manual_seed(0)
+    network = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4, momentum=momentum),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4, momentum=momentum),
+        nn.ReLU(),
+        nn.Conv2d(4, 2, 1),
+    ).eval()
+    spec = TorchScriptSpec.from_dict(
+        {"spatial_dims": 2, "class_names": ["background", "brain"], "normalization": "zscore"}
+    )
+    eager = TorchScriptAdapter(network, spec)
+    scripted = TorchScriptAdapter(torch.jit.script(network), spec)
+    settings = {"batch_size": 5}  # several batches of slices: an average, not one batch
+    results = [adapt(m, tiny_target, "adabn", settings, device="cpu") for m in (eager, scripted)]
+    eager_buffers = dict(results[0].model.network.scripted.named_buffers())
+    for name, value in results[1].model.network.scripted.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(value, eager_buffers[name], rtol=1e-4, atol=1e-5)
+    assert results[1].extra["batchnorm_layers_reestimated"] == 2

@@ -121,11 +121,14 @@ def test_parameter_subsets(deepbet_model):
 @pytest.mark.parametrize("method", ["adaent", "st", "mean_teacher", "distillation"])
 def test_methods_run_on_deepbet_and_train_only_the_chosen_blocks(quick_model, target, method):
     image, reference = target
+    settings = {"epochs": 2, "learning_rate": 1e-3}
+    if method == "adaent":  # its default is norm-only, and deepbet has no norm parameters
+        settings["parameters"] = "all"
     result = adapt(
         quick_model,
         image,
         method,
-        {"epochs": 2, "learning_rate": 1e-3},
+        settings,
         reference=reference,
         device="cpu",
         seed=0,

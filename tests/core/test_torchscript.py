@@ -14,7 +14,7 @@ from napari_uda.adaptation.base import get_method
 from napari_uda.adaptation.engine import AdaptationError, adapt
 from napari_uda.core.inference import predict_volume
 from napari_uda.core.models import BundleError, ModelSaveError, load_model
-from napari_uda.core.models.adapter import NORM_AFFINE
+from napari_uda.core.models.adapter import BATCHNORM, NORM_AFFINE
 from napari_uda.core.models.scripted import outputs_to_logits
 from napari_uda.core.models.torchscript import ModelSpecError, TorchScriptAdapter
 from napari_uda.core.models.volumetric import PatchTiling, VolumetricPrepared, importance_map
@@ -197,12 +197,15 @@ def test_missing_spec_broken_json_and_non_torchscript_files(tmp_path):
 # -- capabilities and parameter groups ---------------------------------------------------------
 def test_capabilities_follow_the_normalisation_layers(tmp_path):
     scripted_bn = load_model(save_model(TinyNet(2).eval(), base_spec(2), tmp_path / "a"))
-    # BatchNorm's momentum is compiled into TorchScript: AdaBN cannot use it, and says why
-    assert scripted_bn.capabilities == {NORM_AFFINE}
-    assert "AdaBN does not apply" in scripted_bn.info().details["notes"]
-    assert get_method("adabn").unmet_needs(scripted_bn.capabilities)
+    # scripted BatchNorm: its statistics can be re-estimated (AdaBN)
+    assert scripted_bn.capabilities == {NORM_AFFINE, BATCHNORM}
+    assert scripted_bn.info().details["notes"] == ""
+    assert not get_method("adabn").unmet_needs(scripted_bn.capabilities)
+    # a trace fixed BatchNorm in evaluation mode: AdaBN cannot use it, and the model says why
     traced_bn = load_model(save_model(TinyNet(2).eval(), base_spec(2), tmp_path / "b", trace=True))
     assert traced_bn.capabilities == {NORM_AFFINE}
+    assert "traced" in traced_bn.info().details["notes"]
+    assert get_method("adabn").unmet_needs(traced_bn.capabilities)
     assert len(traced_bn.parameter_groups()["norm"]) == 4  # two BatchNorm layers' scale, shift
     instance = load_model(
         save_model(TinyNet(2, norm="instance").eval(), base_spec(2), tmp_path / "c")
@@ -251,6 +254,34 @@ def test_adaptation_raises_dice_on_a_scanner_shift(which, method, request, shift
     assert dice(result.prediction.labels, mask.data) == pytest.approx(after, abs=1e-6)
     # the user's model is untouched
     again = predict_volume(model, image, device="cpu")
+    assert dice(again.labels, mask.data) == pytest.approx(before, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["adabn", "st"])
+def test_scripted_batchnorm_is_reestimated_on_the_target(method, model_2d, shifted_case):
+    """AdaBN, and ST's target statistics, re-estimate a TorchScript model's BatchNorm."""
+    model = load_model(model_2d)
+    image, mask = shifted_case
+    settings = {"epochs": 1} if method == "st" else {}
+    result = adapt(model, image, method, settings, reference=mask, device="cpu", seed=0)
+    before, after = result.reference_dice_before[0], result.reference_dice_after[0]
+    assert after > before + 0.1, (before, after)
+    buffers = dict(model.scripted.named_buffers())
+    changed = [
+        name
+        for name, value in result.model.scripted.named_buffers()
+        if not torch.equal(value, buffers[name])
+    ]
+    assert any(name.endswith("running_mean") for name in changed)
+    if method == "adabn":  # only statistics change, and the model stops tracking afterwards
+        assert result.extra["batchnorm_layers_reestimated"] == 2
+        parameters = dict(model.scripted.named_parameters())
+        assert all(
+            torch.equal(value, parameters[name])
+            for name, value in result.model.scripted.named_parameters()
+        )
+    assert result.model.network.batchnorm_statistics is None
+    again = predict_volume(model, image, device="cpu")  # the user's model is untouched
     assert dice(again.labels, mask.data) == pytest.approx(before, abs=1e-6)
 
 

@@ -5,6 +5,11 @@ Li, Wang, Shi, Liu, Hou. "Revisiting batch normalization for practical domain ad
 running mean and variance are replaced by statistics of the target domain, computed with no
 gradient as the cumulative average over batches of target slices. There is no loss: the
 reported ``total`` is the mean entropy of each batch's prediction (a monitor only).
+
+TorchScript models: BatchNorm saved with ``torch.jit.script`` is re-estimated the same way
+(:class:`~napari_uda.core.models.scripted.CumulativeBatchNorm` recovers each batch's statistics,
+since TorchScript fixes the momentum); a traced model's BatchNorm cannot be (its mode was fixed
+when it was traced) and the model does not offer the ``batchnorm`` capability.
 """
 
 from __future__ import annotations
@@ -15,13 +20,28 @@ import torch
 from torch import nn
 
 from ...core.models.adapter import BATCHNORM, norm_layers
+from ...core.models.scripted import CumulativeBatchNorm
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, register
 from ..losses import entropy_loss
 
 
 def batchnorm_layers(network: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Eager BatchNorm layers (TorchScript ones: :func:`track_scripted_batchnorm`)."""
     return [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def track_scripted_batchnorm(network: nn.Module) -> CumulativeBatchNorm | None:
+    """Start cumulative re-estimation of a TorchScript network's BatchNorm statistics (the
+    network is a ``LogitsNetwork``); None for other networks or without scripted BatchNorm."""
+    track = getattr(network, "track_batchnorm", None)
+    return track() if callable(track) else None
+
+
+def untrack_scripted_batchnorm(network: nn.Module) -> None:
+    untrack = getattr(network, "untrack_batchnorm", None)
+    if callable(untrack):
+        untrack()
 
 
 def restart_batchnorm_statistics(network: nn.Module) -> dict[nn.Module, float | None]:
@@ -51,20 +71,32 @@ class TargetStatistics:
     engine's evaluation (eval mode) and the adapted model use target statistics that follow the
     changing weights; :meth:`estimate` fills them with one no-grad pass (AdaBN);
     :meth:`finish` gives the layers their momentum back. A model without BatchNorm is unaffected.
+    TorchScript BatchNorm (scripted, not traced) is handled alike through
+    :func:`track_scripted_batchnorm`.
     """
 
     def __init__(self, network: nn.Module):
         self.network = network
         self.momenta: dict[nn.Module, float | None] = {}
+        self.scripted: CumulativeBatchNorm | None = None
 
     def start(self) -> None:
         self.network.eval()
         for layer in norm_layers(self.network):
             layer.train()
+        self.scripted = track_scripted_batchnorm(self.network)
+        for layer in self.scripted.layers if self.scripted else []:
+            layer.train()
         self.restart()
+
+    @property
+    def layer_count(self) -> int:
+        return len(batchnorm_layers(self.network)) + (len(self.scripted) if self.scripted else 0)
 
     def restart(self) -> None:
         self.momenta = {**restart_batchnorm_statistics(self.network), **self.momenta}
+        if self.scripted is not None:
+            self.scripted.restart()
 
     @torch.no_grad()
     def estimate(self, context, batch_size: int) -> None:
@@ -76,6 +108,8 @@ class TargetStatistics:
 
     def finish(self) -> None:
         restore_batchnorm_momentum(self.momenta)
+        untrack_scripted_batchnorm(self.network)
+        self.scripted = None
         self.network.eval()
 
 
@@ -110,8 +144,12 @@ class AdaBN(AdaptationMethod):
         network.requires_grad_(False)
         network.eval()
         self.momenta = restart_batchnorm_statistics(network)
-        self.layers = len(self.momenta)
-        for layer in self.momenta:
+        self.scripted = track_scripted_batchnorm(network)
+        scripted_layers = self.scripted.layers if self.scripted else []
+        if self.scripted is not None:
+            self.scripted.restart()
+        self.layers = len(self.momenta) + len(scripted_layers)
+        for layer in [*self.momenta, *scripted_layers]:
             layer.train()  # training mode: forward passes update the running statistics
 
     @torch.no_grad()
@@ -124,6 +162,7 @@ class AdaBN(AdaptationMethod):
 
     def finish(self) -> None:
         restore_batchnorm_momentum(self.momenta)
+        untrack_scripted_batchnorm(self.context.model.network)
         self.context.model.network.eval()
 
     def report(self) -> dict:

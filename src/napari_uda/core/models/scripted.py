@@ -7,7 +7,8 @@
 * Normalisation layers are recognised by class name, which TorchScript keeps
   (``original_name``), since ``isinstance`` does not work on scripted modules.
 * :class:`ScriptedAdapterMixin`: parameter groups (``all`` / ``first_blocks`` / ``norm``) and
-  capabilities (``norm_affine``; never ``batchnorm``, see :data:`BATCHNORM_NOTE`).
+  capabilities (``norm_affine``; ``batchnorm`` when the BatchNorm layers were scripted, not
+  traced, see :class:`CumulativeBatchNorm` and :data:`TRACED_BATCHNORM_NOTE`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..volume import atomic_output
-from .adapter import NORM_AFFINE
+from .adapter import BATCHNORM, NORM_AFFINE
 from .registry import TORCHSCRIPT_SUFFIXES, ModelLoadError
 
 NORM_NAMES = {
@@ -36,11 +37,13 @@ NORM_NAMES = {
     "InstanceNorm3d": "instance",
     "LayerNorm": "layer",
 }
+BATCHNORM_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
 OUTPUT_ACTIVATIONS = ("none", "softmax", "sigmoid")
-#: Why TorchScript models never claim the ``batchnorm`` capability (AdaBN).
-BATCHNORM_NOTE = (
-    "AdaBN does not apply to TorchScript BatchNorm: TorchScript compiles the momentum into the "
-    "graph (and a trace also its mode), so the statistics cannot be re-estimated on the target"
+#: Why a traced TorchScript model does not claim the ``batchnorm`` capability (AdaBN).
+TRACED_BATCHNORM_NOTE = (
+    "AdaBN does not apply to this model's BatchNorm: the model was traced (torch.jit.trace), "
+    "which fixes BatchNorm in evaluation mode, so its statistics cannot be re-estimated on the "
+    "target; save the network with torch.jit.script instead"
 )
 PROBABILITY_FLOOR = 1e-12
 
@@ -53,6 +56,109 @@ def module_type(module: nn.Module) -> str:
 def norm_kinds(network: nn.Module) -> set[str]:
     """Kinds of normalisation layers in a network: ``batch``, ``group``, ``instance``, ``layer``."""
     return {NORM_NAMES[t] for m in network.modules() if (t := module_type(m)) in NORM_NAMES}
+
+
+def batchnorm_modules(network: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers (eager or TorchScript) that keep running statistics."""
+    return [
+        m
+        for m in network.modules()
+        if module_type(m) in BATCHNORM_TYPES
+        and getattr(m, "running_mean", None) is not None
+        and getattr(m, "running_var", None) is not None
+    ]
+
+
+def updates_in_training_mode(layer: nn.Module) -> bool:
+    """Whether a forward pass in training mode updates this BatchNorm's running statistics.
+
+    Eager and scripted (``torch.jit.script``) BatchNorm do; a traced one does not: the trace
+    recorded ``batch_norm(..., training=False, ...)`` with the mode as a constant.
+    """
+    if not isinstance(layer, torch.jit.ScriptModule):
+        return True
+    try:
+        return "self.training" in layer.code
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def batchnorm_reestimable(network: nn.Module) -> bool:
+    """Whether the network has BatchNorm layers with running statistics and a forward pass in
+    training mode updates all of them (not a traced model)."""
+    layers = batchnorm_modules(network)
+    return bool(layers) and all(updates_in_training_mode(m) for m in layers)
+
+
+def reestimable_batchnorm(network: nn.Module) -> list[nn.Module]:
+    """TorchScript BatchNorm layers whose statistics :class:`CumulativeBatchNorm` re-estimates
+    (eager layers do it themselves); empty when any BatchNorm layer cannot be re-estimated."""
+    if not batchnorm_reestimable(network):
+        return []
+    return [m for m in batchnorm_modules(network) if isinstance(m, torch.jit.ScriptModule)]
+
+
+class CumulativeBatchNorm:
+    """Running statistics of TorchScript BatchNorm layers as the average over every forward
+    pass in training mode since :meth:`restart`.
+
+    Eager BatchNorm does this by itself with ``momentum=None``; TorchScript compiles the
+    momentum into the graph as a constant, so it cannot be switched. Instead, around each
+    forward pass (:meth:`before`, :meth:`after`; :class:`LogitsNetwork` calls them while it
+    tracks), the batch's statistics are recovered from the momentum update
+    ``new = (1 - m) old + m batch`` and the buffers are set to the cumulative average
+    ``old + (batch - old) / k`` of the k batches seen, which simplifies to
+    ``old + (new - old) / (m k)``. With the model's own ``momentum=None`` the factor m is
+    ``1 / num_batches_tracked``. Layers in evaluation mode, or not run, are left alone.
+    """
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = list(layers)
+        self.counts = [0] * len(self.layers)
+        self._before: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Forget the running statistics; the next forward passes estimate them afresh."""
+        for layer in self.layers:
+            layer.running_mean.data.zero_()
+            layer.running_var.data.fill_(1.0)
+            if getattr(layer, "num_batches_tracked", None) is not None:
+                layer.num_batches_tracked.data.zero_()
+        self.counts = [0] * len(self.layers)
+
+    @torch.no_grad()
+    def before(self) -> None:
+        self._before = [
+            (layer.running_mean.detach().clone(), layer.running_var.detach().clone())
+            if layer.training
+            else None
+            for layer in self.layers
+        ]
+
+    @torch.no_grad()
+    def after(self) -> None:
+        for index, (layer, old) in enumerate(zip(self.layers, self._before)):
+            if old is None:
+                continue
+            old_mean, old_var = old
+            new_mean, new_var = layer.running_mean.detach(), layer.running_var.detach()
+            if torch.equal(new_mean, old_mean) and torch.equal(new_var, old_var):
+                continue  # not run in this pass
+            momentum = getattr(layer, "momentum", 0.1)
+            if momentum is None:
+                factor = 1.0 / max(float(layer.num_batches_tracked), 1.0)
+            else:
+                factor = float(momentum)
+            self.counts[index] += 1
+            scale = 1.0 / (factor * self.counts[index])
+            # .data: the buffers are not part of any gradient computation in training mode
+            layer.running_mean.data.copy_(old_mean + (new_mean - old_mean) * scale)
+            layer.running_var.data.copy_(old_var + (new_var - old_var) * scale)
+        self._before = []
 
 
 def norm_affine_parameters(network: nn.Module) -> list[nn.Parameter]:
@@ -117,6 +223,19 @@ class LogitsNetwork(nn.Module):
         self.num_classes = num_classes
         self.inference_batch_size = max(1, int(inference_batch_size))
         self.name = name
+        #: While set (:meth:`track_batchnorm`), BatchNorm statistics are cumulative averages.
+        self.batchnorm_statistics: CumulativeBatchNorm | None = None
+
+    def track_batchnorm(self) -> CumulativeBatchNorm | None:
+        """Make the scripted BatchNorm layers' running statistics the average over forward
+        passes in training mode (AdaBN, target statistics); None if there are none to
+        re-estimate. :meth:`untrack_batchnorm` ends it."""
+        layers = reestimable_batchnorm(self.scripted)
+        self.batchnorm_statistics = CumulativeBatchNorm(layers) if layers else None
+        return self.batchnorm_statistics
+
+    def untrack_batchnorm(self) -> None:
+        self.batchnorm_statistics = None
 
     def __deepcopy__(self, memo: dict) -> LogitsNetwork:
         # Deep-copying a ScriptModule with gradients enabled clones its parameters into
@@ -139,7 +258,12 @@ class LogitsNetwork(nn.Module):
         return {self.num_classes}
 
     def _run(self, inputs: torch.Tensor) -> torch.Tensor:
+        tracker = self.batchnorm_statistics
+        if tracker is not None:
+            tracker.before()
         outputs = self.scripted(inputs)
+        if tracker is not None:
+            tracker.after()
         if not isinstance(outputs, torch.Tensor) or outputs.shape[2:] != inputs.shape[2:]:
             shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs)
             raise ModelLoadError(
@@ -213,13 +337,18 @@ class ScriptedAdapterMixin:
         return groups
 
     def scripted_capabilities(self) -> set[str]:
-        """``norm_affine`` if normalisation layers have affine parameters (TENT). Never
-        ``batchnorm`` (:data:`BATCHNORM_NOTE`), an early head or a bottleneck."""
-        return {NORM_AFFINE} if norm_affine_parameters(self.scripted) else set()
+        """``norm_affine`` if normalisation layers have affine parameters (TENT); ``batchnorm``
+        if it has BatchNorm layers with running statistics that were scripted, not traced
+        (AdaBN; :data:`TRACED_BATCHNORM_NOTE`). Never an early head or a bottleneck."""
+        capabilities = {NORM_AFFINE} if norm_affine_parameters(self.scripted) else set()
+        if batchnorm_reestimable(self.scripted):
+            capabilities.add(BATCHNORM)
+        return capabilities
 
     def capability_notes(self) -> list[str]:
         """Why methods that look applicable are not (shown in the model's details)."""
-        return [BATCHNORM_NOTE] if "batch" in norm_kinds(self.scripted) else []
+        traced = batchnorm_modules(self.scripted) and not batchnorm_reestimable(self.scripted)
+        return [TRACED_BATCHNORM_NOTE] if traced else []
 
     def norm_description(self) -> str:
         """For example ``"instance (no affine)"`` or ``"batch (affine)"``."""
