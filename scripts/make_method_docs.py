@@ -51,13 +51,38 @@ segmentation since the start, the fraction of voxels of each class, and an agree
 the unadapted segmentation). With a reference mask, Dice against it is added for QA only;
 it is never used for training.
 
-**Collapse guard.** Unsupervised adaptation can collapse (all background, all foreground, or a
-confident but wrong segmentation). The engine flags collapse when a foreground class's
-fraction vanishes or explodes relative to its fraction at the start and the bundle's source
-prior, when the entropy collapses while the segmentation moves far from the start, or when the
-method's agreement Dice falls well below its best. It keeps the last healthy checkpoint (weights
-copied in memory at each evaluation) and by default stops the run; the result says which step
-was kept and why (`CheckpointChoice`), and the event's message says when collapse was detected.
+**Collapse guard.** Unsupervised adaptation can collapse (all background, all foreground, a
+confident but wrong segmentation, or a slow drift that no single step gives away). At every
+evaluation the engine applies these label-free rules (defaults in *Engine options* below):
+
+* *vanish / explode*: a foreground class's fraction of voxels falls below 0.2 times the smaller,
+  or rises above 3 times the larger, of its fraction at the start and the bundle's source prior;
+* *drift*: after the first epoch, the fraction lies more than 10 % outside the range spanned by
+  its fraction at the start, the prior and its fractions during the first epoch. The references
+  are fixed, so the test is cumulative: a fraction creeping up by 2 % per epoch is caught after a
+  few epochs. The first epoch is where a shifted model makes its quick correction (for a
+  BatchNorm model, mostly the target statistics), so it widens the range instead of tripping it;
+* *entropy collapse*: the mean entropy falls below 5 % of its start while the segmentation's
+  Dice with the start falls below 0.3;
+* *agreement*: the method's own agreement Dice (student/teacher, early/final head), averaged
+  over the last 3 evaluations, falls below half its early level (its mean over the steps up to
+  the first evaluation). Comparing with a smoothed value and the early level, not with the best
+  value, lets a healthy run's dip pass: on the demo, UDAS's early/final Dice goes 0.50, 0.45,
+  0.33, 0.25 and then up to 0.78.
+
+Which weights are kept (label-free): the engine copies the weights in memory at each healthy
+evaluation. A run without collapse keeps its last evaluation. After a collapse it keeps the
+last healthy evaluation at which every class's drift was still within half the tolerance, i.e.
+from before the drift began (after a sudden collapse that is simply the last healthy one), and
+by default stops the run. `checkpoint_policy=lowest_entropy` keeps the healthy evaluation with
+the lowest mean entropy instead. The result says which step was kept and why
+(`CheckpointChoice`; `result.extra["collapse_guard"]` holds the smoothed agreement and the
+drift), and the event's message says when collapse was detected.
+
+Limits: the rules see only the prediction. A slow change that moves the fraction by less than
+the tolerance (or that stays inside the range of the start and the prior) goes unnoticed; for a
+model without a stored class-ratio prior the range is narrower, so a slow but correct change of
+the fraction after the first epoch can be stopped (raise `drift_tolerance`, or set it to 0).
 """
 
 

@@ -11,6 +11,7 @@ import torch
 from napari_uda.adaptation.base import AdaptationMethod, CommonSettings, StepOutput
 from napari_uda.adaptation.engine import (
     AdaptationError,
+    CollapseGuard,
     EngineOptions,
     Signals,
     adapt,
@@ -220,6 +221,99 @@ def test_collapse_reasons_from_signals():
         Signals(0.2, [0.85, 0.15], 0.1, 0.9), start, None, options, names, 0.3, 0.9
     )
     assert "agreement" in falling[0]
+
+
+def test_drift_is_measured_against_the_start_the_prior_and_the_first_epoch():
+    start = Signals(0.3, [0.85, 0.15], 0.0, 1.0)
+    options = EngineOptions()  # drift_tolerance 0.1
+    names = ["background", "brain"]
+    prior, early = [0.8, 0.2], [[0.82, 0.18]]
+    grown = Signals(0.2, [0.76, 0.24], 0.1, 0.8)  # 20 % above the top of [0.15, 0.2]
+    reasons = collapse_reasons(grown, start, prior, options, names, early_fractions=early)
+    assert len(reasons) == 1 and "brain drifted to 24.00%" in reasons[0]
+    # no drift test during the first epoch (early_fractions None), nor when switched off
+    assert collapse_reasons(grown, start, prior, options, names) == []
+    off = EngineOptions(drift_tolerance=0.0)
+    assert collapse_reasons(grown, start, prior, off, names, early_fractions=early) == []
+    # inside the tolerance, or inside the range (the first epoch widened it), is healthy
+    near = Signals(0.2, [0.79, 0.21], 0.1, 0.8)  # 5 % above
+    assert collapse_reasons(near, start, prior, options, names, early_fractions=early) == []
+    wide = [[0.74, 0.26]]
+    assert collapse_reasons(grown, start, prior, options, names, early_fractions=wide) == []
+    # shrinking below the bottom of the range counts too (still far above the vanish ratio)
+    shrunk = Signals(0.2, [0.88, 0.12], 0.1, 0.8)
+    reasons = collapse_reasons(shrunk, start, prior, options, names, early_fractions=early)
+    assert "drifted" in reasons[0]
+
+
+def guard_with_agreements(curve: list[float]) -> list[list[str]]:
+    """The guard's reasons at each evaluation of a run whose method reports ``curve``."""
+    start = Signals(0.3, [0.85, 0.15], 0.0, 1.0)
+    guard = CollapseGuard(start, None, EngineOptions(), ["background", "brain"])
+    healthy = Signals(0.3, [0.85, 0.15], 0.0, 1.0)
+    return [guard.check(healthy, epoch, [value]) for epoch, value in enumerate(curve, start=1)]
+
+
+def test_agreement_rule_smooths_and_compares_with_its_early_level():
+    # a healthy UDAS run on the demo: the early/final Dice dips to half its start, then rises
+    udas = [0.50, 0.45, 0.33, 0.25, 0.47, 0.71, 0.78, 0.78]
+    assert all(not reasons for reasons in guard_with_agreements(udas))
+    # a single bad evaluation is smoothed away
+    assert all(not reasons for reasons in guard_with_agreements([0.9, 0.88, 0.3, 0.9, 0.89]))
+    # a steady fall is caught once the smoothed value is below half the early level
+    falling = guard_with_agreements([0.9, 0.7, 0.5, 0.35, 0.2, 0.1])
+    flagged = [i for i, reasons in enumerate(falling) if reasons]
+    assert flagged and flagged[0] == 4 and "smoothed agreement" in falling[4][0]
+
+
+class SlowDrift(AdaptationMethod):
+    """A slow collapse: every step raises the foreground logit a little (no step is dramatic,
+    the foreground fraction creeps up evaluation after evaluation)."""
+
+    name = "slow_drift"
+    title = "Slow drift (test only)"
+
+    @dataclass
+    class Settings(CommonSettings):
+        epochs: int = setting(40, "Passes.", min=1)
+        batch_size: int = setting(10, "Slices per step.", min=1)
+        delta: float = setting(0.05, "Added to the foreground logit per step.", min=0.0)
+
+    def setup(self):
+        self.context.model.network.eval()
+
+    def step(self, batch_index, step):
+        with torch.no_grad():
+            self.context.model.network.head.bias[1] += self.settings.delta
+        return StepOutput({"total": 0.0})
+
+
+def test_a_slow_drift_is_caught_and_the_drift_onset_is_kept(tiny_model, tiny_target):
+    events = []
+    result = adapt(tiny_model, tiny_target, SlowDrift, device="cpu", on_event=events.append)
+    start = result.extra["initial_signals"]["foreground_fraction"][1]
+    fractions = [e.foreground_fraction[1] for e in events[1:] if e.evaluated]
+    # each evaluation moves the fraction by a few percent only: no single step is dramatic
+    steps = np.diff([start, *fractions]) / np.array([start, *fractions[:-1]])
+    assert steps.max() < 0.1
+    collapse = result.extra["collapse"]
+    assert collapse is not None and "drifted" in collapse["reasons"][0], collapse
+    assert result.stop_reason.startswith("collapse detected")
+    # caught long before the explosion rule (3x) would have fired
+    assert fractions[-1] < 2 * start
+    assert "before the drift began" in result.checkpoint.reason
+    kept = result.extra["kept_signals"]["foreground_fraction"][1]
+    assert start <= kept < fractions[-1]
+    # the old rules alone (no drift test) let it run to the end
+    off = adapt(
+        tiny_model,
+        tiny_target,
+        SlowDrift,
+        {"epochs": 10},
+        device="cpu",
+        options=EngineOptions(drift_tolerance=0.0),
+    )
+    assert off.extra["collapse"] is None and off.stop_reason == "completed"
 
 
 def test_unmet_needs_are_explained(tiny_model, tiny_target):

@@ -11,8 +11,11 @@ step and returns an :class:`AdaptationResult`; :func:`adapt` runs it to the end.
 * evaluates label-free signals (mean normalised entropy, change since the start, foreground
   fraction per class, agreement Dice) with a no-grad pass, once per epoch by default, and Dice
   against a reference mask when one is given (QA only: never used for training);
-* guards against collapse: it watches the label-free signals and keeps the last healthy
-  checkpoint, so the result is never silently a collapsed model (see :class:`EngineOptions`).
+* guards against collapse: :class:`CollapseGuard` applies label-free rules (foreground
+  vanishing, exploding or drifting slowly away from the start and the prior, entropy collapse,
+  the method's smoothed agreement falling below its early level) and the engine keeps a healthy
+  checkpoint (after a collapse, the last one before the drift began), so the result is never
+  silently a collapsed model (see :class:`EngineOptions` and docs/methods.md).
 
 Runs are deterministic on the CPU for a given ``seed`` (the engine seeds torch's global
 generator, which dropout uses, and the batch order).
@@ -21,6 +24,7 @@ generator, which dropout uses, and the batch order).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -78,29 +82,45 @@ class EngineOptions:
         "MPS; no-grad passes use core.inference's autocast on CUDA).",
     )
     collapse_guard: bool = setting(
-        True, "Watch the label-free signals for collapse and keep the last healthy checkpoint."
+        True,
+        "Watch the label-free signals for collapse (vanish, explode, drift, entropy, agreement "
+        "rules) and keep a healthy checkpoint.",
     )
     stop_on_collapse: bool = setting(True, "End the run as soon as collapse is detected.")
     checkpoint_policy: Literal["last_healthy", "lowest_entropy"] = setting(
         "last_healthy",
-        "Which healthy evaluation to keep: the latest one, or the one with the lowest mean "
-        "entropy.",
+        "Which healthy evaluation to keep: the latest one (after a collapse, the latest whose "
+        "drift stayed within half drift_tolerance: the onset of the drift), or the one with "
+        "the lowest mean entropy.",
     )
     foreground_vanish_ratio: float = setting(
         0.2,
-        "Collapse when a foreground class's predicted fraction falls below this times the "
-        "smaller of its fraction at the start and its source prior.",
+        "Vanish: collapse when a foreground class's predicted fraction falls below this times "
+        "the smaller of its fraction at the start and its source prior.",
         min=0.0,
         max=1.0,
     )
     foreground_explode_ratio: float = setting(
         3.0,
-        "Collapse when a foreground class's predicted fraction exceeds this times the larger "
-        "of its fraction at the start, its source prior and min_reference_fraction.",
+        "Explode: collapse when a foreground class's predicted fraction exceeds this times the "
+        "larger of its fraction at the start, its source prior and min_reference_fraction.",
         min=1.0,
     )
     min_reference_fraction: float = setting(
-        0.01, "Floor of the reference fraction in the explosion test.", min=0.0, max=1.0
+        0.01,
+        "Floor of the reference fraction in the explosion and drift tests (classes smaller "
+        "than this are not tested for a downward drift).",
+        min=0.0,
+        max=1.0,
+    )
+    drift_tolerance: float = setting(
+        0.1,
+        "Drift (slow, cumulative): after the first epoch, collapse when a foreground class's "
+        "fraction lies more than this (relative: 0.1 = 10 % above the top or below the "
+        "bottom) outside the range of its fraction at the start, its source prior and its "
+        "fractions during the first epoch (0: off).",
+        min=0.0,
+        max=10.0,
     )
     entropy_collapse_ratio: float = setting(
         0.05,
@@ -114,9 +134,17 @@ class EngineOptions:
         min=0.0,
         max=1.0,
     )
+    agreement_smoothing: int = setting(
+        3,
+        "Evaluations averaged into the smoothed agreement (each contributes the mean of the "
+        "method's agreement Dice over its steps).",
+        min=1,
+        max=100,
+    )
     agreement_drop_ratio: float = setting(
         0.5,
-        "Collapse when the method's own agreement Dice falls below this times its best value.",
+        "Agreement: collapse when the method's smoothed agreement Dice falls below this times "
+        "its early level (its mean over the steps up to the first evaluation; 0: off).",
         min=0.0,
         max=1.0,
     )
@@ -172,12 +200,13 @@ def _stack_inputs(
     """All volumes' slices in one tensor (padded to a common size), their valid-voxel mask
     and each volume's slice range."""
     inputs = [p.inputs for p in prepared]
-    if inputs[0].dim() != 4:  # not 2D slices: volumes must already agree in shape
-        ranges, start = [], 0
-        for tensor in inputs:
-            ranges.append((start, start + tensor.shape[0]))
-            start += tensor.shape[0]
-        return torch.cat(inputs), None, ranges
+    if inputs[0].dim() != 4:  # 3D windows or whole volumes (padded to a common shape)
+        from ..core.models.volumetric import stack_volumes
+
+        try:
+            return stack_volumes(prepared)
+        except ValueError as error:
+            raise AdaptationError(str(error)) from None
     height = max(t.shape[-2] for t in inputs)
     width = max(t.shape[-1] for t in inputs)
     padded, masks, ranges, start = [], [], [], 0
@@ -246,17 +275,59 @@ def compute_signals(
     )
 
 
+def foreground_drift(
+    signals: Signals,
+    start: Signals,
+    prior: list[float] | None,
+    options: EngineOptions,
+    early_fractions: Sequence[Sequence[float]] = (),
+) -> list[float]:
+    """Per foreground class, how far its fraction lies outside its reference range, as a log
+    ratio (0 inside). The range spans its fraction at the start, its prior and
+    ``early_fractions`` (the first epoch's); its top is at least ``min_reference_fraction``, and
+    a class whose range starts below that floor is not tested for shrinking."""
+    drifts = []
+    for c in range(1, len(signals.foreground_fraction)):
+        known = [start.foreground_fraction[c], *(f[c] for f in early_fractions)]
+        if prior:
+            known.append(prior[c])
+        low, high = min(known), max([*known, options.min_reference_fraction])
+        now = signals.foreground_fraction[c]
+        if now > high:
+            drifts.append(math.log(now / high))
+        elif now < low and low >= options.min_reference_fraction:
+            drifts.append(math.log(low / max(now, 1e-12)))
+        else:
+            drifts.append(0.0)
+    return drifts
+
+
 def collapse_reasons(
     signals: Signals,
     start: Signals,
     prior: list[float] | None,
     options: EngineOptions,
     class_names: list[str],
-    method_agreement: float | None = None,
-    best_method_agreement: float | None = None,
+    agreement: float | None = None,
+    early_agreement: float | None = None,
+    early_fractions: Sequence[Sequence[float]] | None = None,
 ) -> list[str]:
-    """Why the signals look like a collapsed model (empty: healthy)."""
+    """Why the signals look like a collapsed model (empty: healthy).
+
+    Args:
+        signals, start: this evaluation's signals and the unadapted model's.
+        prior: the source class ratios (None: unknown).
+        agreement: the method's smoothed agreement Dice (None: the method has none).
+        early_agreement: its early level (the mean over the steps up to the first evaluation).
+        early_fractions: class fractions of the first epoch's evaluations; None skips the
+            drift rule (during the first epoch).
+    """
     reasons = []
+    drifts = (
+        foreground_drift(signals, start, prior, options, early_fractions)
+        if early_fractions is not None and options.drift_tolerance > 0
+        else None
+    )
     for c in range(1, len(signals.foreground_fraction)):
         name = class_names[c] if c < len(class_names) else f"class {c}"
         now, at_start = signals.foreground_fraction[c], start.foreground_fraction[c]
@@ -267,6 +338,13 @@ def collapse_reasons(
             reasons.append(f"{name} vanished ({now:.2%} of voxels, {at_start:.2%} at start)")
         elif now > options.foreground_explode_ratio * high:
             reasons.append(f"{name} exploded ({now:.2%} of voxels, {at_start:.2%} at start)")
+        elif drifts is not None and drifts[c - 1] > math.log1p(options.drift_tolerance):
+            prior_text = f", prior {prior[c]:.2%}" if prior else ""
+            reasons.append(
+                f"{name} drifted to {now:.2%} of voxels ({at_start:.2%} at start{prior_text}; "
+                f"{math.expm1(drifts[c - 1]):.0%} outside the range of the start, the prior "
+                f"and the first epoch)"
+            )
     if (
         signals.mean_entropy < options.entropy_collapse_ratio * start.mean_entropy
         and signals.dice_with_start < options.entropy_collapse_agreement
@@ -276,14 +354,78 @@ def collapse_reasons(
             f"while the segmentation changed (Dice with the start {signals.dice_with_start:.2f})"
         )
     if (
-        method_agreement is not None
-        and best_method_agreement is not None
-        and method_agreement < options.agreement_drop_ratio * best_method_agreement
+        agreement is not None
+        and early_agreement is not None
+        and agreement < options.agreement_drop_ratio * early_agreement
     ):
         reasons.append(
-            f"agreement Dice fell to {method_agreement:.2f} (best {best_method_agreement:.2f})"
+            f"smoothed agreement Dice fell to {agreement:.2f} (early level {early_agreement:.2f})"
         )
     return reasons
+
+
+class CollapseGuard:
+    """The collapse rules over the evaluations of one run (label-free; see :class:`EngineOptions`).
+
+    * vanish / explode: a foreground class's fraction leaves [vanish_ratio x the smaller,
+      explode_ratio x the larger] of its fraction at the start and its source prior;
+    * drift: after the first epoch, the fraction lies more than ``drift_tolerance`` outside the
+      range of the start, the prior and the first epoch's fractions. The test is cumulative
+      (against fixed references, not the previous evaluation), so a slow drift is caught;
+    * entropy collapse: the entropy falls to a few percent of its start while the segmentation
+      moves far from the start;
+    * agreement: the method's agreement Dice, averaged over ``agreement_smoothing`` evaluations,
+      falls below ``agreement_drop_ratio`` times its early level (noisy or dipping curves, such
+      as UDAS's early/final Dice, do not trip it).
+    """
+
+    def __init__(self, start: Signals, prior, options: EngineOptions, class_names: list[str]):
+        self.start, self.prior, self.options, self.class_names = start, prior, options, class_names
+        self.early_fractions: list[list[float]] = []
+        self.windows: list[float] = []
+        self.early_agreement: float | None = None
+        self.smoothed_agreement: float | None = None
+        self.drift: list[float] = []
+
+    def check(self, signals: Signals, epoch: int, agreements: Sequence[float]) -> list[str]:
+        """The reasons (empty: healthy) for an evaluation in ``epoch`` (1-based), given the
+        method's per-step agreement values since the previous evaluation."""
+        options = self.options
+        if agreements:
+            self.windows.append(float(np.mean(agreements)))
+            if self.early_agreement is None:
+                self.early_agreement = self.windows[0]
+            self.smoothed_agreement = float(np.mean(self.windows[-options.agreement_smoothing :]))
+        in_first_epoch = epoch <= 1
+        if in_first_epoch:
+            self.early_fractions.append(list(signals.foreground_fraction))
+        self.drift = foreground_drift(
+            signals, self.start, self.prior, options, self.early_fractions
+        )
+        if not options.collapse_guard:
+            return []
+        return collapse_reasons(
+            signals,
+            self.start,
+            self.prior,
+            options,
+            self.class_names,
+            self.smoothed_agreement,
+            self.early_agreement,
+            None if in_first_epoch else self.early_fractions,
+        )
+
+    def settled(self) -> bool:
+        """Whether the latest evaluation's drift is within half the tolerance (a checkpoint
+        that may be kept after a collapse: the drift had not begun)."""
+        return max(self.drift, default=0.0) <= math.log1p(self.options.drift_tolerance / 2)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "early_agreement": self.early_agreement,
+            "smoothed_agreement": self.smoothed_agreement,
+            "foreground_drift": [math.expm1(d) for d in self.drift],
+        }
 
 
 def _source_grid_dice(prediction: Prediction, reference: Volume, num_classes: int) -> list[float]:
@@ -385,34 +527,42 @@ def run_adaptation(
 
     step, last_evaluated, signals = 0, 0, start_signals
     stopped, stop_reason, collapse = False, "completed", None
-    method_agreement, best_agreement, agreements = None, None, []
+    method_agreement, agreements = None, []
+    guard = CollapseGuard(start_signals, prior, options, working.class_names)
+    onset = kept  # the latest healthy checkpoint whose drift was within half the tolerance
 
-    def evaluate() -> tuple[Signals, list[str]]:
-        nonlocal kept, collapse, best_agreement
+    def evaluate(epoch: int) -> tuple[Signals, list[str]]:
+        nonlocal kept, onset, collapse
         with torch.no_grad(), preserved_modes(working.network):
             probabilities = predict_batches(
                 working, inputs, device=device, batch_size=options.inference_batch_size
             )
         context.remember_prediction(probabilities)
         current = compute_signals(probabilities, initial_labels, valid, reference_labels)
-        window = float(np.mean(agreements)) if agreements else None
+        reasons = guard.check(current, epoch, agreements)
         agreements.clear()
-        reasons = []
-        if options.collapse_guard:
-            reasons = collapse_reasons(
-                current, start_signals, prior, options, working.class_names, window, best_agreement
-            )
-        if window is not None:
-            best_agreement = window if best_agreement is None else max(best_agreement, window)
         if reasons:
             collapse = collapse or {"step": step, "reasons": reasons}
-        elif options.checkpoint_policy == "last_healthy" or (
-            current.mean_entropy <= kept.signals.mean_entropy
-        ):
-            why = "last healthy evaluation" if step else "the unadapted model"
-            if options.checkpoint_policy == "lowest_entropy":
-                why = "lowest mean entropy among healthy evaluations"
-            kept = _Checkpoint(step, _state_copy(working), probabilities, current, why)
+        elif collapse is None:  # after a collapse nothing more is kept
+            checkpoint = None
+            if options.checkpoint_policy == "last_healthy":
+                checkpoint = _Checkpoint(
+                    step, _state_copy(working), probabilities, current, "last healthy evaluation"
+                )
+            elif current.mean_entropy <= kept.signals.mean_entropy:
+                checkpoint = _Checkpoint(
+                    step,
+                    _state_copy(working),
+                    probabilities,
+                    current,
+                    "lowest mean entropy among healthy evaluations",
+                )
+            if checkpoint is not None:
+                kept = checkpoint
+                if guard.settled() and options.checkpoint_policy == "last_healthy":
+                    onset = dataclasses.replace(
+                        checkpoint, reason="last healthy evaluation before the drift began"
+                    )
         return current, reasons
 
     def preview(probabilities: torch.Tensor | None) -> Prediction:
@@ -466,11 +616,12 @@ def run_adaptation(
             due = step % options.evaluate_every == 0 if options.evaluate_every else end_of_epoch
             evaluated = due or step == total_steps
             if evaluated:
-                signals, reasons = evaluate()
+                signals, reasons = evaluate(epoch)
                 last_evaluated = step
                 if reasons:
+                    keeping = onset if options.checkpoint_policy == "last_healthy" else kept
                     messages.append(
-                        f"collapse detected: {'; '.join(reasons)}; keeping step {kept.step}"
+                        f"collapse detected: {'; '.join(reasons)}; keeping step {keeping.step}"
                     )
             event = AdaptationEvent(
                 step=step,
@@ -506,8 +657,10 @@ def run_adaptation(
 
     runner.finish()
     if step > last_evaluated:
-        signals, _ = evaluate()
-    reason = kept.reason
+        signals, _ = evaluate(epoch)
+    if collapse is not None and options.checkpoint_policy == "last_healthy":
+        kept = onset
+    reason = kept.reason if kept.step else "the unadapted model"
     if collapse is not None:
         reason = (
             f"collapse detected at step {collapse['step']} "
@@ -550,6 +703,7 @@ def run_adaptation(
             "kept_signals": dataclasses.asdict(kept.signals),
             "final_signals": dataclasses.asdict(signals),
             "collapse": collapse,
+            "collapse_guard": guard.report(),
             "prior_class_ratios": prior,
             "engine_options": dataclasses.asdict(options),
             **runner.report(),
