@@ -8,7 +8,7 @@ Two figures, on the shipped demo (demo model, new-scanner head) unless told othe
   same for the headless CLI (``napari-uda adapt``) on the same input, method and settings
   (target: at least 0.9). Both come from the engine's own per-step timing, after the first
   epoch (so a fresh process's warm-up does not count against the CLI); the napari run also
-  predicts the "before" layers first, which is reported separately as end-to-end time.
+  draws the result layers, which is reported separately as end-to-end time.
 
 Runs alternate (napari, CLI, napari, CLI, ...) and medians are reported, because the machine
 may be shared. Needs a display: run under Xvfb::
@@ -236,8 +236,9 @@ def write_table(summary: dict, path: Path) -> None:
         "redraws far faster. The figures also depend on what else the machine was running "
         "(load average above).",
         "",
-        "End-to-end napari time includes the prediction of the 'before' layers and the "
-        "drawing of the results; the CLI's includes starting Python and loading torch.",
+        "End-to-end napari time includes making and drawing the result layers (the worker "
+        "waits for the first ones before it trains); the CLI's includes starting Python and "
+        "loading torch.",
         "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -3,6 +3,8 @@ Stop, close."""
 
 from __future__ import annotations
 
+import gc
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -78,6 +80,9 @@ def test_run_shows_before_and_after_layers_on_the_target(
         viewer.layers[ENTROPY_BEFORE].data, result.initial_prediction.entropy
     )
     assert adapt.plots.data["entropy"][0][0] == 0  # the curves start at step 0
+    # after started as a copy of before (made in the worker): painting one leaves the other
+    assert viewer.layers[SEGMENTATION_AFTER].data is not viewer.layers[SEGMENTATION_BEFORE].data
+    assert gc.get_freeze_count() == 0  # the collector is thawed once the run ended
     steps = len(result.history)
     assert adapt.plots.points("loss") == steps >= 1
     assert adapt.plots.points("entropy") >= 1 and adapt.plots.points("reference") >= 1
@@ -134,6 +139,7 @@ def test_closing_the_viewer_stops_the_run(demo_session, qtbot):
     viewer.close()
     assert runner._stop.is_set()
     assert not runner.running  # the engine ended before close() returned
+    assert gc.get_freeze_count() == 0
 
 
 def test_methods_the_model_cannot_use_are_disabled(docked, group_norm_bundle_path):

@@ -29,7 +29,7 @@ from .forms import SettingsForm
 from .gui_queue import GuiQueue
 from .layers import RESULT_LAYERS, layer_volume, prediction_updates
 from .plots import LivePlots
-from .runner import AdaptationRunner, RunFailure, RunRequest
+from .runner import AdaptationRunner, RunFailure, RunRequest, StartingPoint
 from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
 
 #: Seconds between moves of napari's progress bar.
@@ -263,20 +263,20 @@ class AdaptWidget(QWidget):
                 self.updates.put(work, key=name)
 
     def _on_yield(self, item) -> None:
+        if isinstance(item, StartingPoint):  # the unadapted model: before, and after's start
+            self.plots.add_event(item.event)
+            self._update_progress(item.event)
+            self._show(item.event.preview, after=False)
+            self._show(item.after, after=True)
+            # the worker waits for the layers before it trains (no competition for the CPU)
+            self.updates.put(self.runner.layers_shown.set, key="layers shown")
+            if self.state.status == RUNNING:
+                self.status.setText("Adapting…")
+            return
         if not isinstance(item, AdaptationEvent):
             return
         self.plots.add_event(item)
         self._update_progress(item)
-        if item.step == 0:  # the unadapted model: the before layers, and after starts as a copy
-            if item.preview is not None:
-                before = item.preview
-                self._show(before, after=False)
-                copy = type(before)(before.probabilities, before.labels.copy(),
-                                    before.entropy.copy(), before.source)  # fmt: skip
-                self._show(copy, after=True)
-            if self.state.status == RUNNING:
-                self.status.setText("Adapting…")
-            return
         if item.preview is not None:
             self._show(item.preview, after=True)
         if item.message:

@@ -3,7 +3,11 @@
 Every layer made here copies the target layer's ``scale``, ``translate`` and NIfTI metadata
 (affine and header), so it overlays the scan in napari and saves back onto the scan's grid.
 Entropy maps use one perceptual colormap and the fixed range [0, 1] (normalised entropy), so the
-*before* and *after* maps compare honestly.
+*before* and *after* maps compare honestly (a fixed range: napari computes no contrast limits).
+
+Layers are made once; later predictions are copied into the existing layer's array and the layer
+is refreshed (:func:`_update_in_place`), which costs the GUI thread a few milliseconds where
+replacing ``layer.data`` re-derives the layer's dimensions and notifies every listener.
 """
 
 from __future__ import annotations
@@ -62,6 +66,22 @@ def _existing(viewer, name: str, kind: type[Layer]) -> Layer | None:
     return None
 
 
+def _update_in_place(layer: Layer, data: np.ndarray) -> bool:
+    """Copy ``data`` into ``layer``'s own array and refresh it, when shape and type match."""
+    current = layer.data
+    if (
+        not isinstance(current, np.ndarray)
+        or current.shape != data.shape
+        or current.dtype != data.dtype
+        or not current.flags.writeable
+    ):
+        return False
+    if current is not data:
+        np.copyto(current, data)
+    layer.refresh()
+    return True
+
+
 def show_labels(viewer, name: str, labels: np.ndarray, like: Layer, **kwargs) -> Labels:
     """Add labels layer ``name`` placed like ``like``, or update the one already there."""
     placement = _placement(like)
@@ -70,9 +90,9 @@ def show_labels(viewer, name: str, labels: np.ndarray, like: Layer, **kwargs) ->
         if name in viewer.layers:
             viewer.layers.remove(name)
         return viewer.add_labels(labels, name=name, opacity=0.5, **placement, **kwargs)
-    layer.scale, layer.translate = placement["scale"], placement["translate"]
-    layer.metadata.update(placement["metadata"])
-    layer.data = labels
+    _place(layer, placement)
+    if not _update_in_place(layer, labels):
+        layer.data = labels
     return layer
 
 
@@ -92,11 +112,22 @@ def show_entropy(viewer, name: str, entropy: np.ndarray, like: Layer, **kwargs) 
             **placement,
             **kwargs,
         )
-    layer.scale, layer.translate = placement["scale"], placement["translate"]
-    layer.metadata.update(placement["metadata"])
-    layer.data = entropy.astype(np.float32, copy=False)
-    layer.contrast_limits = ENTROPY_LIMITS
+    _place(layer, placement)
+    entropy = entropy.astype(np.float32, copy=False)
+    if not _update_in_place(layer, entropy):
+        layer.data = entropy
+    if tuple(layer.contrast_limits) != ENTROPY_LIMITS:
+        layer.contrast_limits = ENTROPY_LIMITS
     return layer
+
+
+def _place(layer: Layer, placement: dict) -> None:
+    """Move ``layer`` to the target's placement (only when it differs: each change re-slices)."""
+    if not np.allclose(layer.scale, placement["scale"]):
+        layer.scale = placement["scale"]
+    if not np.allclose(layer.translate, placement["translate"]):
+        layer.translate = placement["translate"]
+    layer.metadata.update(placement["metadata"])
 
 
 def prediction_updates(

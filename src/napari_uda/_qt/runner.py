@@ -2,27 +2,62 @@
 
 The job is a generator run by :func:`napari.qt.threading.create_worker`: it yields every
 :class:`~napari_uda.adaptation.events.AdaptationEvent` of the engine (the first, with
-``step == 0``, carries the unadapted model's prediction, which becomes the *before* layers) and
-returns the :class:`~napari_uda.adaptation.events.AdaptationResult` (or a :class:`RunFailure`
+``step == 0``, carries the unadapted model's prediction, which becomes the *before* layers; it
+is handed over in a :class:`StartingPoint`) and returns the :class:`~napari_uda.adaptation.events.AdaptationResult` (or a :class:`RunFailure`
 with a readable message). Preprocessing, every prediction and training therefore run in the
-worker, never on the GUI thread. :meth:`AdaptationRunner.stop` sets
-the flag the engine checks before every optimiser step.
+worker, never on the GUI thread.
+
+Work the GUI thread would otherwise do is done here too: the modules napari imports lazily for
+its first labels layer are imported in the worker, and the step-0 prediction is copied for the
+*after* layers (:class:`StartingPoint`). After yielding it, the worker waits (briefly, and never
+past a stop request) until the GUI has made the result layers, so that napari's layer creation
+does not compete with training for the CPU. During a run the garbage collector's existing objects
+are frozen (:func:`gc.freeze`), so its full collections, which otherwise pause every thread for
+a third of a second in napari's large heap, only look at objects made during the run.
+:meth:`AdaptationRunner.stop` sets the flag the engine checks before every optimiser step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from napari.qt.threading import GeneratorWorker, create_worker
 
+from ..adaptation.events import AdaptationEvent
+from ..core.inference import Prediction
 from ..core.volume import Volume
 
 logger = logging.getLogger(__name__)
+
+
+#: Modules napari imports when the first labels layer is made (its features table and colour
+#: helpers): about 0.4 s of imports, done in the worker instead of the GUI thread.
+LAZY_NAPARI_IMPORTS = (
+    "pandas",
+    "skimage.color",
+    "skimage.color.colorconv",
+    "skimage.exposure",
+    "skimage.util",
+)
+#: Longest the worker waits for the GUI to make the result layers (seconds).
+LAYERS_WAIT = 10.0
+
+
+@dataclass
+class StartingPoint:
+    """The engine's step-0 event (the unadapted model) and a copy of its prediction, made in
+    the worker, for the *after* layers (which the user may paint on)."""
+
+    event: AdaptationEvent
+    after: Prediction
 
 
 @dataclass
@@ -54,32 +89,70 @@ def readable(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def warm_up() -> None:
+    """Do off the GUI thread what napari's first labels layer would do on it: import
+    :data:`LAZY_NAPARI_IMPORTS`, and fill vispy's cache of line dash patterns (numpy only, no
+    OpenGL; 0.1 s for the layer's polygon-tool outline)."""
+    for name in LAZY_NAPARI_IMPORTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    with contextlib.suppress(Exception):  # an optimisation only; vispy internals may move
+        from vispy.visuals.line.dash_atlas import DashAtlas
+
+        DashAtlas()
+
+
 def adaptation_job(
-    request: RunRequest, should_stop: Callable[[], bool], done: threading.Event
+    request: RunRequest,
+    should_stop: Callable[[], bool],
+    done: threading.Event,
+    layers_shown: threading.Event | None = None,
 ) -> Iterator[Any]:
     """The worker's generator (runs off the GUI thread); see the module docstring."""
     from ..adaptation.engine import EngineOptions, run_adaptation
 
     try:
-        return (
-            yield from run_adaptation(
-                request.model,
-                [request.target],
-                request.method,
-                settings=request.settings,
-                reference=request.reference,
-                seed=request.seed,
-                device=request.device,
-                preview_every=request.preview_every,
-                should_stop=should_stop,
-                options=EngineOptions(evaluate_every=request.preview_every),
-            )
+        warm_up()
+        events = run_adaptation(
+            request.model,
+            [request.target],
+            request.method,
+            settings=request.settings,
+            reference=request.reference,
+            seed=request.seed,
+            device=request.device,
+            preview_every=request.preview_every,
+            should_stop=should_stop,
+            options=EngineOptions(evaluate_every=request.preview_every),
         )
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as end:
+                return end.value
+            if event.step == 0 and event.preview is not None:
+                before = event.preview
+                after = Prediction(
+                    before.probabilities, before.labels.copy(), before.entropy.copy(), before.source
+                )
+                yield StartingPoint(event, after)
+                _wait(layers_shown, should_stop)
+            else:
+                yield event
     except Exception as error:  # every failure reaches the user as one line
         logger.exception("adaptation failed")
         return RunFailure(readable(error))
     finally:
         done.set()
+
+
+def _wait(flag: threading.Event | None, should_stop: Callable[[], bool]) -> None:
+    """Wait until ``flag`` is set, a stop is requested or :data:`LAYERS_WAIT` passed."""
+    if flag is None:
+        return
+    deadline = time.monotonic() + LAYERS_WAIT
+    while not flag.wait(0.05) and not should_stop() and time.monotonic() < deadline:
+        pass
 
 
 class GracefulWorker(GeneratorWorker):
@@ -119,6 +192,9 @@ class AdaptationRunner:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._done.set()
+        #: set by the GUI once the result layers of the step-0 event are made
+        self.layers_shown = threading.Event()
+        self._gc_frozen = False
 
     @property
     def running(self) -> bool:
@@ -130,20 +206,34 @@ class AdaptationRunner:
             raise RuntimeError("a run is already in progress")
         self._stop.clear()
         self._done.clear()
+        self.layers_shown.clear()
         worker = create_worker(
             adaptation_job,
             request,
             self._stop.is_set,
             self._done,
+            self.layers_shown,
             _start_thread=False,
             _worker_class=GracefulWorker,
         )
         worker.on_quit = self.shutdown
         worker.yielded.connect(self.on_yield)
         worker.returned.connect(self.on_return)
+        worker.finished.connect(self._thaw)
         self.worker = worker
+        self._freeze()
         worker.start()
         return worker
+
+    def _freeze(self) -> None:
+        if not self._gc_frozen:
+            gc.freeze()
+            self._gc_frozen = True
+
+    def _thaw(self) -> None:
+        if self._gc_frozen:
+            gc.unfreeze()
+            self._gc_frozen = False
 
     def stop(self) -> None:
         """Ask the engine to stop before its next optimiser step; the run then ends normally."""
@@ -165,6 +255,7 @@ class AdaptationRunner:
                 with contextlib.suppress(TypeError, RuntimeError):
                     signal.disconnect(slot)
         ended = self._done.wait(timeout)
+        self._thaw()
         if self.on_shutdown is not None:
             self.on_shutdown()
         return ended
