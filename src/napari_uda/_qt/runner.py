@@ -3,8 +3,9 @@
 The job is a generator run by :func:`napari.qt.threading.create_worker`: it yields every
 :class:`~napari_uda.adaptation.events.AdaptationEvent` of the engine (the first, with
 ``step == 0``, carries the unadapted model's prediction, which becomes the *before* layers; it
-is handed over in a :class:`StartingPoint`) and returns the :class:`~napari_uda.adaptation.events.AdaptationResult` (or a :class:`RunFailure`
-with a readable message). Preprocessing, every prediction and training therefore run in the
+is handed over in a :class:`StartingPoint`) and returns the
+:class:`~napari_uda.adaptation.events.AdaptationResult` (or a :class:`RunFailure` with a
+readable message). Preprocessing, every prediction and training therefore run in the
 worker, never on the GUI thread.
 
 Work the GUI thread would otherwise do is done here too: the modules napari imports lazily for
