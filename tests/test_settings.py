@@ -7,8 +7,11 @@ import pytest
 
 from napari_uda.settings import (
     SettingsError,
+    _base_type,
     apply_overrides,
     describe,
+    describe_format,
+    is_optional,
     setting,
     settings_to_dict,
 )
@@ -64,3 +67,45 @@ def test_dict_overrides_are_checked_too():
 def test_settings_to_dict_is_json_ready():
     values = settings_to_dict(apply_overrides(ExampleSettings(), ["prior=0.5,0.5"]))
     assert values["prior"] == [0.5, 0.5]
+
+
+@dataclass
+class RangeSettings:
+    scale_range: tuple[float, float] = setting((0.9, 1.1), "Zoom range.", min=0.1, max=10.0)
+    spacing: tuple[float, float] | None = setting(None, "In-plane spacing (mm).", min=0.0)
+    crop: tuple[int, ...] = setting((1, 2, 3), "Crop per axis.")
+
+
+def test_typed_tuples_parse_from_the_command_line():
+    assert _base_type(tuple[float, float]) is tuple
+    assert _base_type(tuple[float, float] | None) is tuple
+    result = apply_overrides(RangeSettings(), ["scale_range=0.8,1.25", "spacing=(1, 1.5)"])
+    assert result.scale_range == (0.8, 1.25) and result.spacing == (1.0, 1.5)
+    assert all(isinstance(v, float) for v in result.scale_range + result.spacing)
+    assert apply_overrides(RangeSettings(), ["crop=4,5"]).crop == (4, 5)
+    assert apply_overrides(result, ["spacing=none"]).spacing is None
+    assert apply_overrides(RangeSettings(), {"scale_range": [0.5, 2]}).scale_range == (0.5, 2)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("scale_range=0.8", "expected 2"),
+        ("scale_range=0.8,1,2", "expected 2"),
+        ("scale_range=0.8,x", "'x' in '0.8,x' is not a valid float"),
+        ("scale_range=0.01,1", "below the minimum"),
+        ("scale_range=none", "needs a value: 2 numbers separated by commas"),
+        ("crop=1,2.5", "not a valid int"),
+    ],
+)
+def test_bad_tuples_give_one_readable_line(override, message):
+    with pytest.raises(SettingsError, match=message) as info:
+        apply_overrides(RangeSettings(), [override])
+    assert "\n" not in str(info.value)
+
+
+def test_tuple_format_is_described():
+    specs = {spec.name: spec for spec in describe(RangeSettings)}
+    assert describe_format(specs["scale_range"]) == "2 numbers separated by commas"
+    assert describe_format(specs["crop"]) == "Whole numbers, separated by commas"
+    assert is_optional(specs["spacing"]) and not is_optional(specs["scale_range"])

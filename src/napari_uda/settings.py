@@ -13,6 +13,7 @@ Use :func:`setting` to declare a field, :func:`describe` to list the fields, and
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,22 +87,105 @@ class SettingsError(ValueError):
     """A setting that does not exist or a value that does not parse; one readable line."""
 
 
+def _union_args(hint) -> tuple | None:
+    """The members of a ``Union`` / ``X | Y`` hint, or None for other hints."""
+    if typing.get_origin(hint) in (typing.Union, getattr(types, "UnionType", None)):
+        return typing.get_args(hint)
+    return None
+
+
 def _base_type(hint) -> type:
+    """The Python type a setting's values have: ``int`` for ``int | None``, ``tuple`` for
+    ``tuple[float, float]`` and ``tuple[float, float] | None``, ``str`` when unknown."""
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         return type(typing.get_args(hint)[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
+    members = _union_args(hint)
+    if members is not None:
+        args = [a for a in members if a is not type(None)]
         return _base_type(args[0]) if args else str
+    if origin in (tuple, list):
+        return origin
     return hint if isinstance(hint, type) else str
 
 
+def is_optional(spec: SettingSpec) -> bool:
+    """Whether ``None`` is a valid value of ``spec`` (its default, or ``X | None``)."""
+    members = _union_args(spec.type)
+    return spec.default is None or (members is not None and type(None) in members)
+
+
+def element_types(hint) -> tuple[tuple[type, ...], bool] | None:
+    """For a tuple or list setting: (element types, fixed length?); None for other settings.
+
+    ``tuple[float, float]`` -> ((float, float), True); ``tuple[int, ...]`` and ``list[int]`` ->
+    ((int,), False); a bare ``tuple`` -> ((float,), False) (numbers).
+    """
+    members = _union_args(hint)
+    if members is not None:
+        args = [a for a in members if a is not type(None)]
+        return element_types(args[0]) if args else None
+    if hint in (tuple, list):
+        return (float,), False
+    origin = typing.get_origin(hint)
+    if origin not in (tuple, list):
+        return None
+    args = typing.get_args(hint)
+    if not args:
+        return (float,), False
+    if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+        return (_base_type(args[0]),), False
+    return tuple(_base_type(a) for a in args), True
+
+
+def describe_format(spec: SettingSpec) -> str:
+    """How to type a tuple setting, e.g. "2 numbers separated by commas"; "" for others."""
+    elements = element_types(spec.type)
+    if elements is None:
+        return ""
+    kinds, fixed = elements
+    noun = "whole numbers" if all(k is int for k in kinds) else "numbers"
+    count = f"{len(kinds)} {noun}" if fixed else noun.capitalize()
+    text = f"{count} separated by commas" if fixed else f"{count}, separated by commas"
+    return text[0].upper() + text[1:]
+
+
+def _parse_sequence(spec: SettingSpec, text: str) -> tuple:
+    kinds, fixed = element_types(spec.type) or ((float,), False)
+    parts = [part.strip() for part in text.strip().strip("()[]").split(",")]
+    parts = [part for part in parts if part]
+    if fixed and len(parts) != len(kinds):
+        raise SettingsError(
+            f"setting {spec.name!r}: {text!r} has {len(parts)} value(s), expected "
+            f"{len(kinds)} separated by commas"
+        )
+    values = []
+    for index, part in enumerate(parts):
+        kind = kinds[index] if fixed else kinds[0]
+        try:
+            values.append(kind(part) if kind in (int, float) else part)
+        except ValueError as error:
+            raise SettingsError(
+                f"setting {spec.name!r}: {part!r} in {text!r} is not a valid {kind.__name__}"
+            ) from error
+    return tuple(values)
+
+
 def parse_value(spec: SettingSpec, text: str) -> Any:
-    """Parse ``text`` as a value of ``spec``'s type and check its bounds and choices."""
+    """Parse ``text`` as a value of ``spec``'s type and check its bounds and choices.
+
+    Tuples are typed as comma-separated values (``0.9,1.1``, brackets optional); ``none`` (or
+    an empty text) gives ``None`` where the setting allows it.
+    """
     base = _base_type(spec.type)
     text = text.strip()
-    if text.lower() in ("none", "null") and spec.default is None:
-        return None
+    if text.lower() in ("none", "null", ""):
+        if is_optional(spec):
+            return None
+        if base in (tuple, list):
+            raise SettingsError(
+                f"setting {spec.name!r} needs a value: {describe_format(spec).lower()}"
+            )
     try:
         if base is bool:
             lowered = text.lower()
@@ -113,9 +197,12 @@ def parse_value(spec: SettingSpec, text: str) -> Any:
         elif base is float:
             value = float(text)
         elif base in (tuple, list):
-            value = tuple(float(v) for v in text.strip("()[]").split(",") if v.strip())
+            value = _parse_sequence(spec, text)
+            value = list(value) if base is list else value
         else:
             value = text
+    except SettingsError:
+        raise
     except ValueError as error:
         raise SettingsError(
             f"setting {spec.name!r}: {text!r} is not a valid {base.__name__}"
@@ -125,11 +212,27 @@ def parse_value(spec: SettingSpec, text: str) -> Any:
 
 
 def check_value(spec: SettingSpec, value: Any) -> None:
-    """Raise :class:`SettingsError` if ``value`` is outside ``spec``'s bounds or choices."""
+    """Raise :class:`SettingsError` if ``value`` is outside ``spec``'s bounds or choices (for a
+    tuple: its length, and the bounds for each element)."""
     if spec.choices is not None and value not in spec.choices:
         raise SettingsError(
             f"setting {spec.name!r}: {value!r} is not one of {', '.join(map(str, spec.choices))}"
         )
+    elements = element_types(spec.type)
+    if elements is not None and isinstance(value, (tuple, list)):
+        kinds, fixed = elements
+        if fixed and len(value) != len(kinds):
+            raise SettingsError(
+                f"setting {spec.name!r}: {tuple(value)!r} has {len(value)} value(s), expected "
+                f"{len(kinds)}"
+            )
+        for item in value:
+            _check_number(spec, item)
+        return
+    _check_number(spec, value)
+
+
+def _check_number(spec: SettingSpec, value: Any) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if spec.min is not None and value < spec.min:
             raise SettingsError(f"setting {spec.name!r}: {value} is below the minimum {spec.min}")
@@ -160,6 +263,8 @@ def apply_overrides(settings, overrides: list[str] | dict[str, Any] | None):
         if isinstance(value, str) and _base_type(spec.type) is not str:
             value = parse_value(spec, value)
         else:
+            if isinstance(value, list) and _base_type(spec.type) is tuple:
+                value = tuple(value)  # from JSON (a report's settings)
             check_value(spec, value)
         changes[key] = value
     return dataclasses.replace(settings, **changes)

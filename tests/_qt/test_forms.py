@@ -70,3 +70,29 @@ def test_every_method_form_round_trips_its_defaults(qtbot, name):
     defaults = settings_class()
     assert set(values) == {f.name for f in dataclasses.fields(settings_class)}
     assert apply_overrides(defaults, values) == defaults
+
+
+@dataclass
+class RangeSettings:
+    scale_range: tuple[float, float] = setting((0.9, 1.1), "Zoom range.", min=0.1, max=10.0)
+    spacing: tuple[float, float] | None = setting(None, "In-plane spacing (mm).", min=0.0)
+
+
+def test_typed_tuple_fields(qtbot):
+    form = SettingsForm(RangeSettings)
+    assert isinstance(form["scale_range"], LineEdit) and form["scale_range"].value == "0.9, 1.1"
+    assert "2 numbers separated by commas." in form["scale_range"].tooltip
+    assert "Range: 0.1 to 10." in form["scale_range"].tooltip
+    assert form["spacing"].value == "" and "none" in form["spacing"].native.placeholderText()
+    assert form.values() == {"scale_range": (0.9, 1.1), "spacing": None}
+    form.set_values({"spacing": (1.0, 1.5)})
+    assert form["spacing"].value == "1, 1.5"
+    form["scale_range"].value = "(0.8, 1.25)"
+    assert form.values() == {"scale_range": (0.8, 1.25), "spacing": (1.0, 1.5)}
+    assert apply_overrides(RangeSettings(), form.values()).spacing == (1.0, 1.5)
+    form["scale_range"].value = "0.8"
+    with pytest.raises(SettingsError, match="expected 2"):
+        form.values()
+    form["scale_range"].value = ""
+    with pytest.raises(SettingsError, match="a value is needed"):
+        form.values()

@@ -2,8 +2,9 @@
 
 Each field becomes one widget: choices -> combo box, bool -> check box, int -> spin box, float ->
 spin box (or a text field for tiny or log-range values such as learning rates), anything else
-(tuples, optional values) -> a text field parsed like the CLI's ``--set key=value``. The field's
-help is the tooltip, its bounds the widget's range.
+(tuples such as ``tuple[float, float]``, optional values) -> a text field parsed like the CLI's
+``--set key=value`` (``0.9, 1.1``; empty for none where allowed). The field's help is the
+tooltip, its bounds the widget's range.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from typing import Any
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, SpinBox, Widget
 
-from ..settings import SettingsError, SettingSpec, _base_type, describe, parse_value
+from ..settings import (
+    SettingsError,
+    SettingSpec,
+    _base_type,
+    describe,
+    describe_format,
+    element_types,
+    is_optional,
+    parse_value,
+)
 
 #: Limits used when a setting declares none.
 UNBOUNDED = 1e9
@@ -48,6 +58,8 @@ def _format(value: Any) -> str:
 def tooltip(spec: SettingSpec) -> str:
     """The field's help, with its range or choices."""
     parts = [spec.help] if spec.help else []
+    if describe_format(spec):
+        parts.append(describe_format(spec) + ".")
     if spec.choices:
         parts.append("Choices: " + ", ".join(map(str, spec.choices)) + ".")
     elif spec.min is not None or spec.max is not None:
@@ -56,6 +68,8 @@ def tooltip(spec: SettingSpec) -> str:
         parts.append(f"Range: {low} to {high}.")
     if spec.default is None:
         parts.append("Leave empty for the default (none).")
+    elif is_optional(spec):
+        parts.append("Leave empty for none.")
     return " ".join(parts)
 
 
@@ -80,7 +94,20 @@ def widget_for(spec: SettingSpec) -> Widget:
         widget.native.setDecimals(min(decimals, 6))
         widget.value = default
         return widget
-    return LineEdit(value=_format(default), **options)
+    widget = LineEdit(value=_format(default), **options)
+    example = _example(spec)
+    if example:
+        widget.native.setPlaceholderText(example)
+    return widget
+
+
+def _example(spec: SettingSpec) -> str:
+    """Placeholder text of an empty tuple field: what to type (e.g. ``none, or 0.5, 0.5``)."""
+    if _base_type(spec.type) not in (tuple, list):
+        return ""
+    kinds, fixed = element_types(spec.type) or ((float,), False)
+    sample = ", ".join("1" if kind is int else "0.5" for kind in (kinds if fixed else kinds * 2))
+    return f"none, or e.g. {sample}" if is_optional(spec) else f"e.g. {sample}"
 
 
 class SettingsForm(Container):
@@ -100,7 +127,7 @@ class SettingsForm(Container):
             if isinstance(widget, LineEdit):
                 text = widget.value.strip()
                 if not text:
-                    if spec.default is None:
+                    if is_optional(spec):
                         values[name] = None
                         continue
                     raise SettingsError(f"setting {name!r}: a value is needed")
