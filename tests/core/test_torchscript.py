@@ -18,6 +18,7 @@ from napari_uda.core.models.adapter import BATCHNORM, NORM_AFFINE
 from napari_uda.core.models.scripted import outputs_to_logits
 from napari_uda.core.models.torchscript import ModelSpecError, TorchScriptAdapter
 from napari_uda.core.models.volumetric import PatchTiling, VolumetricPrepared, importance_map
+from napari_uda.core.volume import Volume
 
 #: The target scanner's look: scalp much darker relative to brain than on the source scanner.
 SHIFT = {"brain": 1.0, "scalp": 0.2}
@@ -346,3 +347,66 @@ def test_cli_adapt_saves_an_adapted_torchscript_model(tmp_path, model_2d, shifte
     assert main([*args, "--save-model", str(tmp_path / "y.pt"), *report]) == 2
     assert model_2d.read_bytes() == before
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.pt").exists()
+
+
+# -- memory: 3D batches are clamped, whole volumes of different shapes stack -------------------
+def test_training_batches_go_through_in_checkpointed_chunks(monkeypatch):
+    """However many windows a method puts in a batch, one forward pass with gradients takes at
+    most TRAINING_VOXELS voxels; the chunks are checkpointed, and give the same gradients."""
+    from napari_uda.core.models import scripted
+    from napari_uda.core.models.scripted import LogitsNetwork
+
+    network = LogitsNetwork(torch.jit.script(TinyNet(3).eval()), "none", 2, 8)
+    window = torch.zeros(1, 1, 128, 128, 128)
+    assert network.chunk_size(window, training=True) == 2  # 3D windows: 2 per pass
+    assert network.chunk_size(window, training=False) == 4  # spec batch 8, clamped to 4
+    assert network.chunk_size(torch.zeros(1, 1, 256, 256), training=True) == 64  # 2D slices
+    inputs = torch.randn(5, 1, 8, 8, 8)
+    whole = network(inputs)
+    whole.square().mean().backward()
+    expected = [p.grad.clone() for p in network.parameters()]
+    network.zero_grad()
+    monkeypatch.setattr(scripted, "TRAINING_VOXELS", 2 * 8**3)
+    sizes = []
+    run = network._run
+    monkeypatch.setattr(network, "_run", lambda x: sizes.append(len(x)) or run(x))
+    chunked = network(inputs)
+    assert sizes == [2, 2, 1]
+    torch.testing.assert_close(chunked, whole)
+    chunked.square().mean().backward()
+    for parameter, gradient in zip(network.parameters(), expected):
+        torch.testing.assert_close(parameter.grad, gradient, rtol=1e-4, atol=1e-6)
+    assert sorted(sizes[3:]) == [1, 2, 2]  # each chunk recomputed in the backward pass
+    with torch.no_grad():
+        network(inputs)
+    assert sizes[6:] == [5]  # without gradients: the spec's batch size (8) fits 5 small inputs
+
+
+def test_whole_volumes_of_different_shapes_adapt_together(tmp_path):
+    """Whole-volume 3D inputs of two heads of different sizes are padded to a common shape with
+    a valid mask; each prediction is the adapted model's on its own head."""
+    spec = base_spec(3, pad_multiple=4)
+    model = load_model(save_model(train_tiny(3, spec, steps=30), spec, tmp_path))
+    small, small_mask = synthetic_head(7, **SHIFT)
+    large, _ = synthetic_head(8, **SHIFT)
+    large = Volume(np.pad(large.data, ((0, 6), (0, 0), (0, 9)), mode="edge"), large.affine)
+    prepared = [model.prepare(v) for v in (small, large)]
+    assert prepared[0].inputs.shape != prepared[1].inputs.shape
+    from napari_uda.core.models.volumetric import stack_volumes
+
+    inputs, mask, ranges = stack_volumes(prepared)
+    assert inputs.shape[0] == 2 and ranges == [(0, 1), (1, 2)]
+    assert mask is not None and mask.shape == (2, 1, *inputs.shape[2:])
+    assert int(mask[0].sum()) == np.prod(prepared[0].model_shape)  # padding is not valid
+    result = adapt(
+        model, [small, large], "adaent", {"epochs": 1, "parameters": "all"},
+        reference=small_mask, device="cpu", seed=0,
+    )  # fmt: skip
+    assert [p.labels.shape for p in result.predictions] == [small.shape, large.shape]
+    interior = (slice(None), *(slice(3, -3),) * 3)  # the padding differs only at the edges
+    for volume, prediction in zip((small, large), result.predictions):
+        own = predict_volume(result.model, volume, device="cpu").probabilities
+        np.testing.assert_allclose(prediction.probabilities[interior], own[interior], atol=1e-4)
+    assert result.reference_dice_after[0] == pytest.approx(
+        dice(result.predictions[0].labels, small_mask.data), abs=1e-6
+    )

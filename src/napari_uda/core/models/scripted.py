@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from ..volume import atomic_output
 from .adapter import BATCHNORM, NORM_AFFINE
@@ -46,6 +48,14 @@ TRACED_BATCHNORM_NOTE = (
     "target; save the network with torch.jit.script instead"
 )
 PROBABILITY_FLOOR = 1e-12
+#: Most voxels one forward pass takes **with** gradients: two 128^3 windows. Larger training
+#: batches go through in chunks of this size with gradient checkpointing, so peak memory stays
+#: that of one chunk whatever batch size a method is given (about 5.5 GB for the benchmark's
+#: 3D U-Net; see docs/model-adapters.md).
+TRAINING_VOXELS = 2 * 128**3
+#: Most voxels one forward pass takes without gradients (inference): four 128^3 windows. The
+#: spec's ``batch_size`` is clamped to this.
+INFERENCE_VOXELS = 4 * 128**3
 
 
 def module_type(module: nn.Module) -> str:
@@ -278,11 +288,35 @@ class LogitsNetwork(nn.Module):
             )
         return outputs_to_logits(outputs, self.activation)
 
+    def chunk_size(self, inputs: torch.Tensor, training: bool) -> int:
+        """How many of ``inputs`` go through one forward pass: with gradients at most
+        :data:`TRAINING_VOXELS`, without at most :data:`INFERENCE_VOXELS` voxels and the spec's
+        batch size; never less than one input."""
+        voxels = max(1, math.prod(inputs.shape[2:]))
+        if training:
+            return max(1, TRAINING_VOXELS // voxels)
+        return max(1, min(self.inference_batch_size, INFERENCE_VOXELS // voxels))
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        batch = self.inference_batch_size
-        if torch.is_grad_enabled() or inputs.shape[0] <= batch:
+        training = torch.is_grad_enabled() and (
+            inputs.requires_grad or any(p.requires_grad for p in self.scripted.parameters())
+        )
+        chunk = self.chunk_size(inputs, training)
+        if inputs.shape[0] <= chunk:
             return self._run(inputs)
-        return torch.cat([self._run(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
+        parts = range(0, len(inputs), chunk)
+        if not training:
+            return torch.cat([self._run(inputs[i : i + chunk]) for i in parts])
+        # Gradient checkpointing: each chunk's activations are recomputed during the backward
+        # pass instead of kept, so memory is one chunk's. BatchNorm in training mode normalises
+        # each chunk with its own statistics and sees it again in the backward pass (the same
+        # statistics: re-estimated averages, CumulativeBatchNorm's or momentum None, keep them).
+        # (Early stop off: it stops the recomputation with an exception, which the TorchScript
+        # interpreter turns into an error.)
+        with set_checkpoint_early_stop(False):
+            return torch.cat(
+                [checkpoint(self._run, inputs[i : i + chunk], use_reentrant=False) for i in parts]
+            )
 
 
 class ScriptedAdapterMixin:
