@@ -10,7 +10,7 @@ NAPARI_UDA=${NAPARI_UDA:-.venv/bin/napari-uda}
     --masks "$DEMO/source_head_brainmask.nii.gz" \
     --out "${OUT:-$DEMO/demo_model.safetensors}" \
     --classes background brain \
-    --base-channels 8 --depth 4 --norm batch --dropout 0.1 \
+    --base-channels 8 --depth 4 --norm batch --dropout 0.1 --early-head-layers 1 \
     --spacing 2 2 2 --slice-axis 2 --normalization percentile_zscore \
     --set epochs=60 --set early_head_epochs=20 --set source_pack_size=24 \
     --seed 0 --device cpu "$@"

@@ -197,6 +197,7 @@ def test_train_writes_a_bundle_that_predicts(tmp_path, capsys):
     code, stdout, _ = run_cli(
         capsys, "train", "--images", image_path, "--masks", mask_path, "--out", model,
         "--classes", "background", "box", "--base-channels", "4", "--depth", "2",
+        "--early-head-layers", "1",
         "--set", "epochs=2", "--set", "batch_size=4", "--set", "early_head_epochs=1",
         "--set", "source_pack_size=3", "--seed", "5", "--device", "cpu",
     )  # fmt: skip
@@ -207,7 +208,8 @@ def test_train_writes_a_bundle_that_predicts(tmp_path, capsys):
     assert bundle.architecture.base_channels == 4 and bundle.preprocessing.pad_multiple == 4
     command = bundle.provenance["command"]
     assert command.startswith("napari-uda train --images")
-    assert "epochs=2" in command and "--seed 5" in command
+    assert "epochs=2" in command and "--seed 5" in command and "--early-head-layers 1" in command
+    assert bundle.architecture.early_head_layers == 1
     assert len(bundle.source_pack) == 3
     features = bundle.source_tensors["aiva_source_features"]  # AIVA without source images
     assert features.shape[0] == mask.shape[2] and torch.isfinite(features).all()

@@ -57,6 +57,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--norm", choices=("batch", "group", "instance"), default="batch")
     model.add_argument("--dropout", type=float, default=0.1, help="default 0.1")
     model.add_argument("--no-early-head", action="store_true", help="leave out the UDAS early head")
+    model.add_argument(
+        "--early-head-layers",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="3: three 3x3 convolutions as in Sheikh & Schultz's code (default); 1: one 1x1",
+    )
     prep = parser.add_argument_group("preprocessing")
     prep.add_argument(
         "--spacing",
@@ -112,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         norm=args.norm,
         dropout=args.dropout,
         early_head=not args.no_early_head,
+        early_head_layers=args.early_head_layers,
     )
     preprocessing = PreprocessingConfig(
         normalization=args.normalization,
@@ -151,6 +159,7 @@ def command_line(args: argparse.Namespace, settings: TrainingSettings) -> str:
     words += ["--base-channels", str(args.base_channels), "--depth", str(args.depth)]
     words += ["--norm", args.norm, "--dropout", str(args.dropout)]
     words += ["--no-early-head"] if args.no_early_head else []
+    words += ["--early-head-layers", str(args.early_head_layers)]
     words += ["--spacing", *map(str, args.spacing), "--slice-axis", str(args.slice_axis)]
     words += ["--normalization", args.normalization, "--device", args.device]
     return shlex.join(words)
