@@ -136,6 +136,10 @@ def test_closing_the_viewer_stops_the_run(demo_session, qtbot):
     adapt.run_button.click()
     qtbot.waitUntil(lambda: adapt.plots.points("loss") >= 1, timeout=120_000)
     runner = adapt.runner
+    # napari's close prompt lists running tasks: ours says what closing does
+    prompt = "\n".join(viewer.window._task_status_manager.get_status())
+    assert "napari-uda adaptation (tent)" in prompt and "nothing is saved" in prompt
+    assert "press Stop" in prompt and "<function" not in prompt
     viewer.close()
     assert runner._stop.is_set()
     assert not runner.running  # the engine ended before close() returned

@@ -21,6 +21,7 @@ a third of a second in napari's large heap, only look at objects made during the
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import logging
@@ -156,6 +157,28 @@ def _wait(flag: threading.Event | None, should_stop: Callable[[], bool]) -> None
         pass
 
 
+#: What closing the viewer during a run does, as napari's close prompt shows it (after
+#: "napari-worker: Executing ").
+CLOSE_PROMPT = (
+    "the napari-uda adaptation ({method}).\n"
+    "Closing the window stops it after the current step; nothing is saved.\n"
+    "To keep the result so far: Cancel, press Stop in the Adapt widget, then Export."
+)
+
+
+class AdaptationJob(functools.partial):
+    """:func:`adaptation_job` with its arguments, shown by napari as :data:`CLOSE_PROMPT`.
+
+    napari lists running workers as ``Executing <function>`` when the user closes the viewer;
+    this says what closing does instead of a function's address.
+    """
+
+    def __str__(self) -> str:
+        return CLOSE_PROMPT.format(method=self.args[0].method)
+
+    __repr__ = __str__
+
+
 class GracefulWorker(GeneratorWorker):
     """A generator worker whose :meth:`quit` calls ``on_quit`` (the runner's shutdown: stop
     after the current step, wait for the engine to end) instead of abandoning the generator at
@@ -208,12 +231,11 @@ class AdaptationRunner:
         self._stop.clear()
         self._done.clear()
         self.layers_shown.clear()
+        job = AdaptationJob(
+            adaptation_job, request, self._stop.is_set, self._done, self.layers_shown
+        )
         worker = create_worker(
-            adaptation_job,
-            request,
-            self._stop.is_set,
-            self._done,
-            self.layers_shown,
+            job,
             _start_thread=False,
             _worker_class=GracefulWorker,
         )
