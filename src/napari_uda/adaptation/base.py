@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -52,6 +52,16 @@ def preserved_modes(network: nn.Module):
             module.training = training
 
 
+def fraction_setting(default: float, help: str) -> Any:
+    """A documented setting between 0 and 1 (a ratio, a portion, a probability, a Dice)."""
+    return setting(default, help, min=0.0, max=1.0)
+
+
+def learning_rate_setting(default: float, help: str = "Adam learning rate.") -> Any:
+    """A documented learning-rate setting, from 1e-7 to 1 (what every optimiser here takes)."""
+    return setting(default, help, min=1e-7, max=1.0)
+
+
 @dataclass
 class CommonSettings:
     """Settings every method shares (each method's Settings subclasses this).
@@ -61,7 +71,7 @@ class CommonSettings:
 
     epochs: int = setting(10, "Passes over the target slices.", min=1, max=1000)
     batch_size: int = setting(16, "Slices per optimiser step.", min=1, max=512)
-    learning_rate: float = setting(1e-4, "Adam learning rate.", min=1e-7, max=1.0)
+    learning_rate: float = learning_rate_setting(1e-4)
 
 
 @dataclass
@@ -249,6 +259,25 @@ class AdaptationMethod(ABC):
         rate = self.settings.learning_rate if learning_rate is None else learning_rate
         self.optimizer = torch.optim.Adam(parameters, lr=rate)
         return self.optimizer
+
+    def source_loss(
+        self,
+        terms: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+        enabled: bool = True,
+    ) -> tuple[torch.Tensor | float, dict[str, float]]:
+        """Loss terms on one random batch of labelled source-pack slices.
+
+        ``terms(images, labels)`` returns named loss tensors (the images and labels are on the
+        device); the result is their sum and their values for the step's losses, or
+        ``(0.0, {})`` when the model has no source pack or ``enabled`` is False, so that
+        ``total = total + weight * source`` needs no branch.
+        """
+        source = self.context.source_batch(self.settings.batch_size) if enabled else None
+        if source is None:
+            return 0.0, {}
+        named = terms(*source)
+        total = sum(named.values())
+        return total, {name: float(value.detach()) for name, value in named.items()}
 
     def optimise(self, loss: torch.Tensor) -> None:
         """Zero the gradients, back-propagate ``loss`` (scaled under mixed precision) and step."""

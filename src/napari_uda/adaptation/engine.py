@@ -45,6 +45,7 @@ from .base import (
     AdaptationContext,
     AdaptationMethod,
     CommonSettings,
+    fraction_setting,
     get_method,
     preserved_modes,
 )
@@ -93,12 +94,10 @@ class EngineOptions:
         "drift stayed within half drift_tolerance: the onset of the drift), or the one with "
         "the lowest mean entropy.",
     )
-    foreground_vanish_ratio: float = setting(
+    foreground_vanish_ratio: float = fraction_setting(
         0.2,
         "Vanish: collapse when a foreground class's predicted fraction falls below this times "
         "the smaller of its fraction at the start and its source prior.",
-        min=0.0,
-        max=1.0,
     )
     foreground_explode_ratio: float = setting(
         3.0,
@@ -106,12 +105,10 @@ class EngineOptions:
         "larger of its fraction at the start, its source prior and min_reference_fraction.",
         min=1.0,
     )
-    min_reference_fraction: float = setting(
+    min_reference_fraction: float = fraction_setting(
         0.01,
         "Floor of the reference fraction in the explosion and drift tests (classes smaller "
         "than this are not tested for a downward drift).",
-        min=0.0,
-        max=1.0,
     )
     drift_tolerance: float = setting(
         0.1,
@@ -122,17 +119,11 @@ class EngineOptions:
         min=0.0,
         max=10.0,
     )
-    entropy_collapse_ratio: float = setting(
-        0.05,
-        "Entropy collapse: mean entropy below this times its value at the start ...",
-        min=0.0,
-        max=1.0,
+    entropy_collapse_ratio: float = fraction_setting(
+        0.05, "Entropy collapse: mean entropy below this times its value at the start ..."
     )
-    entropy_collapse_agreement: float = setting(
-        0.3,
-        "... together with a Dice between the current and the initial segmentation below this.",
-        min=0.0,
-        max=1.0,
+    entropy_collapse_agreement: float = fraction_setting(
+        0.3, "... together with a Dice between the current and the initial segmentation below this."
     )
     agreement_smoothing: int = setting(
         3,
@@ -141,12 +132,10 @@ class EngineOptions:
         min=1,
         max=100,
     )
-    agreement_drop_ratio: float = setting(
+    agreement_drop_ratio: float = fraction_setting(
         0.5,
         "Agreement: collapse when the method's smoothed agreement Dice falls below this times "
         "its early level (its mean over the steps up to the first evaluation; 0: off).",
-        min=0.0,
-        max=1.0,
     )
 
     def __post_init__(self):

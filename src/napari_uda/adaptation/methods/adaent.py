@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from ...settings import setting
-from ..base import AdaptationMethod, CommonSettings, StepOutput, register
+from ..base import AdaptationMethod, CommonSettings, StepOutput, learning_rate_setting, register
 from ..losses import class_ratio, entropy_loss, kl_prior_loss
 from .adabn import TargetStatistics
 
@@ -58,11 +58,8 @@ class AdaEnt(AdaptationMethod):
 
         epochs: int = setting(5, "Passes over the target slices.", min=1, max=1000)
         batch_size: int = setting(16, "Slices per optimiser step.", min=1, max=512)
-        learning_rate: float = setting(
-            1e-3,
-            "Adam learning rate (1e-3 for norm-only, as TENT; try 1e-5 for all).",
-            min=1e-7,
-            max=1.0,
+        learning_rate: float = learning_rate_setting(
+            1e-3, "Adam learning rate (1e-3 for norm-only, as TENT; try 1e-5 for all)."
         )
         kl_weight: float = setting(
             1e-2, "lambda: weight of KL(prior || predicted class ratio).", min=0.0

@@ -261,25 +261,28 @@ class AIVA(AdaptationMethod):
 
     # -- training -------------------------------------------------------------------------------
     def step(self, batch_index: torch.Tensor, step: int) -> StepOutput:
-        settings, context = self.settings, self.context
+        context = self.context
         self.network.train()
         images, _ = context.batch(batch_index)
         anchors = self.target_anchor_index[batch_index].to(context.device)
         with context.autocast():
             features = pooled_bottleneck(context.model, images).float()
             alignment = alignment_loss(features, anchors, self.source_anchors)
-            total = self.lambda_ * alignment
-            losses = {"alignment": float(alignment.detach()), "lambda": self.lambda_}
-            source = context.source_batch(settings.batch_size)
-            if source is not None:
-                source_images, source_labels = source
-                logits = context.model.forward(source_images).logits.float()
-                segmentation = soft_dice_loss(torch.softmax(logits, 1), source_labels)
-                segmentation = segmentation + F.cross_entropy(logits, source_labels)
-                total = total + segmentation
-                losses["source_segmentation"] = float(segmentation.detach())
+            segmentation, source_losses = self.source_loss(self._source_terms)
+            total = self.lambda_ * alignment + segmentation
+            losses = {
+                "alignment": float(alignment.detach()),
+                "lambda": self.lambda_,
+                **source_losses,
+            }
         self.optimise(total)
         return StepOutput({"total": float(total.detach()), **losses})
+
+    def _source_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Soft Dice + cross-entropy on labelled source slices."""
+        logits = self.context.model.forward(images).logits.float()
+        segmentation = soft_dice_loss(torch.softmax(logits, 1), labels)
+        return {"source_segmentation": segmentation + F.cross_entropy(logits, labels)}
 
     def end_epoch(self, epoch: int) -> None:
         if self.settings.recluster_every_epoch:

@@ -154,26 +154,25 @@ class KnowledgeDistillation(AdaptationMethod):
             target_loss = distillation_loss(
                 student_logits, soften(teacher_probs, temperature), temperature, mask
             )
-            total = target_loss
-            losses = {"target_distillation": float(target_loss.detach())}
-            source = context.source_batch(settings.batch_size) if self.use_source else None
-            if source is not None:
-                source_images, source_labels = source
-                source_logits = self.student(source_images)
-                with torch.no_grad():
-                    source_teacher = torch.softmax(
-                        self.teacher(source_images).float() / temperature, 1
-                    )
-                supervised = F.cross_entropy(source_logits.float(), source_labels)
-                source_kd = distillation_loss(source_logits, source_teacher, temperature)
-                total = total + settings.source_weight * (supervised + source_kd)
-                losses["source_cross_entropy"] = float(supervised.detach())
-                losses["source_distillation"] = float(source_kd.detach())
+            source, source_losses = self.source_loss(self._source_terms, self.use_source)
+            total = target_loss + settings.source_weight * source
+            losses = {"target_distillation": float(target_loss.detach()), **source_losses}
         self.optimise(total)
         agreement = mean_foreground_dice(
             student_logits.detach().argmax(1), teacher_probs.argmax(1), teacher_probs.shape[1]
         )
         return StepOutput({"total": float(total.detach()), **losses}, agreement=agreement)
+
+    def _source_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Cross-entropy with the labels and distillation from the teacher on source slices."""
+        temperature = self.settings.temperature
+        logits = self.student(images)
+        with torch.no_grad():
+            teacher = torch.softmax(self.teacher(images).float() / temperature, 1)
+        return {
+            "source_cross_entropy": F.cross_entropy(logits.float(), labels),
+            "source_distillation": distillation_loss(logits, teacher, temperature),
+        }
 
     def report(self) -> dict:
         return {"distillation_source_pack_used": self.use_source}

@@ -43,7 +43,7 @@ from torch import nn
 from ...core.metrics import mean_foreground_dice
 from ...settings import setting
 from ..augment import PairedTransform, SpatialAugmentation
-from ..base import AdaptationMethod, CommonSettings, StepOutput, register
+from ..base import AdaptationMethod, CommonSettings, StepOutput, fraction_setting, register
 from ..losses import consistency_loss, soft_dice_loss
 
 #: User-facing consistency names -> kinds of :func:`..losses.consistency_loss`.
@@ -62,18 +62,16 @@ class MeanTeacherSettings(CommonSettings):
     consistency_weight: float = setting(
         20.0, "Weight of the consistency loss after ramp-up (paper: 20).", min=0.0, max=1000.0
     )
-    rampup_fraction: float = setting(
+    rampup_fraction: float = fraction_setting(
         0.3,
         "Fraction of the run over which the consistency weight follows exp(-5(1-t)^2) "
         "(paper: 100 of 350 epochs).",
-        min=0.0,
-        max=1.0,
     )
-    ema_alpha: float = setting(
-        0.99, "EMA decay of the teacher during the ramp-up (paper: 0.99).", min=0.0, max=1.0
+    ema_alpha: float = fraction_setting(
+        0.99, "EMA decay of the teacher during the ramp-up (paper: 0.99)."
     )
-    ema_alpha_late: float = setting(
-        0.999, "EMA decay of the teacher after the ramp-up (paper: 0.999).", min=0.0, max=1.0
+    ema_alpha_late: float = fraction_setting(
+        0.999, "EMA decay of the teacher after the ramp-up (paper: 0.999)."
     )
     rotation_degrees: float = setting(
         15.0, "Random rotation of the student's input, +- degrees.", min=0.0, max=180.0
@@ -83,9 +81,7 @@ class MeanTeacherSettings(CommonSettings):
     )
     scale_low: float = setting(0.9, "Smallest random zoom factor.", min=0.5, max=1.0)
     scale_high: float = setting(1.1, "Largest random zoom factor.", min=1.0, max=2.0)
-    flip_probability: float = setting(
-        0.0, "Probability of mirroring each slice axis.", min=0.0, max=1.0
-    )
+    flip_probability: float = fraction_setting(0.0, "Probability of mirroring each slice axis.")
     source_free: bool = setting(
         False,
         "Adapt on the target alone (one-shot), ignoring the source pack; automatic when the "
@@ -167,15 +163,13 @@ class MeanTeacher(AdaptationMethod):
             kind = CONSISTENCY_LOSSES[settings.consistency_loss]
             consistency = consistency_loss(student_logits, teacher_probs, kind, mask)
             weight = self.consistency_weight(step)
-            total = weight * consistency
-            losses = {"consistency": float(consistency.detach()), "consistency_weight": weight}
-            source = context.source_batch(settings.batch_size) if self.use_source else None
-            if source is not None:
-                source_images, source_labels = source
-                source_probs = torch.softmax(self.student(source_images).float(), 1)
-                task = soft_dice_loss(source_probs, source_labels)
-                total = total + task
-                losses["source_dice_loss"] = float(task.detach())
+            task, task_losses = self.source_loss(self._source_terms, self.use_source)
+            total = weight * consistency + task
+            losses = {
+                "consistency": float(consistency.detach()),
+                "consistency_weight": weight,
+                **task_losses,
+            }
         self.optimise(total)
         ema_update(self.teacher, self.student, self.ema_alpha(step))
 
@@ -183,6 +177,11 @@ class MeanTeacher(AdaptationMethod):
             student_logits.detach().argmax(1), teacher_probs.argmax(1), teacher_probs.shape[1]
         )
         return StepOutput({"total": float(total.detach()), **losses}, agreement=agreement)
+
+    def _source_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """The Dice task loss on labelled source slices."""
+        probabilities = torch.softmax(self.student(images).float(), 1)
+        return {"source_dice_loss": soft_dice_loss(probabilities, labels)}
 
     def report(self) -> dict:
         return {"mean_teacher_mode": "source pack + target" if self.use_source else "target only"}

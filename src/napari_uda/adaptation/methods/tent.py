@@ -22,7 +22,7 @@ import torch
 
 from ...core.models.adapter import NORM_AFFINE
 from ...settings import setting
-from ..base import AdaptationMethod, CommonSettings, StepOutput, register
+from ..base import AdaptationMethod, CommonSettings, StepOutput, learning_rate_setting, register
 from ..losses import entropy_loss
 from .adabn import TargetStatistics
 
@@ -49,7 +49,7 @@ class Tent(AdaptationMethod):
             5, "Passes over the target slices (the paper's online setting is 1).", min=1
         )
         batch_size: int = setting(16, "Slices per optimiser step.", min=2, max=512)
-        learning_rate: float = setting(1e-3, "Adam learning rate.", min=1e-7, max=1.0)
+        learning_rate: float = learning_rate_setting(1e-3)
 
     def setup(self) -> None:
         self.context.model.network.to(self.context.device)

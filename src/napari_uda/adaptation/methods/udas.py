@@ -44,7 +44,15 @@ from torch import nn
 from ...core.metrics import mean_foreground_dice
 from ...core.models.adapter import EARLY_HEAD
 from ...settings import setting
-from ..base import AdaptationMethod, CommonSettings, StepOutput, preserved_modes, register
+from ..base import (
+    AdaptationMethod,
+    CommonSettings,
+    StepOutput,
+    fraction_setting,
+    learning_rate_setting,
+    preserved_modes,
+    register,
+)
 from ..losses import soft_cross_entropy
 
 
@@ -58,18 +66,14 @@ class UDASSettings(CommonSettings):
         min=1,
         max=1000,
     )
-    learning_rate: float = setting(
+    learning_rate: float = learning_rate_setting(
         1e-3,
         "Adam learning rate of the early layers (slower rates change the agreement by less "
         "than the tolerance per epoch on one scan and stop too early).",
-        min=1e-7,
-        max=1.0,
     )
-    tolerance: float = setting(
+    tolerance: float = fraction_setting(
         0.005,
         "Stop when the early/final Dice changes by less than this between epochs (paper: 0.005).",
-        min=0.0,
-        max=1.0,
     )
     early_batch_statistics: bool = setting(
         True,
