@@ -72,13 +72,21 @@ def test_cbst_keeps_the_most_confident_portion_of_each_class(tiny_model, probabi
     assert [default.portion(r) for r in (0, 1, 6, 10)] == pytest.approx([0.2, 0.25, 0.5, 0.5])
 
 
-def test_pseudo_labels_are_refreshed_each_epoch_from_the_evaluation(tiny_model, tiny_target):
+def test_rounds_select_from_the_first_labels_unless_refreshed(tiny_model, tiny_target):
     from napari_uda.adaptation.engine import adapt
 
     result = adapt(tiny_model, tiny_target, "cbst", {"epochs": 3, "batch_size": 8}, device="cpu")
     rounds = result.extra["pseudo_label_rounds"]
     assert [r["portion"] for r in rounds] == pytest.approx([0.2, 0.25, 0.3, 0.35])
     assert rounds[-1]["labelled_fraction"] > rounds[0]["labelled_fraction"]
+    # ST with fixed labels: the same voxels every round; refreshed: from each evaluation
+    settings = {"epochs": 3, "batch_size": 8, "learning_rate": 1e-3}
+    fixed = adapt(tiny_model, tiny_target, "st", settings, device="cpu")
+    counts = [r["labelled_per_class"] for r in fixed.extra["pseudo_label_rounds"]]
+    assert all(c == counts[0] for c in counts)
+    refreshed = adapt(tiny_model, tiny_target, "st", {**settings, "refresh_every": 1}, device="cpu")
+    counts = [r["labelled_per_class"] for r in refreshed.extra["pseudo_label_rounds"]]
+    assert len(counts) == 4 and any(c != counts[0] for c in counts[1:])
 
 
 @pytest.mark.parametrize("method", ["st", "cbst"])
@@ -97,3 +105,15 @@ def test_self_training_raises_dice_on_the_demo_scanner_shift(
     )
     before, after = result.reference_dice_before[0], result.reference_dice_after[0]
     assert after > before + 0.1, (before, after)
+
+
+def test_the_source_pack_is_trained_with_the_pseudo_labels(tiny_model, tiny_target):
+    from napari_uda.adaptation.engine import adapt
+
+    settings = {"epochs": 1, "batch_size": 8}
+    result = adapt(tiny_model, tiny_target, "st", settings, device="cpu")
+    assert result.extra["self_training_source_pack_used"]
+    assert "source_cross_entropy" in result.history[-1]["losses"]
+    alone = adapt(tiny_model, tiny_target, "st", {**settings, "source_weight": 0}, device="cpu")
+    assert not alone.extra["self_training_source_pack_used"]
+    assert "source_cross_entropy" not in alone.history[-1]["losses"]
