@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from napari_uda.adaptation.base import AdaptationContext
 from napari_uda.adaptation.engine import adapt
 from napari_uda.adaptation.methods.udas import UDAS, UDASSettings
+from napari_uda.core.inference import predict_volume
 from napari_uda.core.models import UNetBundleAdapter, UNetConfig
 from napari_uda.core.models.bundle import ModelBundle
 from napari_uda.core.models.unet import UNet2D
@@ -133,3 +135,30 @@ def test_udas_improves_dice_on_the_demo_scanner_shift(
     assert after > before + 0.1, (before, after)
     # the early/final Dice dips before it rises: the collapse guard must not stop this run
     assert result.extra["collapse"] is None, result.extra["collapse"]
+
+
+def test_the_engine_reuses_the_agreement_pass_for_its_evaluation(tiny_model, tiny_target):
+    """UDAS predicts the whole target at the end of each epoch anyway; the engine's evaluation
+    after that step takes those probabilities instead of a pass of its own."""
+    import napari_uda.adaptation.base as base
+
+    calls = []
+    original = base.predict_batches
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    settings = {"epochs": 3, "batch_size": 10, "tolerance": 0.0}
+    base.predict_batches = counting
+    try:
+        udas = adapt(tiny_model, tiny_target, "udas", settings, device="cpu")
+        udas_calls = len(calls)
+        tent = adapt(tiny_model, tiny_target, "tent", {"epochs": 3, "batch_size": 10}, device="cpu")
+    finally:
+        base.predict_batches = original
+    assert udas_calls == 0 and len(calls) == 3  # TENT: one evaluation pass per epoch
+    assert udas.extra["steps_done"] == 6 and tent.extra["steps_done"] == 6
+    # and the result is what the adapted model predicts
+    again = predict_volume(udas.model, tiny_target, device="cpu")
+    np.testing.assert_allclose(again.probabilities, udas.prediction.probabilities, atol=1e-5)

@@ -158,9 +158,14 @@ class AdaptationContext:
             self.remember_prediction(probabilities)
         return probabilities
 
-    def remember_prediction(self, probabilities: torch.Tensor) -> None:
-        """Record the adapted model's probabilities at the current step (engine use)."""
-        self._latest_prediction = (self.steps_done, probabilities)
+    def remember_prediction(self, probabilities: torch.Tensor, step: int | None = None) -> None:
+        """Record the adapted model's (N, C, ...) probabilities on all target inputs (CPU, as
+        :meth:`predict_target` returns them) after ``step`` (default: the steps done so far).
+
+        A method that predicts the whole target anyway at the end of an epoch (UDAS's
+        agreement pass) records it with the step's number, so the engine's evaluation after
+        that step reuses it instead of predicting again."""
+        self._latest_prediction = (self.steps_done if step is None else step, probabilities)
 
     def target_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Indices of one shuffled epoch over the target inputs, in batches."""

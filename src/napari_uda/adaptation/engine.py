@@ -522,11 +522,8 @@ def run_adaptation(
 
     def evaluate(epoch: int) -> tuple[Signals, list[str]]:
         nonlocal kept, onset, collapse
-        with torch.no_grad(), preserved_modes(working.network):
-            probabilities = predict_batches(
-                working, inputs, device=device, batch_size=options.inference_batch_size
-            )
-        context.remember_prediction(probabilities)
+        with torch.no_grad():  # reuses a method's own whole-target pass after this step
+            probabilities = context.predict_target()
         current = compute_signals(probabilities, initial_labels, valid, reference_labels)
         reasons = guard.check(current, epoch, agreements)
         agreements.clear()

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...core.device import autocast
 from ...core.metrics import mean_foreground_dice
 from ...core.models.adapter import EARLY_HEAD
 from ...settings import setting
@@ -138,26 +139,31 @@ class UDAS(AdaptationMethod):
             loss = soft_cross_entropy(early_logits, pseudo_labels, mask)
         self.optimise(loss)
         if step % self.steps_per_epoch() == 0:  # the epoch's last step: measure the agreement
-            self.agreements.append(self.target_agreement())
+            self.agreements.append(self.target_agreement(step))
         value = float(loss.detach())
         return StepOutput({"total": value, "early_cross_entropy": value}, self.agreements[-1])
 
     @torch.no_grad()
-    def target_agreement(self) -> float:
+    def target_agreement(self, step: int | None = None) -> float:
         """Dice between the early head's and the final labels over all target slices (in
-        evaluation mode)."""
+        evaluation mode). After ``step``, the final probabilities of the same pass are handed
+        to the engine, whose evaluation then needs no pass of its own."""
         context = self.context
-        early, final = [], []
+        early, final, probabilities = [], [], []
         batch_size = context.inference_batch_size
         with preserved_modes(context.model.network) as network:
             network.eval()
             for start in range(0, context.num_target, batch_size):
                 index = torch.arange(start, min(start + batch_size, context.num_target))
                 images, mask = context.batch(index)
-                early_logits, final_logits = self._heads(images)
+                with autocast(context.device):  # as core.inference.predict_batches
+                    early_logits, final_logits = self._heads(images)
                 keep = slice(None) if mask is None else mask[:, 0]
                 early.append(early_logits.argmax(1)[keep].cpu())
                 final.append(final_logits.argmax(1)[keep].cpu())
+                probabilities.append(torch.softmax(final_logits.float(), dim=1).cpu())
+        if step is not None:
+            context.remember_prediction(torch.cat(probabilities), step)
         num_classes = context.model.num_classes
         return mean_foreground_dice(torch.cat(early), torch.cat(final), num_classes)
 
