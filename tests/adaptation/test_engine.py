@@ -246,24 +246,36 @@ def test_drift_is_measured_against_the_start_the_prior_and_the_first_epoch():
     assert "drifted" in reasons[0]
 
 
-def guard_with_agreements(curve: list[float]) -> list[list[str]]:
-    """The guard's reasons at each evaluation of a run whose method reports ``curve``."""
+def guard_with_agreements(curve: list[float], steps_per_epoch: int = 1, every: int = 1):
+    """The guard's reasons at each evaluation (every ``every`` steps) of a run whose method
+    reports ``curve[k]`` at every step of epoch k + 1."""
     start = Signals(0.3, [0.85, 0.15], 0.0, 1.0)
-    guard = CollapseGuard(start, None, EngineOptions(), ["background", "brain"])
+    guard = CollapseGuard(start, None, EngineOptions(), ["background", "brain"], steps_per_epoch)
     healthy = Signals(0.3, [0.85, 0.15], 0.0, 1.0)
-    return [guard.check(healthy, epoch, [value]) for epoch, value in enumerate(curve, start=1)]
+    steps = [(e, v) for e, v in enumerate(curve, start=1) for _ in range(steps_per_epoch)]
+    reasons = []
+    for first in range(0, len(steps), every):
+        window = steps[first : first + every]
+        reasons.append(guard.check(healthy, window[-1][0], [v for _, v in window]))
+    return reasons
 
 
 def test_agreement_rule_smooths_and_compares_with_its_early_level():
-    # a healthy UDAS run on the demo: the early/final Dice dips to half its start, then rises
-    udas = [0.50, 0.45, 0.33, 0.25, 0.47, 0.71, 0.78, 0.78]
+    # a healthy UDAS run on the demo (early/final Dice after each epoch): it dips below half its
+    # start before it rises; evaluated once per epoch or after every step, it is never stopped
+    udas = [0.51, 0.47, 0.35, 0.22, 0.43, 0.69, 0.78, 0.78]
     assert all(not reasons for reasons in guard_with_agreements(udas))
-    # a single bad evaluation is smoothed away
+    assert all(not reasons for reasons in guard_with_agreements(udas, 6, every=6))
+    assert all(not reasons for reasons in guard_with_agreements(udas, 6, every=1))
+    # a single bad epoch is smoothed away
     assert all(not reasons for reasons in guard_with_agreements([0.9, 0.88, 0.3, 0.9, 0.89]))
     # a steady fall is caught once the smoothed value is below half the early level
-    falling = guard_with_agreements([0.9, 0.7, 0.5, 0.35, 0.2, 0.1])
-    flagged = [i for i, reasons in enumerate(falling) if reasons]
-    assert flagged and flagged[0] == 4 and "smoothed agreement" in falling[4][0]
+    for steps_per_epoch, every in ((1, 1), (6, 6), (6, 1)):
+        falling = guard_with_agreements([0.9, 0.7, 0.5, 0.35, 0.2, 0.1], steps_per_epoch, every)
+        flagged = [i for i, reasons in enumerate(falling) if reasons]
+        assert flagged and "smoothed agreement" in falling[flagged[0]][0]
+        first_step = (flagged[0] + 1) * every
+        assert 4 * steps_per_epoch < first_step <= 5 * steps_per_epoch  # in epoch 5
 
 
 class SlowDrift(AdaptationMethod):

@@ -127,15 +127,15 @@ class EngineOptions:
     )
     agreement_smoothing: int = setting(
         3,
-        "Evaluations averaged into the smoothed agreement (each contributes the mean of the "
-        "method's agreement Dice over its steps).",
+        "Epochs averaged into the smoothed agreement: the mean of the method's per-step "
+        "agreement Dice over the last this many epochs' steps (independent of evaluate_every).",
         min=1,
         max=100,
     )
     agreement_drop_ratio: float = fraction_setting(
         0.5,
         "Agreement: collapse when the method's smoothed agreement Dice falls below this times "
-        "its early level (its mean over the steps up to the first evaluation; 0: off).",
+        "its early level (its mean over the first epoch's steps; 0: off).",
     )
 
     def __post_init__(self):
@@ -307,7 +307,7 @@ def collapse_reasons(
         signals, start: this evaluation's signals and the unadapted model's.
         prior: the source class ratios (None: unknown).
         agreement: the method's smoothed agreement Dice (None: the method has none).
-        early_agreement: its early level (the mean over the steps up to the first evaluation).
+        early_agreement: its early level (the mean over the first epoch's steps).
         early_fractions: class fractions of the first epoch's evaluations; None skips the
             drift rule (during the first epoch).
     """
@@ -363,28 +363,38 @@ class CollapseGuard:
       (against fixed references, not the previous evaluation), so a slow drift is caught;
     * entropy collapse: the entropy falls to a few percent of its start while the segmentation
       moves far from the start;
-    * agreement: the method's agreement Dice, averaged over ``agreement_smoothing`` evaluations,
-      falls below ``agreement_drop_ratio`` times its early level (noisy or dipping curves, such
-      as UDAS's early/final Dice, do not trip it).
+    * agreement: the method's per-step agreement Dice, averaged over the last
+      ``agreement_smoothing`` epochs of steps, falls below ``agreement_drop_ratio`` times its
+      early level (its mean over the first epoch). Noisy or dipping curves, such as UDAS's
+      early/final Dice, do not trip it, however often the engine evaluates.
     """
 
-    def __init__(self, start: Signals, prior, options: EngineOptions, class_names: list[str]):
+    def __init__(
+        self,
+        start: Signals,
+        prior,
+        options: EngineOptions,
+        class_names: list[str],
+        steps_per_epoch: int = 1,
+    ):
         self.start, self.prior, self.options, self.class_names = start, prior, options, class_names
+        self.steps_per_epoch = max(1, steps_per_epoch)
         self.early_fractions: list[list[float]] = []
-        self.windows: list[float] = []
+        self.agreements: list[float] = []
         self.early_agreement: float | None = None
         self.smoothed_agreement: float | None = None
         self.drift: list[float] = []
 
     def check(self, signals: Signals, epoch: int, agreements: Sequence[float]) -> list[str]:
         """The reasons (empty: healthy) for an evaluation in ``epoch`` (1-based), given the
-        method's per-step agreement values since the previous evaluation."""
+        method's per-step agreement values since the previous evaluation (during the first
+        epoch the smoothed value is the early level itself, so the rule cannot fire)."""
         options = self.options
         if agreements:
-            self.windows.append(float(np.mean(agreements)))
-            if self.early_agreement is None:
-                self.early_agreement = self.windows[0]
-            self.smoothed_agreement = float(np.mean(self.windows[-options.agreement_smoothing :]))
+            self.agreements.extend(float(a) for a in agreements)
+            self.early_agreement = float(np.mean(self.agreements[: self.steps_per_epoch]))
+            window = options.agreement_smoothing * self.steps_per_epoch
+            self.smoothed_agreement = float(np.mean(self.agreements[-window:]))
         in_first_epoch = epoch <= 1
         if in_first_epoch:
             self.early_fractions.append(list(signals.foreground_fraction))
@@ -517,7 +527,7 @@ def run_adaptation(
     step, last_evaluated, signals = 0, 0, start_signals
     stopped, stop_reason, collapse = False, "completed", None
     method_agreement, agreements = None, []
-    guard = CollapseGuard(start_signals, prior, options, working.class_names)
+    guard = CollapseGuard(start_signals, prior, options, working.class_names, steps_per_epoch)
     onset = kept  # the latest healthy checkpoint whose drift was within half the tolerance
 
     def evaluate(epoch: int) -> tuple[Signals, list[str]]:
