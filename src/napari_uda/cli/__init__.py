@@ -15,6 +15,13 @@ class CLIError(Exception):
     """An error the CLI reports as one line (exit code 2)."""
 
 
+def add_settings_option(parser: argparse.ArgumentParser, dest: str, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option, collected in ``args.<dest>``."""
+    parser.add_argument(
+        "--set", dest=dest, action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-uda",

@@ -19,7 +19,7 @@ import numpy as np
 from ..core.device import resolve_device
 from ..core.models import load_model
 from ..core.volume import atomic_output, is_nifti_path, load_volume, save_volume
-from . import CLIError
+from . import CLIError, add_settings_option
 
 
 def add_parser(subparsers) -> None:
@@ -36,14 +36,7 @@ def add_parser(subparsers) -> None:
         "--image", required=True, nargs="+", help="target NIfTI volume(s) from the new scanner"
     )
     parser.add_argument("--method", required=True, help="adaptation method (see `methods`)")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method setting, e.g. --set epochs=5 (repeatable)",
-    )
+    add_settings_option(parser, "settings", "a method setting, e.g. --set epochs=5 (repeatable)")
     parser.add_argument(
         "--out", required=True, nargs="+", help="segmentation NIfTI, one per --image"
     )

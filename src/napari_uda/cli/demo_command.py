@@ -21,7 +21,7 @@ from ..core.metrics import dice_per_class
 from ..core.models import load_model
 from ..core.volume import Volume, load_volume
 from ..data import demo_files
-from . import CLIError
+from . import CLIError, add_settings_option
 
 #: Adaptation method the demo uses unless ``--method`` says otherwise.
 DEFAULT_METHOD = "adabn"
@@ -39,14 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--method", default=DEFAULT_METHOD, help=f"adaptation method (default {DEFAULT_METHOD})"
     )
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method setting, e.g. --set epochs=5 (repeatable)",
-    )
+    add_settings_option(parser, "settings", "a method setting, e.g. --set epochs=5 (repeatable)")
     parser.add_argument(
         "--no-adapt", action="store_true", help="only predict and print the Dice before"
     )

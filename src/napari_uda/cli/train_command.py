@@ -15,7 +15,7 @@ from ..core.preprocessing import PreprocessingConfig
 from ..core.training import TrainingProgress, TrainingSettings, train_bundle
 from ..core.volume import load_volume
 from ..settings import apply_overrides, describe
-from . import CLIError
+from . import CLIError, add_settings_option
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,13 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=["background", "foreground"],
         help="class names, background first (default: background foreground)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"change a training setting (repeatable). Settings: {settings_help}",
+    add_settings_option(
+        parser, "overrides", f"change a training setting (repeatable). Settings: {settings_help}"
     )
     parser.add_argument("--seed", type=int, help="random seed (same as --set seed=N)")
     parser.add_argument(
