@@ -65,13 +65,8 @@ EXTRA_PROFILES = {
     )
 }
 TOLERANCE_MM = 2.0
-#: Settings per method for a one-shot 3D model (one input per scan, so one step per epoch).
-METHOD_SETTINGS = {
-    "adaent": {"epochs": 6, "learning_rate": 5e-4},
-    "mean_teacher": {"epochs": 6, "learning_rate": 5e-4},
-    "st": {"epochs": 6, "learning_rate": 5e-4},
-    "distillation": {"epochs": 6, "learning_rate": 5e-4},
-}
+#: Order of the methods in the table.
+METHOD_ORDER = ("none", "adaent", "mean_teacher", "st", "cbst", "distillation")
 
 
 def _mni152() -> tuple[Path, Path]:
@@ -105,8 +100,22 @@ def _scores(labels: np.ndarray, reference: np.ndarray, spacing) -> dict:
     return {"dice": metrics["dice"], "surface_dice": metrics["surface_dice"]}
 
 
-def run_case(head: str, profile: str, method: str | None, seed: int) -> dict:
-    """deepbet on one shifted head, adapted with ``method`` (None: prediction only)."""
+def run_case(
+    head: str,
+    profile: str,
+    method: str | None,
+    seed: int,
+    overrides: dict | None = None,
+    trainable: str | None = None,
+) -> dict:
+    """deepbet on one shifted head, adapted with ``method`` (None: prediction only).
+
+    Settings are deepbet's recommended ones for the method (``recommended_settings``: six
+    steps at learning rate 5e-4), changed by ``overrides``; ``trainable`` is deepbet's parameter
+    subset (None: its default, the first blocks).
+    The reference mask is given to the engine for QA only (never trained on), which records
+    the Dice after every step in the model's grid (``dice_per_step``).
+    """
     import torch
 
     from napari_uda.adaptation.engine import adapt
@@ -124,7 +133,7 @@ def run_case(head: str, profile: str, method: str | None, seed: int) -> dict:
         image = simulate_scanner(image, custom_profile(base, **changes), seed=seed)
     elif profile != "clean":
         image = simulate_scanner(image, profile, seed=seed)
-    model = load_model("deepbet")
+    model = load_model("deepbet", **({"trainable": trainable} if trainable else {}))
     row = {"head": head, "profile": profile, "method": method or "none", "seed": seed}
     row["shape"], row["spacing_mm"] = list(image.shape), [round(s, 2) for s in image.spacing]
     started = time.perf_counter()
@@ -133,12 +142,19 @@ def run_case(head: str, profile: str, method: str | None, seed: int) -> dict:
         before = after = _scores(prediction.labels, reference, image.spacing)
         row.update(kept_checkpoint="-", steps=0)
     else:
-        settings = METHOD_SETTINGS.get(method, {"epochs": 6})
-        result = adapt(model, image, method, settings, seed=seed, device="cpu")
+        settings = {**model.recommended_settings(method), **(overrides or {})}
+        reference_volume = image.with_data(reference.astype(np.uint8))
+        result = adapt(
+            model, image, method, settings, reference=reference_volume, seed=seed, device="cpu"
+        )
         before = _scores(result.initial_prediction.labels, reference, image.spacing)
         after = _scores(result.prediction.labels, reference, image.spacing)
         row.update(
             settings=settings,
+            trainable=model.trainable,
+            dice_per_step=[
+                (e["reference_dice"] or [None])[0] for e in result.history if "reference_dice" in e
+            ],
             steps=len(result.history),
             stop_reason=result.stop_reason,
             kept_checkpoint=f"step {result.checkpoint.step}: {result.checkpoint.reason}",
@@ -197,6 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", nargs="*", default=list(DEFAULT_PROFILES))
     parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting of every method, e.g. --set learning_rate=1e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--trainable",
+        choices=("all", "first_blocks"),
+        help="deepbet's parameter subset (default: the adapter's, first_blocks)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-docs", action="store_true", help="do not update the docs table")
     parser.add_argument(
@@ -206,11 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from napari_uda.core.models.deepbet import deepbet_missing_reason
+    from napari_uda.core.models.deepbet import RECOMMENDED_SETTINGS, deepbet_missing_reason
 
     if deepbet_missing_reason():
         print(deepbet_missing_reason(), file=sys.stderr)
         return 2
+    overrides = {}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in "-0123456789.[{" else value
     for head in args.heads:
         HEADS[head]()  # fetch data once, before the worker processes
     rows: list[dict] = []
@@ -221,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                     max_workers=1, mp_context=multiprocessing.get_context("spawn")
                 ) as pool:
                     try:
-                        row = pool.submit(run_case, head, profile, method, args.seed).result()
+                        row = pool.submit(
+                            run_case, head, profile, method, args.seed, overrides, args.trainable
+                        ).result()
                     except Exception as error:  # report and go on with the next case
                         row = {"head": head, "profile": profile, "method": method or "none"}
                         row["error"] = str(error).splitlines()[0]
@@ -240,14 +275,16 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(args.out.read_text())["rows"]
         kept = [r for r in old if (r["head"], r["profile"], r["method"]) not in new_cases]
         rows = kept + rows
-        order = {name: i for i, name in enumerate(["none", *METHOD_SETTINGS])}
+        order = {name: i for i, name in enumerate(METHOD_ORDER)}
         rows.sort(key=lambda r: (r["head"], r["profile"], order.get(r["method"], 99)))
     payload = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} CPU cores, no GPU",
         "seed": args.seed,
         "tolerance_mm": TOLERANCE_MM,
-        "method_settings": METHOD_SETTINGS,
+        "method_settings": RECOMMENDED_SETTINGS,
+        "overrides": overrides,
+        "trainable": args.trainable or "first_blocks",
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -110,20 +110,32 @@ def test_parameter_subsets(deepbet_model):
     names = [n for n, _ in deepbet_model.scripted.named_parameters()]
     first = [n for n in names if n.startswith(("init.", "down0."))]
     assert len(groups["first_blocks"]) == len(first) and 0 < len(first) < len(names)
-    assert len(groups["all"]) == len(names)
+    assert len(groups["every"]) == len(names)
+    # the first blocks are what methods train by default (safer: docs/model-adapters.md)
+    assert deepbet_model.trainable == "first_blocks"
+    assert {id(p) for p in groups["all"]} == {id(p) for p in groups["first_blocks"]}
     model = deepbet_model.clone()
-    model.set_trainable("first_blocks")
-    assert {id(p) for p in model.parameter_groups()["all"]} == {
-        id(p) for p in model.parameter_groups()["first_blocks"]
+    model.set_trainable("all")
+    assert len(model.parameter_groups()["all"]) == len(names)
+
+
+def test_recommended_settings(deepbet_model):
+    """AdaEnt's default (norm-only) does not exist in deepbet: its recommendation trains "all"
+    (the trainable set), at the measured learning rate and number of steps."""
+    assert deepbet_model.recommended_settings("adaent") == {
+        "parameters": "all",
+        "learning_rate": 5e-4,
+        "epochs": 6,
     }
+    assert deepbet_model.recommended_settings("mean_teacher")["learning_rate"] == 5e-4
+    assert deepbet_model.recommended_settings("st") == {"parameters": "all"}
 
 
 @pytest.mark.parametrize("method", ["adaent", "st", "mean_teacher", "distillation"])
 def test_methods_run_on_deepbet_and_train_only_the_chosen_blocks(quick_model, target, method):
     image, reference = target
-    settings = {"epochs": 2, "learning_rate": 1e-3}
-    if method == "adaent":  # its default is norm-only, and deepbet has no norm parameters
-        settings["parameters"] = "all"
+    # deepbet's recommended settings (AdaEnt: parameters=all, deepbet has no norm parameters)
+    settings = {**quick_model.recommended_settings(method), "epochs": 2, "learning_rate": 1e-3}
     result = adapt(
         quick_model,
         image,

@@ -218,6 +218,9 @@ def test_capabilities_follow_the_normalisation_layers(tmp_path):
     assert reasons and "affine" in reasons[0]
     assert get_method("udas").unmet_needs(scripted_bn.capabilities)  # no early head
     assert not get_method("adaent").unmet_needs(instance.capabilities)
+    # AdaEnt's default trains norm parameters, which the instance-norm model lacks
+    assert instance.recommended_settings("adaent") == {"parameters": "all"}
+    assert scripted_bn.recommended_settings("adaent") == {}
 
 
 def test_first_blocks_setting_limits_what_methods_train(model_2d, shifted_case):

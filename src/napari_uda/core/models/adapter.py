@@ -133,6 +133,12 @@ class ModelAdapter(ABC):
             groups["norm"] = norm
         return groups
 
+    def recommended_settings(self, method: str) -> dict[str, Any]:
+        """Changes to the default settings of ``method`` (a registry name) that this model
+        needs or is safer with, measured (docs/model-adapters.md). Code that resolves settings
+        applies them beneath the user's own; the benchmarks use them. Default: none."""
+        return {}
+
     def clone(self) -> ModelAdapter:
         """A deep copy whose network can be trained without touching this one."""
         return copy.deepcopy(self)

@@ -27,9 +27,11 @@ keeps the network's own uncertainty.
 Only the main network is adapted; the localiser stays as shipped. deepbet's InstanceNorm layers
 have no affine parameters, so TENT (norm affine parameters) and AdaBN (BatchNorm statistics) do
 not apply. Entropy minimisation (AdaEnt), self-training, Mean Teacher and distillation update
-either every parameter (``trainable="all"``, default) or the first blocks
-(``trainable="first_blocks"``: the 7x7x7 stem and the first encoder stage, ``init`` and
-``down0``).
+either the first blocks (``trainable="first_blocks"``, default: the 7x7x7 stem and the first
+encoder stage, ``init`` and ``down0``) or every parameter (``trainable="all"``). The first
+blocks are the default because training every parameter let AdaEnt drift on a severe shift
+(Dice 0.956 -> 0.945 on the ROBEX head) where the first blocks changed it by -0.001; see
+:data:`RECOMMENDED_SETTINGS` and docs/model-adapters.md.
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ NOT_APPLICABLE = (
     "TENT and AdaBN do not apply: deepbet's InstanceNorm layers have no affine parameters "
     "and it has no BatchNorm"
 )
+#: Settings per method for one-shot adaptation of deepbet (one 256^3 input per scan, so one
+#: optimiser step per epoch), measured on real heads with simulated scanners
+#: (benchmarks/deepbet_benchmark.py, docs/model-adapters.md): six steps at learning rate 5e-4.
+#: AdaEnt's default ``parameters="norm"`` does not exist in deepbet: "all" trains the adapter's
+#: trainable set (the first blocks by default).
+RECOMMENDED_SETTINGS = {
+    "adaent": {"parameters": "all", "learning_rate": 5e-4, "epochs": 6},
+    "mean_teacher": {"learning_rate": 5e-4, "epochs": 6},
+}
 SPEC_KEYS = {"adapter", "file", "name", "class_names", "trainable", "postprocess", "provenance"}
 
 
@@ -104,7 +115,8 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
     Args:
         network: deepbet's main TorchScript network (``model.pt``, or an adapted copy).
         localiser: deepbet's bounding-box network (``bbox_model.pt``); never adapted.
-        trainable: ``"all"`` (default) or ``"first_blocks"`` (``init`` and ``down0``).
+        trainable: ``"first_blocks"`` (default: ``init`` and ``down0``, 33 k parameters) or
+            ``"all"`` (2.1 M); what methods train when they train "all" parameters.
         postprocess: apply deepbet's largest-component and hole filling. Default True.
         name: shown in the UI. Default ``"deepbet"``.
         input_shape: size the brain box is resized to. Default (256, 256, 256), deepbet's;
@@ -119,7 +131,7 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
         network: nn.Module,
         localiser: nn.Module,
         *,
-        trainable: str = "all",
+        trainable: str = "first_blocks",
         postprocess: bool = True,
         name: str = "deepbet",
         input_shape: tuple[int, int, int] = MODEL_SHAPE,
@@ -158,7 +170,7 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
             raise ModelLoadError(f"{spec_path}: deepbet's classes are {CLASS_NAMES}")
         file = spec_path.parent / str(spec.get("file") or spec_path.with_suffix(".pt").name)
         settings = {
-            "trainable": spec.get("trainable", "all"),
+            "trainable": spec.get("trainable", "first_blocks"),
             "postprocess": spec.get("postprocess", True),
             "name": spec.get("name", file.name),
         }
@@ -195,6 +207,10 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
         tiling = PatchTiling.build(self.input_shape, None, pad_multiple=1)
         postprocess = _Postprocess(box) if self.postprocess else None
         return VolumetricPrepared(volume, inputs, grid, tiling, postprocess)
+
+    def recommended_settings(self, method: str) -> dict[str, Any]:
+        """:data:`RECOMMENDED_SETTINGS` for ``method`` (measured), else the generic ones."""
+        return {**super().recommended_settings(method), **RECOMMENDED_SETTINGS.get(method, {})}
 
     # -- description ---------------------------------------------------------------------------
     @property
