@@ -223,7 +223,7 @@ class TorchScriptAdapter(ScriptedAdapterMixin, ModelAdapter):
 
     ``network`` is a :class:`~napari_uda.core.models.scripted.LogitsNetwork` around the scripted
     module. Capabilities: ``norm_affine`` when its normalisation layers have affine parameters
-    (TENT); never ``batchnorm`` (AdaBN cannot re-estimate TorchScript BatchNorm), no early head
+    (TENT); ``batchnorm`` when its BatchNorm was scripted, not traced (AdaBN), no early head
     and no bottleneck (UDAS and AIVA do not apply).
     """
 
