@@ -104,3 +104,11 @@ def test_named_model_menu_opens_deepbet_and_adapt_disables_what_cannot_apply(doc
         assert not item.isEnabled()
         assert available_methods()[name].unmet_needs(state.model.capabilities)[0] in item.toolTip()
     assert combo.model().item(combo.currentIndex()).isEnabled()
+    # the form starts from deepbet's measured settings (AdaEnt trains all parameters), marked
+    adapt = widgets["Adapt"]
+    combo.setCurrentIndex(combo.findData("adaent"))
+    recommended = state.model.recommended_settings("adaent")
+    assert recommended["parameters"] == "all"
+    values = adapt.form.values()
+    assert all(values[name] == value for name, value in recommended.items())
+    assert "paper default" in adapt.form["parameters"].tooltip

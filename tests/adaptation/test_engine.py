@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_uda.adaptation.base import AdaptationMethod, CommonSettings, StepOutput
+from napari_uda.adaptation.base import AdaptationMethod, CommonSettings, StepOutput, get_method
 from napari_uda.adaptation.engine import (
     AdaptationError,
     CollapseGuard,
@@ -16,6 +16,7 @@ from napari_uda.adaptation.engine import (
     Signals,
     adapt,
     collapse_reasons,
+    resolve_settings,
     run_adaptation,
 )
 from napari_uda.adaptation.events import AdaptationEvent
@@ -380,3 +381,20 @@ def test_collapse_at_the_first_evaluation_restores_the_unadapted_model(tiny_mode
     assert result.extra["collapse"]["step"] == 1 and result.checkpoint.step == 0
     assert same_weights(weights(tiny_model), weights(result.model))  # buffers included
     np.testing.assert_array_equal(result.prediction.labels, result.initial_prediction.labels)
+
+
+def test_model_recommended_settings_sit_beneath_the_users(tiny_model, tiny_target, monkeypatch):
+    model = tiny_model.clone()
+    monkeypatch.setattr(
+        model, "recommended_settings", lambda name: {"epochs": 1, "learning_rate": 1e-4}
+    )
+    assert resolve_settings(get_method("tent"), None, model).epochs == 1
+    chosen = resolve_settings(get_method("tent"), {"epochs": 3}, model)
+    assert chosen.epochs == 3 and chosen.learning_rate == pytest.approx(1e-4)
+    assert resolve_settings(get_method("tent"), None).epochs != 1  # paper default without model
+    result = adapt(model, tiny_target, "tent", {"batch_size": 8}, device="cpu")
+    assert (
+        result.settings["epochs"] == 1
+        and result.extra["steps_done"] == result.extra["steps_per_epoch"]
+    )
+    assert result.extra["model_recommended_settings"] == {"epochs": 1, "learning_rate": 1e-4}

@@ -52,6 +52,7 @@ class AdaptWidget(QWidget):
         self.state = get_state(napari_viewer)
         self.methods = available_methods()
         self.form: SettingsForm | None = None
+        self._form_key: tuple | None = None  # (settings class, model's recommendations)
         self._progress: progress | None = None
         self._started = 0.0
         self._progress_moved = 0.0
@@ -169,14 +170,19 @@ class AdaptWidget(QWidget):
         if name is None:
             return
         method = self.methods[name]
-        if self.form is not None and self.form.settings_class is method.Settings:
+        model = self.state.model
+        recommended = model.recommended_settings(name) if model is not None else {}
+        if self.form is not None and self._form_key == (method.Settings, repr(recommended)):
             return
+        self._form_key = (method.Settings, repr(recommended))
         self.method_summary.setText(method.summary)
         self.method_summary.setToolTip(method.reference)
         if self.form is not None:
             self.settings_box.layout().removeWidget(self.form.native)
             self.form.native.deleteLater()
         self.form = SettingsForm(method.Settings)
+        if recommended:  # e.g. deepbet trains its first blocks: the model's measured choice
+            self.form.recommend(recommended)
         self.settings_box.layout().addWidget(self.form.native)
         self._update_buttons()
 

@@ -136,6 +136,15 @@ class SettingsForm(Container):
                 values[name] = widget.value
         return values
 
+    def recommend(self, values: dict[str, Any], why: str = "for this model") -> None:
+        """Start from ``values`` instead of the paper defaults, saying so in each tooltip."""
+        self.set_values(values)
+        for name in values:
+            spec, widget = self.specs[name], self[name]
+            note = f"Set {why}; the paper default is {_format(spec.default) or 'none'}."
+            widget.tooltip = f"{note} {tooltip(spec)}"
+            widget.label = f"{spec.name.replace('_', ' ')} *"
+
     def set_values(self, values: dict[str, Any]) -> None:
         for name, value in values.items():
             widget = self[name]

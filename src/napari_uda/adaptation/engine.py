@@ -164,9 +164,21 @@ class _Checkpoint:
 
 
 # -- preparation -------------------------------------------------------------------------------
-def resolve_settings(method_class: type[AdaptationMethod], settings: SettingsInput):
-    """The method's settings from None (defaults), an instance, a dict or ``key=value`` strings."""
+def resolve_settings(
+    method_class: type[AdaptationMethod],
+    settings: SettingsInput,
+    model: ModelAdapter | None = None,
+):
+    """The method's settings from None (defaults), an instance, a dict or ``key=value`` strings.
+
+    With ``model``, its :meth:`~ModelAdapter.recommended_settings` for the method replace the
+    paper defaults beneath the user's own values (e.g. deepbet, which has no normalisation
+    parameters, trains its first blocks). An instance is taken as it is.
+    """
     defaults = method_class.Settings()
+    recommended = model.recommended_settings(method_class.name) if model is not None else {}
+    if recommended:
+        defaults = apply_overrides(defaults, dict(recommended))
     if settings is None:
         return defaults
     if isinstance(settings, CommonSettings):
@@ -470,7 +482,7 @@ def run_adaptation(
     """
     options = options or EngineOptions()
     method_class = get_method(method) if isinstance(method, str) else method
-    method_settings = resolve_settings(method_class, settings)
+    method_settings = resolve_settings(method_class, settings, model)
     unmet = method_class.unmet_needs(model.capabilities)
     if unmet:
         raise AdaptationError(f"{method_class.name} cannot adapt this model: {'; '.join(unmet)}")
@@ -701,6 +713,7 @@ def run_adaptation(
             "collapse": collapse,
             "collapse_guard": guard.report(),
             "prior_class_ratios": prior,
+            "model_recommended_settings": model.recommended_settings(method_class.name),
             "engine_options": dataclasses.asdict(options),
             **runner.report(),
         },

@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     unmet = method.unmet_needs(model.capabilities)
     if unmet:
         raise AdaptationError(f"{method.name} cannot adapt {args.model}: {'; '.join(unmet)}")
+    settings = resolve_settings(method, args.settings, model)  # the model's recommendations
     if args.save_model:
         _check_model_output(args, model)
     volumes = [load_volume(path) for path in args.image]
