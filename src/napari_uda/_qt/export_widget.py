@@ -102,7 +102,7 @@ class ExportWidget(QWidget):
         if model is None:
             check.text, check.tooltip, check.enabled = OUTPUTS["model"][0], "", True
         elif model.can_save:
-            check.text = f"{OUTPUTS['model'][0]} ({model.save_description or model.save_suffix})"
+            check.text = f"{OUTPUTS['model'][0]}: {model.save_description or model.save_suffix}"
             check.tooltip, check.enabled = "", True
         else:
             check.text = f"{OUTPUTS['model'][0]} (this kind of model cannot be saved)"
