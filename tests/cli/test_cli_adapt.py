@@ -59,6 +59,11 @@ def test_adapt_writes_mask_entropy_model_and_report(files, tmp_path, capsys):
     assert len(data["history"]) == data["extra"]["steps_done"] > 0
     assert set(data["checkpoint"]) == {"step", "reason", "score"}
     assert len(data["dice_before"]) == len(data["dice_after"]) == 1 and data["seconds"] > 0
+    assert data["inputs"]["command"] == "napari-uda adapt"  # the same report as the Export widget
+    volumes = data["metrics"]["volume_ml"]
+    assert set(volumes) == {"before", "after"} and all(v > 0 for v in volumes["after"].values())
+    after = data["metrics"]["reference"]["after"]
+    assert after[list(after)[-1]]["dice"] == pytest.approx(data["dice_after"][0], abs=1e-6)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch")]
     assert [line.split()[1] for line in lines] == ["1", "2"]  # one progress line per epoch
     assert "Dice" in lines[-1]

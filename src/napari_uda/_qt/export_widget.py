@@ -18,9 +18,9 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
 
 from .._writer import write_image, write_labels
+from ..adaptation.report import run_metrics, run_report, write_history_csv, write_json
 from ..core.volume import Volume
 from .layers import ENTROPY_AFTER, SEGMENTATION_AFTER, layer_meta
-from .report import run_metrics, run_report, write_history_csv, write_json
 from .runner import readable
 from .state import get_state
 

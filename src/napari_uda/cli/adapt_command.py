@@ -8,17 +8,15 @@ Progress goes to stderr, one line per epoch. Outputs are written atomically at t
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ..adaptation.report import jsonable, run_metrics, run_report, write_json
 from ..core.device import resolve_device
 from ..core.models import load_model
-from ..core.volume import atomic_output, is_nifti_path, load_volume, save_volume
+from ..core.volume import is_nifti_path, load_volume, save_volume
 from . import CLIError, add_settings_option
 
 
@@ -109,27 +107,6 @@ def _check_model_output(args, model) -> None:
             raise CLIError(f"--save-model also writes {path}, which is another input or output")
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` with numpy and torch values turned into plain JSON types (others dropped)."""
-    if isinstance(value, dict):
-        items = ((str(k), _jsonable(v)) for k, v in value.items())
-        return {k: v for k, v in items if v is not _DROP}
-    if isinstance(value, (list, tuple)):
-        return [v for v in (_jsonable(v) for v in value) if v is not _DROP]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return _DROP
-
-
-_DROP = object()
-
-
 def _progress_line(event, class_names: list[str]) -> str:
     if event.step == 0:
         parts = [f"before adaptation ({event.total_steps} steps planned)"]
@@ -213,33 +190,18 @@ def run(args: argparse.Namespace) -> int:
     if args.save_model:
         adapted = {"method": method.name, "settings": result.settings, "seed": args.seed}
         adapted["from"] = str(args.model)
-        result.model.save(args.save_model, provenance={"adapted": _jsonable(adapted)})
+        result.model.save(args.save_model, provenance={"adapted": jsonable(adapted)})
     if args.report:
-        report = {
+        inputs = {
             "command": "napari-uda adapt",
             "model": str(args.model),
             "images": [str(p) for p in args.image],
             "reference": args.reference,
             "outputs": {"segmentation": args.out, "entropy": args.entropy_out},
-            "method": result.method,
-            "settings": result.settings,
-            "seed": result.seed,
-            "device": result.device,
-            "seconds": result.seconds,
-            "stopped": result.stopped,
-            "stop_reason": result.stop_reason,
-            "checkpoint": {
-                "step": result.checkpoint.step,
-                "reason": result.checkpoint.reason,
-                "score": result.checkpoint.score,
-            },
-            "dice_before": result.reference_dice_before,
-            "dice_after": result.reference_dice_after,
-            "history": result.history,
-            "extra": result.extra,
         }
-        with atomic_output(args.report, ".json") as temporary:
-            temporary.write_text(json.dumps(_jsonable(report), indent=2))
+        truth = None if reference is None else np.rint(np.asarray(reference.data)).astype(int)
+        metrics = run_metrics(result, class_names, volumes[0].spacing, truth)
+        write_json(run_report(result, inputs=inputs, metrics=metrics), args.report)
     summary = f"napari-uda adapt: {result.stop_reason} in {result.seconds:.1f} s; kept step "
     summary += f"{result.checkpoint.step} ({result.checkpoint.reason})"
     if result.reference_dice_after is not None:

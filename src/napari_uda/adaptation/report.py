@@ -1,5 +1,6 @@
-"""The run report the Export widget writes (no Qt): settings, history and metrics as JSON, and
-the per-step history as CSV. Both are written atomically."""
+"""The report of an adaptation run, as the CLI (``adapt --report``) and the Export widget write
+it: settings, history and metrics as JSON, and the per-step history as CSV. Both are written
+atomically."""
 
 from __future__ import annotations
 
@@ -14,19 +15,20 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..adaptation.events import AdaptationResult
 from ..core.metrics import compute_metrics, volume_ml
 from ..core.volume import atomic_output
+from .events import AdaptationResult
 
 
-def _jsonable(value: Any) -> Any:
-    """Numbers, lists and dicts JSON can hold (NaN/inf become None)."""
+def jsonable(value: Any) -> Any:
+    """Numbers, lists and dicts JSON can hold (NaN/inf become None, arrays and tensors lists,
+    anything else its ``str``)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray) or type(value).__name__ == "Tensor":
+        return jsonable(value.tolist())
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -74,7 +76,7 @@ def run_report(
     result: AdaptationResult, *, inputs: dict[str, Any], metrics: dict[str, Any]
 ) -> dict[str, Any]:
     """The JSON report: what ran on what, with which settings, what came out."""
-    return _jsonable(
+    return jsonable(
         {
             "napari_uda_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
