@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..settings import setting, settings_to_dict
+from .augment import SpatialAugmentation
 from .device import resolve_device
 from .models.bundle import ModelBundle, SourcePack
 from .models.unet import UNet2D, UNetConfig
@@ -146,8 +147,6 @@ def augment_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random flips, rotation and zoom (images and labels alike), then intensity gamma, scale and
     shift (images only). Images are (B, 1, H, W) normalised slices, labels (B, H, W)."""
-    from ..adaptation.augment import SpatialAugmentation
-
     spatial = SpatialAugmentation(
         rotation_degrees=settings.rotation_degrees,
         max_translation=0.05,

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.augment import SpatialAugmentation
 from ...core.metrics import mean_foreground_dice
 from ...settings import setting
-from ..augment import SpatialAugmentation
 from ..base import AdaptationMethod, CommonSettings, StepOutput, register
 
 

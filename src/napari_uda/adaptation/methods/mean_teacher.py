@@ -5,7 +5,7 @@ average (EMA) of the student's: ``teacher <- alpha * teacher + (1 - alpha) * stu
 optimiser step, with ``alpha`` = 0.99 while the consistency weight ramps up and 0.999 afterwards
 (the paper raises alpha later in training). On each target batch the student sees a randomly
 transformed slice ``g(x)`` and the teacher the original ``x``; the teacher's probabilities are
-transformed with the *same* ``g`` (:mod:`napari_uda.adaptation.augment`) and the student is pulled
+transformed with the *same* ``g`` (:mod:`napari_uda.core.augment`) and the student is pulled
 towards them by a consistency loss (MSE by default; cross-entropy and Dice selectable, which the
 paper found less stable). The consistency weight follows the sigmoid ramp-up
 ``w(t) = weight * exp(-5 (1 - t)^2)`` for ``t`` = progress through the ramp-up in [0, 1].
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...core.augment import PairedTransform, SpatialAugmentation
 from ...core.metrics import mean_foreground_dice
 from ...settings import setting
-from ..augment import PairedTransform, SpatialAugmentation
 from ..base import AdaptationMethod, CommonSettings, StepOutput, fraction_setting, register
 from ..losses import consistency_loss, soft_dice_loss
 

@@ -1,4 +1,4 @@
-"""Paired random spatial transforms for consistency training (2D and 3D).
+"""Paired random spatial transforms (2D and 3D) for source training and consistency training.
 
 Mean Teacher (Perone et al. 2019) feeds the student a transformed image ``g(x)`` and compares
 its prediction with the teacher's prediction of the *untransformed* image, transformed the same

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_uda.adaptation.augment import (
+from napari_uda.core.augment import (
     SpatialAugmentation,
     identity_affine,
     random_affine,
