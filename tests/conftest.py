@@ -75,6 +75,26 @@ def demo_reference_slab(demo_reference) -> Volume:
     return central_slab(demo_reference)
 
 
+@pytest.fixture
+def adapt_demo(demo_model, demo_target_slab, demo_reference_slab):
+    """``adapt_demo(method, settings)``: adapt the demo model to the new-scanner slab (the
+    reference mask only measures); returns ``(result, Dice before, Dice after)``."""
+    from napari_uda.adaptation.engine import adapt
+
+    def run(method: str, settings: dict | None = None):
+        result = adapt(
+            demo_model,
+            demo_target_slab,
+            method,
+            settings,
+            reference=demo_reference_slab,
+            device="cpu",
+        )
+        return result, result.reference_dice_before[0], result.reference_dice_after[0]
+
+    return run
+
+
 # -- a tiny synthetic case -----------------------------------------------------------------------
 def synthetic_head(
     shape=(40, 40, 20), *, brain=1.0, scalp=0.45, seed=0, spacing=2.0

@@ -43,13 +43,8 @@ def test_model_without_batchnorm_is_refused_with_a_clear_reason(tiny_model, tiny
     assert "needs BatchNorm layers" in str(error.value) and "has none" in str(error.value)
 
 
-def test_adabn_raises_dice_on_the_demo_scanner_shift(
-    demo_model, demo_target_slab, demo_reference_slab
-):
-    result = adapt(
-        demo_model, demo_target_slab, "adabn", reference=demo_reference_slab, device="cpu"
-    )
-    before, after = result.reference_dice_before[0], result.reference_dice_after[0]
+def test_adabn_raises_dice_on_the_demo_scanner_shift(adapt_demo):
+    _result, before, after = adapt_demo("adabn")
     assert after > before + 0.1, (before, after)
 
 

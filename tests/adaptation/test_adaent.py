@@ -72,17 +72,7 @@ def test_parameter_choice(tiny_model, tiny_target, parameters):
     assert any(not torch.equal(before[n], after[n]) for n in before if before[n].dim() == 1)
 
 
-def test_adaent_raises_dice_on_the_demo_scanner_shift(
-    demo_model, demo_target_slab, demo_reference_slab
-):
-    result = adapt(
-        demo_model,
-        demo_target_slab,
-        "adaent",
-        {"epochs": 3},
-        reference=demo_reference_slab,
-        device="cpu",
-    )
-    before, after = result.reference_dice_before[0], result.reference_dice_after[0]
+def test_adaent_raises_dice_on_the_demo_scanner_shift(adapt_demo):
+    result, before, after = adapt_demo("adaent", {"epochs": 3})
     assert after > before + 0.1, (before, after)
     assert result.extra["prior_source"] == "bundle"

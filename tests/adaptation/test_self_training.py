@@ -90,20 +90,8 @@ def test_rounds_select_from_the_first_labels_unless_refreshed(tiny_model, tiny_t
 
 
 @pytest.mark.parametrize("method", ["st", "cbst"])
-def test_self_training_raises_dice_on_the_demo_scanner_shift(
-    method, demo_model, demo_target_slab, demo_reference_slab
-):
-    from napari_uda.adaptation.engine import adapt
-
-    result = adapt(
-        demo_model,
-        demo_target_slab,
-        method,
-        {"epochs": 3},
-        reference=demo_reference_slab,
-        device="cpu",
-    )
-    before, after = result.reference_dice_before[0], result.reference_dice_after[0]
+def test_self_training_raises_dice_on_the_demo_scanner_shift(method, adapt_demo):
+    _result, before, after = adapt_demo(method, {"epochs": 3})
     assert after > before + 0.1, (before, after)
 
 

@@ -120,18 +120,8 @@ def test_engine_ends_a_run_by_the_rule_and_reports_the_agreement_curve(tiny_mode
     assert full.stop_reason == "completed" and full.extra["steps_done"] == 6
 
 
-def test_udas_improves_dice_on_the_demo_scanner_shift(
-    demo_model, demo_target_slab, demo_reference_slab
-):
-    result = adapt(
-        demo_model,
-        demo_target_slab,
-        "udas",
-        {"epochs": 5, "batch_size": 8},
-        reference=demo_reference_slab,
-        device="cpu",
-    )
-    before, after = result.reference_dice_before[0], result.reference_dice_after[0]
+def test_udas_improves_dice_on_the_demo_scanner_shift(adapt_demo):
+    result, before, after = adapt_demo("udas", {"epochs": 5, "batch_size": 8})
     assert after > before + 0.1, (before, after)
     # the early/final Dice dips before it rises: the collapse guard must not stop this run
     assert result.extra["collapse"] is None, result.extra["collapse"]
