@@ -255,10 +255,13 @@ def write_table(summary: dict, path: Path) -> None:
         "",
         threading_note(summary, cli, thread, one),
         "",
-        "With only 2 cores, everything the GUI does (the Qt event loop, the 10 ms probe timer, "
-        "Xvfb and Mesa's software rasteriser when the canvas redraws) takes time from one of "
-        "PyTorch's two OpenMP threads, which wait for each other at every operation; on an "
-        "idle machine that is what the ratio to the headless engine measures.",
+        "What the GUI costs on an idle 2-core machine is the ratio to the headless engine in a "
+        "background thread. It is not the drawing: a separate 3-round check with Mesa's "
+        "rasteriser on one thread (`LP_NUM_THREADS=1`, 2026-11-24) gave the same ratio (0.78). "
+        "The likely cost is the GUI thread's Python work (the 10 ms probe timer itself, event "
+        "handlers) holding the GIL that the worker needs between PyTorch calls, and the "
+        "GUI thread taking a core from one of PyTorch's two OpenMP threads. Running the engine "
+        "in a separate process would remove both; not tried yet.",
         "",
         "Rendering is software OpenGL (Mesa llvmpipe under Xvfb) on the same 2 cores that "
         "train, so every canvas redraw competes with the adaptation; a GPU-backed display "
