@@ -258,10 +258,13 @@ def write_table(summary: dict, path: Path) -> None:
         "What the GUI costs on an idle 2-core machine is the ratio to the headless engine in a "
         "background thread. It is not the drawing: a separate 3-round check with Mesa's "
         "rasteriser on one thread (`LP_NUM_THREADS=1`, 2026-11-24) gave the same ratio (0.78). "
-        "The likely cost is the GUI thread's Python work (the 10 ms probe timer itself, event "
-        "handlers) holding the GIL that the worker needs between PyTorch calls, and the "
-        "GUI thread taking a core from one of PyTorch's two OpenMP threads. Running the engine "
-        "in a separate process would remove both; not tried yet.",
+        "Part of it is the measurement: the same 3-round check with the probe timer ticking "
+        "every 100 ms instead of 10 ms gave 0.88 of the headless thread (0.79 of the CLI), so "
+        "about a third of the cost is the probe waking the GUI thread 100 times a second. The "
+        "rest is likely the GUI thread's own Python work (event handlers, plots) holding the GIL "
+        "that the worker needs between PyTorch calls, and taking a core from one of PyTorch's "
+        "two OpenMP threads. Running the engine in a separate process would remove it; not "
+        "tried yet.",
         "",
         "Rendering is software OpenGL (Mesa llvmpipe under Xvfb) on the same 2 cores that "
         "train, so every canvas redraw competes with the adaptation; a GPU-backed display "
