@@ -11,15 +11,13 @@ import torch
 from napari_uda.adaptation.base import AdaptationMethod, CommonSettings, StepOutput, get_method
 from napari_uda.adaptation.engine import (
     AdaptationError,
-    CollapseGuard,
     EngineOptions,
-    Signals,
     adapt,
-    collapse_reasons,
     resolve_settings,
     run_adaptation,
 )
 from napari_uda.adaptation.events import AdaptationEvent
+from napari_uda.adaptation.guard import CollapseGuard, Signals, collapse_reasons
 from napari_uda.adaptation.methods.adabn import restart_batchnorm_statistics
 from napari_uda.core.inference import predict_volume
 from napari_uda.core.models import ModelBundle, UNet2D, UNetBundleAdapter, UNetConfig

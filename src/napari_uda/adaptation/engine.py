@@ -11,11 +11,12 @@ step and returns an :class:`AdaptationResult`; :func:`adapt` runs it to the end.
 * evaluates label-free signals (mean normalised entropy, change since the start, foreground
   fraction per class, agreement Dice) with a no-grad pass, once per epoch by default, and Dice
   against a reference mask when one is given (QA only: never used for training);
-* guards against collapse: :class:`CollapseGuard` applies label-free rules (foreground
-  vanishing, exploding or drifting slowly away from the start and the prior, entropy collapse,
-  the method's smoothed agreement falling below its early level) and the engine keeps a healthy
-  checkpoint (after a collapse, the last one before the drift began), so the result is never
-  silently a collapsed model (see :class:`EngineOptions` and docs/methods.md).
+* guards against collapse: :class:`~napari_uda.adaptation.guard.CollapseGuard` applies
+  label-free rules (foreground vanishing, exploding or drifting slowly away from the start and
+  the prior, entropy collapse, the method's smoothed agreement falling below its early level)
+  and the engine keeps a healthy checkpoint (after a collapse, the last one before the drift
+  began), so the result is never silently a collapsed model (see :class:`EngineOptions` and
+  docs/methods.md).
 
 Runs are deterministic on the CPU for a given ``seed`` (the engine seeds torch's global
 generator, which dropout uses, and the batch order).
@@ -24,7 +25,6 @@ generator, which dropout uses, and the batch order).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.device import resolve_device
-from ..core.inference import Prediction, normalized_entropy, predict_batches
+from ..core.inference import Prediction, predict_batches
 from ..core.metrics import dice_per_class
 from ..core.models.adapter import ModelAdapter
 from ..core.preprocessing import PreparedVolume
@@ -50,6 +50,7 @@ from .base import (
     preserved_modes,
 )
 from .events import AdaptationEvent, AdaptationResult, CheckpointChoice
+from .guard import CollapseGuard, Signals, compute_signals
 
 SettingsInput = CommonSettings | dict[str, Any] | Sequence[str] | None
 
@@ -144,17 +145,6 @@ class EngineOptions:
 
 
 @dataclass
-class Signals:
-    """Label-free signals of one evaluation (and reference Dice for QA)."""
-
-    mean_entropy: float
-    foreground_fraction: list[float]
-    change_since_start: float
-    dice_with_start: float
-    reference_dice: list[float] | None = None
-
-
-@dataclass
 class _Checkpoint:
     step: int
     state: dict[str, torch.Tensor]
@@ -245,200 +235,6 @@ def _prior(model: ModelAdapter) -> list[float] | None:
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def _class_dice(labels, other, valid, num_classes: int) -> list[float]:
-    """Dice of each foreground class between two label tensors, over the valid voxels."""
-    return dice_per_class(labels[valid], other[valid], num_classes)[1:]
-
-
-def compute_signals(
-    probabilities: torch.Tensor,
-    initial_labels: torch.Tensor,
-    valid: torch.Tensor,
-    reference: torch.Tensor | None = None,
-) -> Signals:
-    """Label-free signals of (N, C, ...) probabilities; ``valid`` is (N, ...) boolean."""
-    num_classes = probabilities.shape[1]
-    labels = probabilities.argmax(1)
-    entropy = normalized_entropy(probabilities, axis=1)
-    counts = torch.bincount(labels[valid].flatten(), minlength=num_classes).double()
-    total = max(float(counts.sum()), 1.0)
-    fg_dice = _class_dice(labels, initial_labels, valid, num_classes)
-    reference_dice = None
-    if reference is not None:
-        n = reference.shape[0]
-        reference_dice = _class_dice(labels[:n], reference, valid[:n], num_classes)
-    return Signals(
-        mean_entropy=float(entropy[valid].mean()) if bool(valid.any()) else 0.0,
-        foreground_fraction=[float(c) / total for c in counts],
-        change_since_start=float((labels != initial_labels)[valid].float().mean()),
-        dice_with_start=float(np.mean(fg_dice)) if fg_dice else 1.0,
-        reference_dice=reference_dice,
-    )
-
-
-def foreground_drift(
-    signals: Signals,
-    start: Signals,
-    prior: list[float] | None,
-    options: EngineOptions,
-    early_fractions: Sequence[Sequence[float]] = (),
-) -> list[float]:
-    """Per foreground class, how far its fraction lies outside its reference range, as a log
-    ratio (0 inside). The range spans its fraction at the start, its prior and
-    ``early_fractions`` (the first epoch's); its top is at least ``min_reference_fraction``, and
-    a class whose range starts below that floor is not tested for shrinking."""
-    drifts = []
-    for c in range(1, len(signals.foreground_fraction)):
-        known = [start.foreground_fraction[c], *(f[c] for f in early_fractions)]
-        if prior:
-            known.append(prior[c])
-        low, high = min(known), max([*known, options.min_reference_fraction])
-        now = signals.foreground_fraction[c]
-        if now > high:
-            drifts.append(math.log(now / high))
-        elif now < low and low >= options.min_reference_fraction:
-            drifts.append(math.log(low / max(now, 1e-12)))
-        else:
-            drifts.append(0.0)
-    return drifts
-
-
-def collapse_reasons(
-    signals: Signals,
-    start: Signals,
-    prior: list[float] | None,
-    options: EngineOptions,
-    class_names: list[str],
-    agreement: float | None = None,
-    early_agreement: float | None = None,
-    early_fractions: Sequence[Sequence[float]] | None = None,
-) -> list[str]:
-    """Why the signals look like a collapsed model (empty: healthy).
-
-    Args:
-        signals, start: this evaluation's signals and the unadapted model's.
-        prior: the source class ratios (None: unknown).
-        agreement: the method's smoothed agreement Dice (None: the method has none).
-        early_agreement: its early level (the mean over the first epoch's steps).
-        early_fractions: class fractions of the first epoch's evaluations; None skips the
-            drift rule (during the first epoch).
-    """
-    reasons = []
-    drifts = (
-        foreground_drift(signals, start, prior, options, early_fractions)
-        if early_fractions is not None and options.drift_tolerance > 0
-        else None
-    )
-    for c in range(1, len(signals.foreground_fraction)):
-        name = class_names[c] if c < len(class_names) else f"class {c}"
-        now, at_start = signals.foreground_fraction[c], start.foreground_fraction[c]
-        known = [at_start] + ([prior[c]] if prior else [])
-        low = min(known)
-        high = max([*known, options.min_reference_fraction])
-        if low > 1e-4 and now < options.foreground_vanish_ratio * low:
-            reasons.append(f"{name} vanished ({now:.2%} of voxels, {at_start:.2%} at start)")
-        elif now > options.foreground_explode_ratio * high:
-            reasons.append(f"{name} exploded ({now:.2%} of voxels, {at_start:.2%} at start)")
-        elif drifts is not None and drifts[c - 1] > math.log1p(options.drift_tolerance):
-            prior_text = f", prior {prior[c]:.2%}" if prior else ""
-            reasons.append(
-                f"{name} drifted to {now:.2%} of voxels ({at_start:.2%} at start{prior_text}; "
-                f"{math.expm1(drifts[c - 1]):.0%} outside the range of the start, the prior "
-                f"and the first epoch)"
-            )
-    if (
-        signals.mean_entropy < options.entropy_collapse_ratio * start.mean_entropy
-        and signals.dice_with_start < options.entropy_collapse_agreement
-    ):
-        reasons.append(
-            f"entropy collapsed ({signals.mean_entropy:.4f}, {start.mean_entropy:.4f} at start) "
-            f"while the segmentation changed (Dice with the start {signals.dice_with_start:.2f})"
-        )
-    if (
-        agreement is not None
-        and early_agreement is not None
-        and agreement < options.agreement_drop_ratio * early_agreement
-    ):
-        reasons.append(
-            f"smoothed agreement Dice fell to {agreement:.2f} (early level {early_agreement:.2f})"
-        )
-    return reasons
-
-
-class CollapseGuard:
-    """The collapse rules over the evaluations of one run (label-free; see :class:`EngineOptions`).
-
-    * vanish / explode: a foreground class's fraction leaves [vanish_ratio x the smaller,
-      explode_ratio x the larger] of its fraction at the start and its source prior;
-    * drift: after the first epoch, the fraction lies more than ``drift_tolerance`` outside the
-      range of the start, the prior and the first epoch's fractions. The test is cumulative
-      (against fixed references, not the previous evaluation), so a slow drift is caught;
-    * entropy collapse: the entropy falls to a few percent of its start while the segmentation
-      moves far from the start;
-    * agreement: the method's per-step agreement Dice, averaged over the last
-      ``agreement_smoothing`` epochs of steps, falls below ``agreement_drop_ratio`` times its
-      early level (its mean over the first epoch). Noisy or dipping curves, such as UDAS's
-      early/final Dice, do not trip it, however often the engine evaluates.
-    """
-
-    def __init__(
-        self,
-        start: Signals,
-        prior,
-        options: EngineOptions,
-        class_names: list[str],
-        steps_per_epoch: int = 1,
-    ):
-        self.start, self.prior, self.options, self.class_names = start, prior, options, class_names
-        self.steps_per_epoch = max(1, steps_per_epoch)
-        self.early_fractions: list[list[float]] = []
-        self.agreements: list[float] = []
-        self.early_agreement: float | None = None
-        self.smoothed_agreement: float | None = None
-        self.drift: list[float] = []
-
-    def check(self, signals: Signals, epoch: int, agreements: Sequence[float]) -> list[str]:
-        """The reasons (empty: healthy) for an evaluation in ``epoch`` (1-based), given the
-        method's per-step agreement values since the previous evaluation (during the first
-        epoch the smoothed value is the early level itself, so the rule cannot fire)."""
-        options = self.options
-        if agreements:
-            self.agreements.extend(float(a) for a in agreements)
-            self.early_agreement = float(np.mean(self.agreements[: self.steps_per_epoch]))
-            window = options.agreement_smoothing * self.steps_per_epoch
-            self.smoothed_agreement = float(np.mean(self.agreements[-window:]))
-        in_first_epoch = epoch <= 1
-        if in_first_epoch:
-            self.early_fractions.append(list(signals.foreground_fraction))
-        self.drift = foreground_drift(
-            signals, self.start, self.prior, options, self.early_fractions
-        )
-        if not options.collapse_guard:
-            return []
-        return collapse_reasons(
-            signals,
-            self.start,
-            self.prior,
-            options,
-            self.class_names,
-            self.smoothed_agreement,
-            self.early_agreement,
-            None if in_first_epoch else self.early_fractions,
-        )
-
-    def settled(self) -> bool:
-        """Whether the latest evaluation's drift is within half the tolerance (a checkpoint
-        that may be kept after a collapse: the drift had not begun)."""
-        return max(self.drift, default=0.0) <= math.log1p(self.options.drift_tolerance / 2)
-
-    def report(self) -> dict[str, Any]:
-        return {
-            "early_agreement": self.early_agreement,
-            "smoothed_agreement": self.smoothed_agreement,
-            "foreground_drift": [math.expm1(d) for d in self.drift],
-        }
-
-
 def _source_grid_dice(prediction: Prediction, reference: Volume, num_classes: int) -> list[float]:
     truth = np.rint(np.asarray(reference.data)).astype(np.int64)
     return dice_per_class(prediction.labels.astype(np.int64), truth, num_classes)[1:]
