@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Surface Dice tolerance of every adaptation benchmark (mm).
+TOLERANCE_MM = 2.0
 
 
 def machine() -> str:
@@ -22,6 +24,23 @@ def machine() -> str:
 
     accelerator = "CUDA" if torch.cuda.is_available() else "CPU only"
     return f"{platform.machine()}, {os.cpu_count()} cores, {accelerator}"
+
+
+def case_scores(before, after, reference, spacing) -> dict[str, float]:
+    """Foreground Dice and surface Dice (at :data:`TOLERANCE_MM`) of the label maps ``before``
+    and ``after`` against the boolean ``reference``, as a case's ``dice_before`` ... fields, with
+    this process's peak resident memory (MB)."""
+    import resource
+
+    from napari_uda.core.metrics import compute_metrics
+
+    fields: dict[str, float] = {}
+    for stage, labels in (("before", before), ("after", after)):
+        metrics = compute_metrics(labels, reference, spacing, tolerance_mm=TOLERANCE_MM)[1]
+        fields[f"dice_{stage}"] = metrics["dice"]
+        fields[f"surface_dice_{stage}"] = metrics["surface_dice"]
+    fields["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return fields
 
 
 def write_json(path: Path, payload: dict) -> None:

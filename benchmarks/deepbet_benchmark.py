@@ -34,7 +34,6 @@ import concurrent.futures
 import importlib.util
 import json
 import multiprocessing
-import resource
 import subprocess
 import sys
 import tarfile
@@ -42,7 +41,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _report import ROOT, case_table, machine, replace_marked_block, write_json
+from _report import (
+    ROOT,
+    TOLERANCE_MM,
+    case_scores,
+    case_table,
+    machine,
+    replace_marked_block,
+    write_json,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "deepbet.json"
 WORK = ROOT / "benchmarks" / "_work"
@@ -63,7 +70,6 @@ EXTRA_PROFILES = {
         },
     )
 }
-TOLERANCE_MM = 2.0
 #: Order of the methods in the table.
 METHOD_ORDER = ("none", "adaent", "mean_teacher", "st", "cbst", "distillation")
 
@@ -90,13 +96,6 @@ def _robex() -> tuple[Path, Path]:
 
 
 HEADS = {"mni152": _mni152, "robex": _robex}
-
-
-def _scores(labels: np.ndarray, reference: np.ndarray, spacing) -> dict:
-    from napari_uda.core.metrics import compute_metrics
-
-    metrics = compute_metrics(labels, reference, spacing, tolerance_mm=TOLERANCE_MM)[1]
-    return {"dice": metrics["dice"], "surface_dice": metrics["surface_dice"]}
 
 
 def run_case(
@@ -138,7 +137,7 @@ def run_case(
     started = time.perf_counter()
     if method is None:
         prediction = predict_volume(model, image, device="cpu")
-        before = after = _scores(prediction.labels, reference, image.spacing)
+        before = after = prediction.labels
         row.update(kept_checkpoint="-", steps=0)
     else:
         settings = {**model.recommended_settings(method), **(overrides or {})}
@@ -146,8 +145,7 @@ def run_case(
         result = adapt(
             model, image, method, settings, reference=reference_volume, seed=seed, device="cpu"
         )
-        before = _scores(result.initial_prediction.labels, reference, image.spacing)
-        after = _scores(result.prediction.labels, reference, image.spacing)
+        before, after = result.initial_prediction.labels, result.prediction.labels
         row.update(
             settings=settings,
             trainable=model.trainable,
@@ -160,11 +158,7 @@ def run_case(
         )
     row.update(
         seconds=time.perf_counter() - started,
-        dice_before=before["dice"],
-        dice_after=after["dice"],
-        surface_dice_before=before["surface_dice"],
-        surface_dice_after=after["surface_dice"],
-        peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **case_scores(before, after, reference, image.spacing),
     )
     return row
 

@@ -24,19 +24,25 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from _report import ROOT, case_table, machine, replace_marked_block, write_json
+from _report import (
+    ROOT,
+    TOLERANCE_MM,
+    case_scores,
+    case_table,
+    machine,
+    replace_marked_block,
+    write_json,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "methods.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 DEFAULT_PROFILES = ("t2_like", "bias_noise", "thick_slices")
 DEFAULT_HEADS = ("robex", "mni152")
-TOLERANCE_MM = 2.0
 
 
 def head_files(name: str) -> tuple[Path, Path]:
@@ -55,7 +61,6 @@ def run_case(head: str, profile: str, method: str, seed: int) -> dict:
     import torch
 
     from napari_uda.adaptation.engine import adapt
-    from napari_uda.core.metrics import compute_metrics
     from napari_uda.core.models import load_model
     from napari_uda.core.volume import load_volume
     from napari_uda.data import demo_files
@@ -69,29 +74,19 @@ def run_case(head: str, profile: str, method: str, seed: int) -> dict:
     started = time.perf_counter()
     result = adapt(model, target, method, seed=seed, device="cpu")
     seconds = time.perf_counter() - started
-    spacing = target.spacing
-
-    def scores(prediction) -> dict:
-        metrics = compute_metrics(
-            prediction.labels, np.asarray(reference.data) > 0, spacing, tolerance_mm=TOLERANCE_MM
-        )[1]
-        return {"dice": metrics["dice"], "surface_dice": metrics["surface_dice"]}
-
-    before, after = scores(result.initial_prediction), scores(result.prediction)
+    truth = np.asarray(reference.data) > 0
     return {
         "head": head,
         "profile": profile,
         "method": method,
         "seed": seed,
-        "dice_before": before["dice"],
-        "dice_after": after["dice"],
-        "surface_dice_before": before["surface_dice"],
-        "surface_dice_after": after["surface_dice"],
+        **case_scores(
+            result.initial_prediction.labels, result.prediction.labels, truth, target.spacing
+        ),
         "seconds": seconds,
         "steps": len(result.history),
         "stop_reason": result.stop_reason,
         "kept_checkpoint": f"step {result.checkpoint.step}: {result.checkpoint.reason}",
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
