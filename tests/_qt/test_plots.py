@@ -40,6 +40,13 @@ def test_points_follow_evaluations(qtbot):
     assert plots.data["entropy"] == ([0, 3, 6], [0.6, 0.4, 0.3])
     assert plots.data["reference"] == ([0, 3, 6], [0.6, 0.7, 0.8])
     assert plots.data["agreement"][0] == [0, 3, 5, 6]
+    one_by_one = {key: (list(steps), list(values)) for key, (steps, values) in plots.data.items()}
+    plots.clear()
+    plots.add_events(events)  # in one batch: the same points, drawn once
+    assert plots.data == one_by_one
+    for key, (steps, values) in one_by_one.items():
+        drawn_steps, drawn_values = plots.curves[key].getData()
+        assert list(drawn_steps) == steps and list(drawn_values) == values
     plots.clear()
     assert all(plots.points(key) == 0 for key in plots.data)
 

@@ -4,6 +4,7 @@ napari's theme colours and updated as events arrive."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pyqtgraph as pg
@@ -105,16 +106,38 @@ class LivePlots(QWidget):
             self.data[key] = ([], [])
             curve.setData([], [])
 
-    def _append(self, key: str, step: int, value: float | None) -> None:
+    def _append(self, key: str, step: int, value: float | None) -> bool:
         if value is None or not math.isfinite(value):
-            return
+            return False
         steps, values = self.data[key]
         steps.append(step)
         values.append(float(value))
-        self.curves[key].setData(np.asarray(steps), np.asarray(values))
+        return True
 
     def add_event(self, event: AdaptationEvent) -> None:
-        """Add one event's values.
+        """Add one event's values and redraw (see :meth:`add_events`)."""
+        self.add_events([event])
+
+    def add_events(self, events: Sequence[AdaptationEvent]) -> None:
+        """Add the values of ``events`` (in order), then redraw once.
+
+        Each redraw repaints the plots, and with napari's OpenGL canvas in the window that
+        means composing the whole window again, so a caller receiving many events should hand
+        them over in batches.
+        """
+        changed: set[str] = set()
+        for event in events:
+            changed |= self._add(event)
+        for key in changed:
+            steps, values = self.data[key]
+            self.curves[key].setData(np.asarray(steps), np.asarray(values))
+        if events:
+            last = events[-1].step
+            first = 0 if self.points("entropy") and self.data["entropy"][0][0] == 0 else 1
+            self.plots["loss"].setXRange(first, max(last, first + 1), padding=0.02)
+
+    def _add(self, event: AdaptationEvent) -> set[str]:
+        """Add one event's values to :attr:`data`; the keys of the curves that changed.
 
         The loss is plotted at every step. Entropy and Dice against the reference change only
         when the engine evaluates, so they are plotted at evaluated steps, from step 0 (the
@@ -122,16 +145,15 @@ class LivePlots(QWidget):
         plotted whenever it is new (every step for methods that measure it per step).
         """
         losses = event.losses or {}
-        self._append("loss", event.step, losses.get("total", next(iter(losses.values()), None)))
-        reference = float(np.mean(event.reference_dice)) if event.reference_dice else None
+        values = {"loss": losses.get("total", next(iter(losses.values()), None))}
         if event.evaluated:
-            self._append("entropy", event.step, event.mean_entropy)
-            self._append("reference", event.step, reference)
+            values["entropy"] = event.mean_entropy
+            if event.reference_dice:
+                values["reference"] = float(np.mean(event.reference_dice))
         previous = self.data["agreement"][1][-1] if self.points("agreement") else None
         if event.evaluated or event.agreement_dice != previous:
-            self._append("agreement", event.step, event.agreement_dice)
-        first = 0 if self.points("entropy") and self.data["entropy"][0][0] == 0 else 1
-        self.plots["loss"].setXRange(first, max(event.step, first + 1), padding=0.02)
+            values["agreement"] = event.agreement_dice
+        return {key for key, value in values.items() if self._append(key, event.step, value)}
 
     def points(self, key: str) -> int:
         """How many points curve ``key`` has."""
