@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +262,12 @@ class LogitsNetwork(nn.Module):
         memo[id(self)] = twin
         return twin.train(self.training)
 
+    def __reduce__(self):
+        # ScriptModules do not pickle: the network crosses processes as TorchScript bytes
+        # (the engine can run in a separate process, see adaptation/worker_process.py).
+        arguments = (self.activation, self.num_classes, self.inference_batch_size, self.name)
+        return _unpickle_logits_network, (ScriptBytes.of(self.scripted), arguments, self.training)
+
     def _expected_channels(self) -> set[int]:
         if self.activation == "sigmoid":
             return {1}
@@ -329,6 +337,18 @@ class ScriptedAdapterMixin:
     trainable: str = "all"
     save_suffix = ".pt"
     save_description = "TorchScript model (.pt with its .json spec)"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # other TorchScript modules the adapter holds (deepbet's localiser) pickle as bytes
+        state = self.__dict__.copy()
+        for key, value in state.items():
+            if isinstance(value, torch.jit.ScriptModule):
+                state[key] = ScriptBytes.of(value)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            self.__dict__[key] = value.load() if isinstance(value, ScriptBytes) else value
 
     def saved_files(self, path: str | os.PathLike) -> list[Path]:
         """The TorchScript file and its JSON spec next to it."""
@@ -442,3 +462,34 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+@dataclass
+class ScriptBytes:
+    """A TorchScript module saved to bytes (with which parameters train and its mode), so that
+    objects holding one can be pickled; ScriptModules themselves cannot."""
+
+    data: bytes
+    requires_grad: list[bool]
+    training: bool
+
+    @classmethod
+    def of(cls, module: nn.Module) -> ScriptBytes:
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer)
+        flags = [parameter.requires_grad for parameter in module.parameters()]
+        return cls(buffer.getvalue(), flags, module.training)
+
+    def load(self) -> nn.Module:
+        """The module again, on the device it was saved from."""
+        module = torch.jit.load(io.BytesIO(self.data))
+        for parameter, flag in zip(module.parameters(), self.requires_grad, strict=True):
+            parameter.requires_grad_(flag)
+        return module.train(self.training)
+
+
+def _unpickle_logits_network(
+    scripted: ScriptBytes, arguments: tuple, training: bool
+) -> LogitsNetwork:
+    """Rebuild a pickled :class:`LogitsNetwork` (see ``LogitsNetwork.__reduce__``)."""
+    return LogitsNetwork(scripted.load(), *arguments).train(training)
