@@ -8,6 +8,7 @@ import gc
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from qtpy.QtCore import Qt
 
 from napari_uda._qt.layers import (
@@ -112,7 +113,7 @@ def test_stop_halfway_keeps_layers_consistent(demo_session, qtbot, wait_for_run)
     adapt.preview_every.value = 0
     adapt.run_button.click()
     qtbot.waitUntil(lambda: adapt.plots.points("loss") >= 2, timeout=120_000)
-    seen = adapt.plots.points("loss")
+    seen = adapt.last_event.step  # the newest step received (plots refresh twice a second)
     progress = adapt._progress  # napari's progress bar (activity dock), with the planned total
     assert progress is not None and progress.n >= 1 and progress.total > seen
     qtbot.mouseClick(adapt.stop_button, Qt.MouseButton.LeftButton)
@@ -124,6 +125,7 @@ def test_stop_halfway_keeps_layers_consistent(demo_session, qtbot, wait_for_run)
     assert result.stopped and result.stop_reason == "stopped by user"
     total = result.history[-1]["total_steps"]
     assert seen <= len(result.history) <= seen + 2 < total  # honoured within a step
+    assert adapt.plots.points("loss") == len(result.history)  # every step is plotted at the end
     np.testing.assert_array_equal(viewer.layers[SEGMENTATION_AFTER].data, result.prediction.labels)
     assert viewer.layers[ENTROPY_AFTER].data.shape == viewer.layers[TARGET].data.shape
     assert adapt.run_button.isEnabled() and adapt._progress is None
@@ -193,12 +195,34 @@ def test_worker_error_reaches_the_user_as_one_line(
 
     monkeypatch.setattr("napari_uda.adaptation.engine.run_adaptation", broken_engine)
     adapt = widgets["Adapt"]
+    adapt.separate_process = False  # the patched engine exists in this process only
     adapt.run_button.click()
     wait_for_run(adapt)
     assert notifications["error"] == ["Adaptation failed: the target volume holds no head"]
     assert get_state(viewer).status == FAILED and get_state(viewer).result is None
     assert adapt.run_button.isEnabled()
     assert not any(name in viewer.layers for name in RESULT_LAYERS)  # nothing half-made
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_error_in_the_adaptation_process_reaches_the_user(
+    docked, tiny_bundle_path, notifications, synthetic_scan, wait_for_run
+):
+    """The engine runs in a separate process by default; its errors come back as one line."""
+    viewer, widgets = docked
+    image, _, affine = synthetic_scan
+    viewer.add_image(image, name="scan", scale=(2, 2, 2), metadata={"affine": affine})
+    widgets["Model"].load_path(tiny_bundle_path)
+    get_state(viewer).device = "cuda"  # chosen on a machine without CUDA: fails in the child
+    adapt = widgets["Adapt"]
+    assert adapt.separate_process
+    adapt.run_button.click()
+    wait_for_run(adapt)
+    [message] = notifications["error"]
+    assert message.startswith("Adaptation failed: device 'cuda' is not available here")
+    assert "\n" not in message
+    assert get_state(viewer).status == FAILED and get_state(viewer).result is None
+    assert not any(name in viewer.layers for name in RESULT_LAYERS)
 
 
 def test_bad_settings_and_mismatched_reference_never_start(
@@ -221,9 +245,11 @@ def test_bad_settings_and_mismatched_reference_never_start(
     assert not adapt.runner.running and get_state(viewer).status == "idle"
 
 
+@pytest.mark.parametrize("separate_process", [True, False])
 def test_training_and_predictions_never_run_on_the_gui_thread(
-    docked, tiny_bundle_path, qtbot, monkeypatch, synthetic_scan, wait_for_run
+    docked, tiny_bundle_path, qtbot, monkeypatch, synthetic_scan, wait_for_run, separate_process
 ):
+    """By default they run in a separate process (none in napari's); else in the worker."""
     import threading
 
     viewer, widgets = docked
@@ -248,10 +274,35 @@ def test_training_and_predictions_never_run_on_the_gui_thread(
 
     monkeypatch.setattr(engine, "predict_batches", recording_predict)
     adapt = widgets["Adapt"]
+    adapt.separate_process = separate_process
     choose_method(adapt, "tent", epochs=1, batch_size=8)
     adapt.run_button.click()
     wait_for_run(adapt)
-    assert len(threads) == len(get_state(viewer).result.history) >= 2
+    steps = len(get_state(viewer).result.history)
+    assert steps >= 2
+    if separate_process:
+        assert threads == [] and predicting == []  # nothing of it ran in napari's process
+        return
+    assert len(threads) == steps
     assert all(thread is not threading.main_thread() for thread in threads)
     # the unadapted prediction ("before") and the evaluations happen in the worker too
     assert predicting and all(thread is not threading.main_thread() for thread in predicting)
+
+
+def test_events_are_plotted_in_batches(docked, qtbot):
+    """Events arriving faster than the refresh interval are plotted together: one redraw (one
+    composition of the window) per refresh, not per event."""
+    from napari_uda._qt.adapt_widget import REFRESH_MS
+    from napari_uda.adaptation.events import AdaptationEvent
+
+    _, widgets = docked
+    adapt = widgets["Adapt"]
+    batches = []
+    add_events = adapt.plots.add_events
+    adapt.plots.add_events = lambda events: (batches.append(len(events)), add_events(events))
+    for step in range(1, 9):
+        adapt._on_yield(AdaptationEvent(step, 8, 1, {"total": 1.0 / step}, 0.1 * step))
+    assert adapt.plots.points("loss") == 0 and adapt.last_event.step == 8
+    qtbot.waitUntil(lambda: adapt.plots.points("loss") == 8, timeout=10 * REFRESH_MS)
+    assert batches == [8]
+    assert list(adapt.plots.curves["loss"].getData()[0]) == list(range(1, 9))

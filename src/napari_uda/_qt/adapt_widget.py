@@ -10,7 +10,7 @@ from magicgui.widgets import ComboBox, SpinBox
 from napari.layers import Image, Labels
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -34,6 +34,10 @@ from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
 
 #: Seconds between moves of napari's progress bar.
 PROGRESS_INTERVAL = 1.0
+#: Milliseconds between refreshes of the plots and the status line during a run. Events are
+#: gathered in between: every repaint of a widget makes Qt compose the whole window again (the
+#: window holds napari's OpenGL canvas), which competes with training for the CPU.
+REFRESH_MS = 500
 #: Methods offered first when the model allows them.
 PREFERRED_METHODS = ("tent", "adaent", "udas")
 
@@ -54,9 +58,18 @@ class AdaptWidget(QWidget):
         self.form: SettingsForm | None = None
         self._form_key: tuple | None = None  # (settings class, model's recommendations)
         self._progress: progress | None = None
+        #: run the engine in a separate process (see :class:`RunRequest`)
+        self.separate_process = True
         self._started = 0.0
         self._progress_moved = 0.0
         self.updates = GuiQueue(self)
+        self._pending: list[AdaptationEvent] = []  # events not yet plotted
+        #: the newest event received from the worker (plotted at the next refresh)
+        self.last_event: AdaptationEvent | None = None
+        self._refresh_timer = QTimer(self)
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.setInterval(REFRESH_MS)
+        self._refresh_timer.timeout.connect(self._refresh)
         self.runner = AdaptationRunner(self._on_yield, self._on_return, self._on_shutdown)
 
         self.target = ComboBox(choices=self._layers_of(Image), tooltip="The scan to adapt to")
@@ -231,6 +244,7 @@ class AdaptWidget(QWidget):
             self.seed.value,
             self.state.device,
             self.preview_every.value,
+            self.separate_process,
         )
         self.state.result = None
         self.state.target_layer = target.name
@@ -270,6 +284,7 @@ class AdaptWidget(QWidget):
 
     def _on_yield(self, item) -> None:
         if isinstance(item, StartingPoint):  # the unadapted model: before, and after's start
+            self.last_event = item.event
             self.plots.add_event(item.event)
             self._update_progress(item.event)
             self._show(item.event.preview, after=False)
@@ -281,14 +296,25 @@ class AdaptWidget(QWidget):
             return
         if not isinstance(item, AdaptationEvent):
             return
-        self.plots.add_event(item)
-        self._update_progress(item)
+        self.last_event = item
+        self._pending.append(item)
+        if not self._refresh_timer.isActive():
+            self._refresh_timer.start()
         if item.preview is not None:
             self._show(item.preview, after=True)
         if item.message:
             show_warning(item.message)
+
+    def _refresh(self) -> None:
+        """Plot the events gathered since the last refresh; move the progress and status."""
+        self._refresh_timer.stop()
+        events, self._pending = self._pending, []
+        if not events:
+            return
+        self.plots.add_events(events)
+        self._update_progress(events[-1])
         if self.state.status == RUNNING:
-            self.status.setText(self._progress_text(item))
+            self.status.setText(self._progress_text(events[-1]))
 
     def _update_progress(self, event: AdaptationEvent) -> None:
         """Move napari's progress bar, at most once a second (each move repaints the window)."""
@@ -322,10 +348,13 @@ class AdaptWidget(QWidget):
     def _on_shutdown(self) -> None:
         """The viewer closed during a run: the run has ended; nothing more is shown."""
         self.updates.clear()
+        self._refresh_timer.stop()
+        self._pending.clear()
         self._close_progress()
         self.state.status = STOPPED
 
     def _on_return(self, outcome) -> None:
+        self._refresh()
         self._close_progress()
         if isinstance(outcome, RunFailure) or not isinstance(outcome, AdaptationResult):
             message = outcome.message if isinstance(outcome, RunFailure) else "no result"
