@@ -113,7 +113,7 @@ def test_stop_halfway_keeps_layers_consistent(demo_session, qtbot, wait_for_run)
     adapt.preview_every.value = 0
     adapt.run_button.click()
     qtbot.waitUntil(lambda: adapt.plots.points("loss") >= 2, timeout=120_000)
-    seen = adapt.last_event.step  # the newest step received (plots refresh twice a second)
+    seen = adapt.last_event.step  # the newest step received (the plots refresh once a second)
     progress = adapt._progress  # napari's progress bar (activity dock), with the planned total
     assert progress is not None and progress.n >= 1 and progress.total > seen
     qtbot.mouseClick(adapt.stop_button, Qt.MouseButton.LeftButton)

@@ -36,8 +36,9 @@ from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
 PROGRESS_INTERVAL = 1.0
 #: Milliseconds between refreshes of the plots and the status line during a run. Events are
 #: gathered in between: every repaint of a widget makes Qt compose the whole window again (the
-#: window holds napari's OpenGL canvas), which competes with training for the CPU.
-REFRESH_MS = 500
+#: window holds napari's OpenGL canvas), about 35 ms of CPU with software OpenGL, taken from
+#: training (docs/responsiveness.md).
+REFRESH_MS = 1000
 #: Methods offered first when the model allows them.
 PREFERRED_METHODS = ("tent", "adaent", "udas")
 

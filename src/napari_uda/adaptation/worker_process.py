@@ -20,7 +20,7 @@ a fault in a native library) becomes an error, not a dead viewer.
   (else as :class:`AdaptationProcessError` with the same message). Closing the generator early
   stops the child (then terminates it after :data:`END_TIMEOUT` seconds).
 
-Starting the child costs the import of PyTorch and this package (about 1-2 s).
+Starting the child costs the import of PyTorch and this package (2-3 s on 2 CPU cores).
 """
 
 from __future__ import annotations
