@@ -1,9 +1,8 @@
 """The *Adapt* dock widget: pick the target image, a method and its settings, run and stop the
-adaptation in a thread worker, and watch live plots and the before/after layers."""
+adaptation (in a separate process by default, relayed by a napari thread worker; see
+:mod:`napari_uda._qt.runner`), and watch live plots and the before/after layers."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 from magicgui.widgets import ComboBox, SpinBox
@@ -32,8 +31,6 @@ from .plots import LivePlots
 from .runner import AdaptationRunner, RunFailure, RunRequest, StartingPoint
 from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
 
-#: Seconds between moves of napari's progress bar.
-PROGRESS_INTERVAL = 1.0
 #: Milliseconds between refreshes of the plots and the status line during a run. Events are
 #: gathered in between: every repaint of a widget makes Qt compose the whole window again (the
 #: window holds napari's OpenGL canvas), about 35 ms of CPU with software OpenGL, taken from
@@ -61,8 +58,6 @@ class AdaptWidget(QWidget):
         self._progress: progress | None = None
         #: run the engine in a separate process (see :class:`RunRequest`)
         self.separate_process = True
-        self._started = 0.0
-        self._progress_moved = 0.0
         self.updates = GuiQueue(self)
         self._pending: list[AdaptationEvent] = []  # events not yet plotted
         #: the newest event received from the worker (plotted at the next refresh)
@@ -259,8 +254,6 @@ class AdaptWidget(QWidget):
         }
         self.plots.clear()
         self._progress = progress(total=0, desc=f"Adapting with {method}")
-        self._started = time.monotonic()
-        self._progress_moved = 0.0
         self.status.setText("Preparing the scan and predicting with the unadapted model…")
         self.state.status = RUNNING
         self.runner.start(request)
@@ -318,16 +311,12 @@ class AdaptWidget(QWidget):
             self.status.setText(self._progress_text(events[-1]))
 
     def _update_progress(self, event: AdaptationEvent) -> None:
-        """Move napari's progress bar, at most once a second (each move repaints the window)."""
-        now = time.monotonic()
+        """Move napari's progress bar (called at each refresh: each move repaints the window)."""
         if self._progress is None:
             return
         if event.step == 0:  # the planned total is known from the first event
             self._progress.total = event.total_steps
             return
-        if now - self._progress_moved < PROGRESS_INTERVAL and event.step < event.total_steps:
-            return
-        self._progress_moved = now
         if self._progress.total != event.total_steps:
             self._progress.total = event.total_steps
         self._progress.update(max(0, event.step - self._progress.n))
