@@ -3,8 +3,9 @@
 The job is a generator run by :func:`napari.qt.threading.create_worker`. By default the engine
 itself runs in a separate process
 (:func:`~napari_uda.adaptation.worker_process.run_adaptation_in_process`), whose events the
-worker thread relays, so training competes with the GUI for neither the GIL nor the allocator
-(in a thread it ran about 0.9x as fast; docs/responsiveness.md). The job yields every
+worker thread relays: a crash or an out-of-memory kill of the engine cannot take napari down,
+and the memory a run used goes back to the system when it ends (inside napari it trains about
+as fast as in a thread; starting it costs 2-3 s; docs/responsiveness.md). The job yields every
 :class:`~napari_uda.adaptation.events.AdaptationEvent` of the engine (the first, with
 ``step == 0``, carries the unadapted model's prediction, which becomes the *before* layers; it
 is handed over in a :class:`StartingPoint`) and returns the
@@ -87,9 +88,8 @@ class RunRequest:
     #: Evaluate (entropy, Dice, collapse guard) and refresh the *after* layers every N steps;
     #: 0: evaluate once per epoch (as the CLI does) and show the result at the end.
     preview_every: int = 10
-    #: Run the engine in a separate process (the worker thread relays its events), so that
-    #: training shares neither the GIL nor the allocator with napari; False: in the worker
-    #: thread itself.
+    #: Run the engine in a separate process (the worker thread relays its events), isolated
+    #: from napari (crashes, memory); False: in the worker thread itself.
     separate_process: bool = True
 
 
