@@ -64,6 +64,7 @@ def test_headless_import_loads_no_qt():
     code = (
         "import sys, napari_uda.core, napari_uda.adaptation.engine, napari_uda.cli;"
         "import napari_uda.adaptation.methods, napari_uda.adaptation.report;"
+        "import napari_uda.corrected_slices;"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {GUI_ROOTS!r});"
         "print(','.join(bad))"
     )

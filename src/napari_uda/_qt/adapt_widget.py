@@ -24,9 +24,10 @@ from qtpy.QtWidgets import (
 from ..adaptation.base import available_methods
 from ..adaptation.events import AdaptationEvent, AdaptationResult
 from ..settings import SettingsError
+from .corrections_panel import CorrectionsPanel
 from .forms import SettingsForm
 from .gui_queue import GuiQueue
-from .layers import RESULT_LAYERS, layer_volume, prediction_updates
+from .layers import RESULT_LAYERS, after_segmentation, layer_volume, prediction_updates
 from .plots import LivePlots
 from .runner import AdaptationRunner, RunFailure, RunRequest, StartingPoint
 from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
@@ -109,6 +110,7 @@ class AdaptWidget(QWidget):
         self.status = QLabel("Open a model, choose a target image, press Run.")
         self.status.setWordWrap(True)
         self.plots = LivePlots(str(self.viewer.theme))
+        self.corrections = CorrectionsPanel(self.viewer, self.state)
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
@@ -117,6 +119,7 @@ class AdaptWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.status)
         layout.addWidget(self.plots, 1)
+        layout.addWidget(self.corrections)
 
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self.reset_choices)
@@ -373,3 +376,10 @@ class AdaptWidget(QWidget):
             )
         self.status.setText(summary)
         show_info(summary)
+        self._follow_corrections()
+
+    def _follow_corrections(self) -> None:
+        """Edits of the new *after* segmentation are compared with what the run showed."""
+        after = after_segmentation(self.viewer)
+        if after is not None:
+            self.corrections.start_from(after.data, keep=False)

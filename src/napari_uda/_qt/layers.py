@@ -164,3 +164,33 @@ def show_prediction(viewer, prediction, like: Layer, *, after: bool) -> None:
     :func:`prediction_updates`)."""
     for _, work in prediction_updates(viewer, prediction, like, after=after):
         work()
+
+
+def stepping_axis(viewer, ndim: int = 3) -> int:
+    """The array axis of an ``ndim``-dimensional layer that the viewer steps through (the axis
+    its slider moves; in a 3D view, the axis that would be sliced in 2D)."""
+    world = viewer.dims.order[-3] if len(viewer.dims.order) >= 3 else 0
+    return int(min(max(0, world - (viewer.dims.ndim - ndim)), ndim - 1))
+
+
+def current_index(viewer, layer: Layer, axis: int) -> int:
+    """The index along ``axis`` of ``layer``'s data at the viewer's current position."""
+    position = layer.world_to_data(viewer.dims.point)
+    return int(np.clip(np.round(position[axis]), 0, layer.data.shape[axis] - 1))
+
+
+def go_to_slice(viewer, layer: Layer, axis: int, index: int) -> None:
+    """Show slice ``index`` along ``layer``'s array ``axis``: step through that axis (the other
+    two stay displayed in their order) and move the slider there."""
+    world_axis = axis + (viewer.dims.ndim - layer.ndim)
+    order = list(viewer.dims.order)
+    if len(order) >= 3 and order[-3] != world_axis:
+        rest = [a for a in order if a != world_axis]
+        viewer.dims.order = (*rest[:-2], world_axis, *rest[-2:])
+    viewer.dims.set_point(world_axis, layer.translate[axis] + layer.scale[axis] * int(index))
+
+
+def after_segmentation(viewer) -> Labels | None:
+    """The ``segmentation (after)`` labels layer (3D), if the viewer has one."""
+    layer = _existing(viewer, SEGMENTATION_AFTER, Labels)
+    return layer if layer is not None and layer.ndim == 3 else None

@@ -23,7 +23,14 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.metrics import volume_ml
-from .layers import ENTROPY_AFTER, ENTROPY_BEFORE, SEGMENTATION_AFTER, SEGMENTATION_BEFORE
+from .layers import (
+    ENTROPY_AFTER,
+    ENTROPY_BEFORE,
+    SEGMENTATION_AFTER,
+    SEGMENTATION_BEFORE,
+    go_to_slice,
+    stepping_axis,
+)
 from .slice_stats import SliceTable, slice_table
 from .state import get_state
 
@@ -122,7 +129,7 @@ class QAWidget(QWidget):
     # -- computing ----------------------------------------------------------------------------
     def slice_axis(self) -> int:
         """Array axis of the result layers that the viewer currently steps through."""
-        return max(0, self.viewer.dims.order[0] - (self.viewer.dims.ndim - 3))
+        return stepping_axis(self.viewer)
 
     def _layer(self, name: str, kind):
         layer = self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
@@ -241,7 +248,4 @@ class QAWidget(QWidget):
         layer = self._layer(SEGMENTATION_AFTER, Labels)
         if item is None or layer is None or self.slices is None:
             return
-        axis = self.slices.axis
-        world_axis = axis + (self.viewer.dims.ndim - 3)
-        position = layer.translate[axis] + layer.scale[axis] * int(item.value)
-        self.viewer.dims.set_point(world_axis, position)
+        go_to_slice(self.viewer, layer, self.slices.axis, int(item.value))

@@ -16,6 +16,7 @@ from psygnal import evented
 
 from ..adaptation.events import AdaptationResult
 from ..core.models.adapter import ModelAdapter
+from ..corrected_slices import CorrectedSlices
 
 #: Run status values.
 IDLE, RUNNING, STOPPING, FINISHED, STOPPED, FAILED = (
@@ -28,7 +29,13 @@ IDLE, RUNNING, STOPPING, FINISHED, STOPPED, FAILED = (
 )
 
 
-@evented(equality_operators={"model": operator.is_, "result": operator.is_})
+@evented(
+    equality_operators={
+        "model": operator.is_,
+        "result": operator.is_,
+        "corrections": operator.is_,
+    }
+)
 @dataclass
 class SessionState:
     """What the widgets of one viewer share.
@@ -43,6 +50,7 @@ class SessionState:
         reference_layer: name of the reference labels layer of the last run, if any.
         result: the last run's :class:`~napari_uda.adaptation.events.AdaptationResult`.
         run_info: method name, settings and inputs of the last run (for reports).
+        corrections: the slices of ``segmentation (after)`` the user corrected.
     """
 
     model: ModelAdapter | None = None
@@ -54,6 +62,7 @@ class SessionState:
     reference_layer: str | None = None
     result: AdaptationResult | None = None
     run_info: dict[str, Any] = field(default_factory=dict)
+    corrections: CorrectedSlices = field(default_factory=CorrectedSlices)
 
     @property
     def running(self) -> bool:

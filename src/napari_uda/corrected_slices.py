@@ -1,0 +1,245 @@
+"""Which slices of a segmentation the user has corrected (no Qt: the napari widgets drive it).
+
+After a run the user corrects the *after* segmentation on a few slices with napari's label tools.
+A slice the user edited counts as *checked*: the whole slice, as the user left it, becomes the
+truth there (not only the voxels painted). :class:`CorrectedSlices` keeps that list:
+
+* each slice is a :class:`SliceRef`: an array axis (the axis the user was stepping through when
+  painting) and an index along it; slices on several axes may be mixed;
+* :meth:`CorrectedSlices.edited` takes the *touched* slices of an edit (from napari's ``paint``
+  event: :func:`touched_slices`) and keeps those whose content now differs from the *baseline*
+  (the segmentation as the last run showed it). :meth:`CorrectedSlices.recheck` compares every
+  slice touched since the baseline again, so napari's undo and redo (which emit no ``paint``
+  event) take a slice out of the list and put it back;
+* :meth:`CorrectedSlices.mark` marks a slice explicitly (the user checked it and it needs no
+  change); :meth:`CorrectedSlices.unmark` takes one out (it stays out until painted again);
+* :meth:`CorrectedSlices.corrections` is the labels volume the engine trains on:
+  :data:`NOT_CORRECTED` (-1) everywhere except the corrected slices, which hold the user's labels;
+  :func:`paste` writes them back into a new prediction, so the corrected slices always stay
+  exactly as the user made them;
+* :meth:`CorrectedSlices.rebase` starts from a new baseline after a round: the slices stay
+  corrected (they were used) and only leave the list when un-marked.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: The value of voxels nobody corrected in a corrections volume.
+NOT_CORRECTED = -1
+
+#: Anatomical plane of the slices taken along an axis, by the axis's orientation code.
+PLANES = {
+    "S": "axial",
+    "I": "axial",
+    "A": "coronal",
+    "P": "coronal",
+    "L": "sagittal",
+    "R": "sagittal",
+}
+
+#: How a slice came into the list.
+EDITED, MARKED, KEPT = "edited", "marked", "kept"
+
+
+def plane_name(axis: int, axcodes: str | Sequence[str] | None = None) -> str:
+    """``"axial"``, ``"coronal"`` or ``"sagittal"`` for array ``axis`` of a scan with
+    orientation codes ``axcodes`` (e.g. ``"LAS"``), else ``"axis <n>"``."""
+    if axcodes and len(axcodes) > axis:
+        plane = PLANES.get(str(axcodes[axis]).upper())
+        if plane:
+            return plane
+    return f"axis {axis}"
+
+
+@dataclass(frozen=True, order=True)
+class SliceRef:
+    """Slice ``index`` along array ``axis``."""
+
+    axis: int
+    index: int
+
+    def key(self, ndim: int) -> tuple:
+        """The index expression of this slice in an ``ndim``-dimensional array."""
+        key: list[Any] = [slice(None)] * ndim
+        key[self.axis] = self.index
+        return tuple(key)
+
+
+def _atom_ranges(atom, shape: Sequence[int]) -> list[tuple[int, int]] | None:
+    """Inclusive (first, last) index per axis that one napari history atom changed."""
+    slice_key = getattr(atom, "slice_key", None)
+    if slice_key is not None:  # napari's mask-based atom: a bounding box of slices
+        ranges = []
+        for size, part in zip(shape, slice_key):
+            start, stop, _ = part.indices(size) if isinstance(part, slice) else (part, part + 1, 1)
+            ranges.append((int(start), int(stop) - 1))
+        return ranges
+    indices = atom[0] if isinstance(atom, (tuple, list)) and atom else None
+    if indices is None or len(indices) != len(shape):
+        return None
+    arrays = [np.asarray(ix).ravel() for ix in indices]
+    if not arrays or arrays[0].size == 0:
+        return None
+    return [(int(a.min()), int(a.max())) for a in arrays]
+
+
+def touched_slices(atoms: Iterable, shape: Sequence[int], view_axis: int | None) -> set[SliceRef]:
+    """The slices an edit touched, from the atoms of a napari Labels ``paint`` event.
+
+    ``view_axis`` is the array axis the viewer steps through (the slices the user sees); an
+    edit made in a 2D view touches one slice along it, a 3D brush several. Without a view axis
+    (a 3D view) the axis along which the edit is thinnest is taken.
+    """
+    touched: set[SliceRef] = set()
+    for atom in atoms:
+        ranges = _atom_ranges(atom, shape)
+        if ranges is None:
+            continue
+        axis = view_axis
+        if axis is None or not 0 <= axis < len(shape):
+            axis = int(np.argmin([last - first for first, last in ranges]))
+        first, last = ranges[axis]
+        touched.update(SliceRef(axis, index) for index in range(first, last + 1))
+    return touched
+
+
+def paste(labels: np.ndarray, corrections: np.ndarray) -> np.ndarray:
+    """``labels`` (modified in place and returned) with every corrected voxel of
+    ``corrections`` (a volume with :data:`NOT_CORRECTED` elsewhere) written into it."""
+    corrected = corrections != NOT_CORRECTED
+    labels[corrected] = corrections[corrected].astype(labels.dtype)
+    return labels
+
+
+@dataclass
+class CorrectedSlices:
+    """The corrected slices of one segmentation (see the module docstring).
+
+    Attributes:
+        baseline: the segmentation as the last run showed it (a copy), or None before a run.
+        origins: each corrected slice and how it came in (``edited``, ``marked`` or ``kept``:
+            used in an earlier round).
+        touched: slices edited since the baseline, compared again by :meth:`recheck`.
+        dismissed: slices the user un-marked (not re-added until painted again).
+    """
+
+    baseline: np.ndarray | None = None
+    origins: dict[SliceRef, str] = field(default_factory=dict)
+    touched: set[SliceRef] = field(default_factory=set)
+    dismissed: set[SliceRef] = field(default_factory=set)
+
+    # -- the list -------------------------------------------------------------------------------
+    @property
+    def slices(self) -> list[SliceRef]:
+        """The corrected slices, by axis then index."""
+        return sorted(self.origins)
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self.origins
+
+    def mark(self, ref: SliceRef) -> None:
+        """Count ``ref`` as corrected although it may be unchanged (the user checked it)."""
+        self.dismissed.discard(ref)
+        self.origins.setdefault(ref, MARKED)
+
+    def unmark(self, ref: SliceRef) -> None:
+        """``ref`` no longer counts (its labels stay as they are; a next run may change them)."""
+        self.origins.pop(ref, None)
+        self.dismissed.add(ref)
+
+    def clear(self) -> None:
+        self.origins.clear()
+        self.touched.clear()
+        self.dismissed.clear()
+
+    # -- following edits ------------------------------------------------------------------------
+    def reset(self, baseline: np.ndarray | None) -> None:
+        """A new segmentation to correct: forget every slice; ``baseline`` is copied."""
+        self.clear()
+        self.baseline = None if baseline is None else np.array(baseline, copy=True)
+
+    def rebase(self, baseline: np.ndarray) -> None:
+        """After a round: compare later edits with ``baseline`` (copied); the corrected slices
+        stay in the list (as ``kept``) until un-marked."""
+        self.baseline = np.array(baseline, copy=True)
+        self.origins = dict.fromkeys(self.origins, KEPT)
+        self.touched.clear()
+
+    def differs(self, labels: np.ndarray, ref: SliceRef) -> bool:
+        """Whether slice ``ref`` of ``labels`` differs from the baseline (True without one)."""
+        if self.baseline is None or self.baseline.shape != labels.shape:
+            return True
+        key = ref.key(labels.ndim)
+        return not np.array_equal(np.asarray(labels[key]), self.baseline[key])
+
+    def touch(self, refs: Iterable[SliceRef], shape: Sequence[int]) -> set[SliceRef]:
+        """The user is editing slices ``refs`` (of a volume of ``shape``): they are compared
+        from now on (napari announces an edit before it writes it); the ones inside."""
+        refs = {ref for ref in refs if 0 <= ref.index < shape[ref.axis]}
+        self.dismissed -= refs
+        self.touched |= refs
+        return refs
+
+    def edited(self, labels: np.ndarray, refs: Iterable[SliceRef]) -> bool:
+        """The user edited slices ``refs`` of ``labels``; True if the list changed."""
+        return self.recheck(labels, self.touch(refs, labels.shape))
+
+    def recheck(self, labels: np.ndarray, refs: Iterable[SliceRef] | None = None) -> bool:
+        """Compare the touched slices (or ``refs``) with the baseline again: an edited slice
+        that differs is in the list, one that no longer differs (undone) is not. Slices marked
+        by hand or kept from a round stay. True if the list changed."""
+        changed = False
+        for ref in self.touched if refs is None else refs:
+            if ref in self.dismissed:
+                continue
+            origin = self.origins.get(ref)
+            differs = self.differs(labels, ref)
+            if differs and origin is None:
+                self.origins[ref] = EDITED
+                changed = True
+            elif not differs and origin == EDITED:
+                del self.origins[ref]
+                changed = True
+        return changed
+
+    # -- what the engine gets -------------------------------------------------------------------
+    def mask(self, shape: Sequence[int]) -> np.ndarray:
+        """Boolean volume: True on the corrected slices."""
+        corrected = np.zeros(tuple(shape), dtype=bool)
+        for ref in self.origins:
+            corrected[ref.key(len(shape))] = True
+        return corrected
+
+    def corrections(self, labels: np.ndarray) -> np.ndarray:
+        """int16 volume: the user's ``labels`` on the corrected slices, :data:`NOT_CORRECTED`
+        elsewhere."""
+        volume = np.full(labels.shape, NOT_CORRECTED, dtype=np.int16)
+        for ref in self.origins:
+            key = ref.key(labels.ndim)
+            volume[key] = np.asarray(labels[key])
+        return volume
+
+    def snapshot(self) -> CorrectedSlices:
+        """A deep copy (for going back to it)."""
+        return copy.deepcopy(self)
+
+    def describe(self, axcodes: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """JSON-able list of the corrected slices (for reports)."""
+        return [
+            {
+                "axis": ref.axis,
+                "plane": plane_name(ref.axis, axcodes),
+                "index": ref.index,
+                "how": self.origins[ref],
+            }
+            for ref in self.slices
+        ]
