@@ -206,11 +206,16 @@ class AdaptationMethod(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     requires_any: ClassVar[frozenset[str]] = frozenset()
     uses_source_data: ClassVar[bool] = False
+    #: True for a method that is itself the correction step (``corrections``).
+    needs_corrections: ClassVar[bool] = False
+    #: One line on why the method cannot combine with corrections ("" : it can).
+    corrections_unsupported: ClassVar[str] = ""
 
     def __init__(self, settings: CommonSettings, context: AdaptationContext):
         self.settings = settings
         self.context = context
         self.optimizer: torch.optim.Optimizer | None = None
+        self.correction_step = None
 
     # -- what the engine calls ----------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -226,6 +231,33 @@ class AdaptationMethod(ABC):
     @abstractmethod
     def step(self, batch_index: torch.Tensor, step: int) -> StepOutput:
         """One optimiser step on the target inputs at ``batch_index``."""
+
+    def attach_corrections(self, settings) -> None:
+        """Called by the engine after :meth:`setup` when the run has corrections: from then on
+        :meth:`run_step` adds one :class:`~.corrections.CorrectionStep` (with ``settings``, a
+        :class:`~.corrections.CorrectionSettings`) after every step of the method."""
+        from .corrections import CorrectionStep
+
+        if self.corrections_unsupported:
+            raise ValueError(f"{self.name} cannot use corrections: {self.corrections_unsupported}")
+        if not self.needs_corrections:  # the corrections method runs the step itself
+            self.correction_step = CorrectionStep(self.context, settings)
+
+    def run_step(self, batch_index: torch.Tensor, step: int) -> StepOutput:
+        """:meth:`step`, then the correction step if attached (its losses join the output's;
+        ``total`` becomes the sum of both totals)."""
+        output = self.step(batch_index, step)
+        if self.correction_step is not None:
+            extra = self.correction_step.step(batch_index, self.settings.batch_size)
+            total = output.losses.get("total", 0.0) + extra["corrections_total"]
+            merged = {**output.losses, **extra}
+            merged.pop("total", None)
+            output.losses = {"total": total, **merged}
+        return output
+
+    def epoch_batches(self) -> list[torch.Tensor]:
+        """The batches of one epoch (default: one shuffled pass over the target inputs)."""
+        return list(self.context.target_batches(self.settings.batch_size))
 
     def finished(self, epoch: int, agreement: float | None) -> str | None:
         """After each epoch: a reason to stop early, or None to go on."""

@@ -1,0 +1,278 @@
+"""Corrections as supervision: the loss on corrected voxels and the step that adds it to a run.
+
+A user corrects a few slices of a segmentation; every voxel of a corrected slice is truth, every
+other voxel carries :data:`NOT_CORRECTED` (-1). The engine maps the corrections through the
+model's preparation like a reference mask (``AdaptationContext.corrections``: a long tensor
+aligned with ``target_inputs``) and, when a run has corrections, calls one
+:class:`CorrectionStep` after every step of the method. So every method combines with
+corrections in one place (a method that cannot sets ``corrections_unsupported`` to the reason),
+and the ``corrections`` method (:mod:`.methods.corrections`) is this step alone.
+
+One correction step:
+
+* picks a batch: slices that hold corrected voxels (at most half of ``batch_size``, the rest
+  filled with the engine's batch of other target slices); a 3D model's single input holds both;
+* supervised loss on the corrected voxels only: cross-entropy plus ``corrections_dice_weight``
+  times a soft Dice loss (the corrected voxels carry both classes of a slice, so Dice does not
+  collapse to the majority class);
+* anchor (``corrections_anchor_weight``): cross-entropy with the frozen model's probabilities
+  (the model the round started from) on voxels where that model was confident
+  (``corrections_anchor_confidence``) and that lie more than ``corrections_anchor_margin``
+  voxels from any corrected voxel, so corrections spread to their neighbourhood while the rest
+  of the scan keeps what the model already did well (forgetting is what an unanchored update
+  of every weight showed);
+* one Adam step on its own parameter group (``corrections_parameters``: ``auto`` is every
+  parameter the model offers for training), with its own learning rate; the network's BatchNorm
+  layers run in evaluation mode for this step (statistics as at inference, independent of how
+  few slices were corrected); the method's own modes are restored afterwards.
+
+Why the defaults are what they are is measured in ``benchmarks/corrections_benchmark.py``
+(docs/corrections.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import maximum_filter
+from torch import nn
+
+from ..core.metrics import mean_foreground_dice
+from ..settings import setting
+from .losses import soft_cross_entropy, soft_dice_loss
+
+if TYPE_CHECKING:
+    from .base import AdaptationContext
+
+#: Label of a voxel the user did not correct (the same value as ``core.corrections``).
+NOT_CORRECTED = -1
+
+
+@dataclass
+class CorrectionSettings:
+    """How corrections supervise a run (prefixed, so they sit beside any method's settings)."""
+
+    corrections_weight: float = setting(
+        1.0, "Weight of the cross-entropy on corrected voxels.", min=0.0, max=100.0
+    )
+    corrections_dice_weight: float = setting(
+        1.0, "Weight of the soft Dice loss on corrected voxels (0: cross-entropy only).", min=0.0
+    )
+    corrections_anchor_weight: float = setting(
+        1.0,
+        "Weight of the anchor: cross-entropy with the round's starting model on confident "
+        "voxels far from every correction (0: no anchor).",
+        min=0.0,
+        max=100.0,
+    )
+    corrections_anchor_confidence: float = setting(
+        0.9,
+        "The anchor holds voxels where the starting model's top probability is at least this.",
+        min=0.0,
+        max=1.0,
+    )
+    corrections_anchor_margin: int = setting(
+        12,
+        "The anchor leaves free every voxel within this many voxels (model grid) of a "
+        "corrected voxel.",
+        min=0,
+        max=256,
+    )
+    corrections_parameters: str = setting(
+        "auto",
+        "Parameters the corrections train: auto (the model's trainable set, 'all'), or a group "
+        "of the model (all, norm, early, first_blocks, every).",
+    )
+    corrections_learning_rate: float = setting(
+        3e-4, "Adam learning rate of the correction step.", min=1e-7, max=1.0
+    )
+
+
+def correction_fields() -> list[str]:
+    """Names of the :class:`CorrectionSettings` fields."""
+    return [f.name for f in dataclasses.fields(CorrectionSettings)]
+
+
+def split_correction_settings(values: dict[str, Any]) -> tuple[CorrectionSettings, dict]:
+    """``values`` -> (CorrectionSettings from the ``corrections_*`` keys, the other keys)."""
+    names = set(correction_fields())
+    mine = {k: v for k, v in values.items() if k in names}
+    return CorrectionSettings(**mine), {k: v for k, v in values.items() if k not in names}
+
+
+# -- losses ------------------------------------------------------------------------------------
+def corrected_voxel_loss(
+    logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy and soft Dice loss on the corrected voxels (labels >= 0) only.
+
+    Args:
+        logits: (B, C, ...) network output.
+        labels: (B, ...) long, :data:`NOT_CORRECTED` where the user did not correct.
+        dice_weight: 0 skips the Dice term.
+    Returns:
+        ``{"corrections_ce": ..., "corrections_dice": ...}`` (zeros with a gradient when no
+        voxel of the batch is corrected).
+    """
+    labels = labels.to(logits.device).long()
+    corrected = labels != NOT_CORRECTED
+    if not bool(corrected.any()):
+        zero = logits.sum() * 0.0
+        return {"corrections_ce": zero, "corrections_dice": zero}
+    terms = {"corrections_ce": F.cross_entropy(logits.float(), labels, ignore_index=NOT_CORRECTED)}
+    if dice_weight > 0:
+        probabilities = torch.softmax(logits.float(), dim=1)
+        terms["corrections_dice"] = soft_dice_loss(probabilities, labels, corrected)
+    return terms
+
+
+def corrected_fit(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Mean foreground Dice of the prediction with the corrections, on corrected voxels only
+    (None when the batch has none): how well the model reproduces what the user drew."""
+    corrected = labels != NOT_CORRECTED
+    if not bool(corrected.any()):
+        return None
+    predicted = logits.argmax(1)[corrected]
+    return mean_foreground_dice(predicted.cpu(), labels[corrected].cpu(), logits.shape[1])
+
+
+def anchor_region(
+    corrections: torch.Tensor,
+    probabilities: torch.Tensor,
+    *,
+    confidence: float,
+    margin: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(N, ...) boolean: voxels the anchor holds to the starting model.
+
+    Confident (top probability >= ``confidence``), valid (not padding), and more than
+    ``margin`` voxels (a box, along every axis of the stacked inputs: for 2D models the stack of
+    slices is the volume) from every corrected voxel.
+    """
+    confident = probabilities.max(dim=1).values >= confidence
+    corrected = (corrections != NOT_CORRECTED).numpy()
+    if margin > 0 and corrected.any():
+        near = maximum_filter(corrected, size=2 * margin + 1, mode="constant")
+    else:
+        near = corrected
+    region = confident & ~torch.from_numpy(np.ascontiguousarray(near))
+    if valid is not None:
+        region &= valid.reshape(region.shape)
+    return region
+
+
+# -- the step ----------------------------------------------------------------------------------
+def _batchnorm_eval(network: nn.Module) -> None:
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+class CorrectionStep:
+    """One supervised update from the corrections, called by the engine after each method step.
+
+    Built once per run from the context (which must hold corrections) and the settings.
+    """
+
+    def __init__(self, context: AdaptationContext, settings: CorrectionSettings):
+        corrections = getattr(context, "corrections", None)
+        if corrections is None:
+            raise ValueError("no corrections given: correct at least one slice first")
+        if not bool((corrections != NOT_CORRECTED).any()):
+            raise ValueError("the corrections hold no corrected voxel")
+        self.context, self.settings = context, settings
+        self.corrections = corrections
+        flat = (corrections != NOT_CORRECTED).reshape(corrections.shape[0], -1)
+        self.corrected_items = torch.nonzero(flat.any(1)).flatten()
+        valid = None if context.valid_mask is None else context.valid_mask[:, 0]
+        self.anchor = anchor_region(
+            corrections,
+            context.initial_probabilities,
+            confidence=settings.corrections_anchor_confidence,
+            margin=settings.corrections_anchor_margin,
+            valid=valid,
+        )
+        self.parameters = self._parameters()
+        self.optimizer = torch.optim.Adam(self.parameters, lr=settings.corrections_learning_rate)
+        self.last_fit: float | None = None  # Dice with the corrections on the latest batch
+
+    def _parameters(self) -> list[nn.Parameter]:
+        groups = self.context.model.parameter_groups()
+        wanted = self.settings.corrections_parameters
+        name = "all" if wanted == "auto" else wanted
+        if name not in groups or not groups[name]:
+            known = ", ".join(n for n, p in groups.items() if p)
+            raise ValueError(f"corrections_parameters: this model has no {name!r}; it has {known}")
+        return list(groups[name])
+
+    def batch_index(self, engine_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Corrected items first (a random half of the batch at most), then the engine's."""
+        corrected = self.corrected_items
+        room = max(1, batch_size // 2) if len(engine_index) else batch_size
+        if len(corrected) > room:
+            pick = torch.randperm(len(corrected), generator=self.context.generator)[:room]
+            corrected = corrected[pick]
+        others = engine_index[~torch.isin(engine_index, corrected)]
+        return torch.cat([corrected, others[: max(0, batch_size - len(corrected))]])
+
+    def losses(self, logits: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named loss terms of ``logits`` (the network's output on items ``index``)."""
+        settings, device = self.settings, logits.device
+        labels = self.corrections[index].to(device)
+        terms = corrected_voxel_loss(logits, labels, settings.corrections_dice_weight)
+        terms["corrections_ce"] = terms["corrections_ce"] * settings.corrections_weight
+        if settings.corrections_anchor_weight > 0:
+            source = self.context.initial_probabilities[index].to(device)
+            anchor = self.anchor[index].to(device)
+            terms["corrections_anchor"] = settings.corrections_anchor_weight * (
+                soft_cross_entropy(logits, source, anchor)
+            )
+        if "corrections_dice" in terms:
+            terms["corrections_dice"] = terms["corrections_dice"] * settings.corrections_dice_weight
+        return terms
+
+    def step(self, engine_index: torch.Tensor, batch_size: int) -> dict[str, float]:
+        """One Adam step on the corrections; returns the step's losses (``corrections_*``)."""
+        from .base import preserved_modes
+
+        context = self.context
+        index = self.batch_index(engine_index, batch_size)
+        network = context.model.network
+        requires = {parameter: parameter.requires_grad for parameter in network.parameters()}
+        with preserved_modes(network):
+            _batchnorm_eval(network)
+            network.requires_grad_(False)  # gradients only where this step changes weights
+            for parameter in self.parameters:
+                parameter.requires_grad_(True)
+            inputs = context.target_inputs[index].to(context.device)
+            with context.autocast():
+                logits = context.model.forward(inputs).logits
+            terms = self.losses(logits, index)
+            total = sum(terms.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            for parameter, flag in requires.items():
+                parameter.requires_grad_(flag)
+        self.last_fit = corrected_fit(logits.detach(), self.corrections[index].to(logits.device))
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        return {"corrections_total": float(total.detach()), **values}
+
+    def report(self) -> dict[str, Any]:
+        """Facts for ``AdaptationResult.extra``."""
+        corrected = int((self.corrections != NOT_CORRECTED).sum())
+        return {
+            "corrections": {
+                "corrected_voxels_model_grid": corrected,
+                "corrected_items": len(self.corrected_items),
+                "anchor_voxels": int(self.anchor.sum()),
+                "parameters": len(self.parameters),
+                **dataclasses.asdict(self.settings),
+            }
+        }

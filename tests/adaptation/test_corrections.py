@@ -1,0 +1,117 @@
+"""The corrections loss, the anchor region and the correction step (without the engine)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_uda.adaptation.base import AdaptationContext
+from napari_uda.adaptation.corrections import (
+    NOT_CORRECTED,
+    CorrectionSettings,
+    CorrectionStep,
+    anchor_region,
+    corrected_fit,
+    corrected_voxel_loss,
+    split_correction_settings,
+)
+from napari_uda.adaptation.engine import _stack_inputs
+from napari_uda.core.inference import predict_batches
+
+
+def test_loss_counts_corrected_voxels_only():
+    labels = torch.full((1, 4, 4), NOT_CORRECTED)
+    labels[0, 0] = torch.tensor([0, 1, 1, 0])
+    logits = torch.zeros(1, 2, 4, 4, requires_grad=True)
+    terms = corrected_voxel_loss(logits, labels)
+    sum(terms.values()).backward()
+    assert torch.allclose(terms["corrections_ce"], torch.tensor(np.log(2.0), dtype=torch.float32))
+    assert logits.grad[:, :, 1:].abs().sum() == 0  # uncorrected rows get no gradient
+    assert logits.grad[:, :, 0].abs().sum() > 0
+
+
+def test_loss_without_corrected_voxel_is_zero_with_a_gradient():
+    logits = torch.randn(2, 2, 3, 3, requires_grad=True)
+    terms = corrected_voxel_loss(logits, torch.full((2, 3, 3), NOT_CORRECTED))
+    total = sum(terms.values())
+    assert float(total.detach()) == 0.0
+    total.backward()  # does not fail
+
+
+def test_fit_is_dice_on_corrected_voxels():
+    labels = torch.full((1, 2, 4), NOT_CORRECTED)
+    labels[0, 0] = torch.tensor([0, 0, 1, 1])
+    logits = torch.zeros(1, 2, 2, 4)
+    logits[0, 1, 0, 2:] = 5.0  # right on the corrected row
+    logits[0, 1, 1, :] = 5.0  # wrong elsewhere, not counted
+    assert corrected_fit(logits, labels) == pytest.approx(1.0)
+    assert corrected_fit(logits, torch.full((1, 2, 4), NOT_CORRECTED)) is None
+
+
+def test_anchor_region_is_confident_and_far_from_corrections():
+    corrections = torch.full((9, 5, 5), NOT_CORRECTED)
+    corrections[4] = 1
+    probabilities = torch.full((9, 2, 5, 5), 0.5)
+    probabilities[:, 0] = 0.95
+    probabilities[:, 1] = 0.05
+    probabilities[0, :, 0, 0] = 0.5  # unsure voxel
+    region = anchor_region(corrections, probabilities, confidence=0.9, margin=2)
+    assert not region[2:7].any()  # within two slices of the corrected slice
+    assert region[7:].all() and region[1].all()
+    assert not region[0, 0, 0] and region[0, 1, 1]
+
+
+def test_split_correction_settings():
+    mine, rest = split_correction_settings({"corrections_weight": 2.0, "epochs": 3})
+    assert mine.corrections_weight == 2.0 and rest == {"epochs": 3}
+    assert isinstance(mine, CorrectionSettings)
+
+
+def _context(model, volume, corrections):
+    prepared = [model.prepare(volume)]
+    inputs, valid, _ = _stack_inputs(prepared)
+    frozen = model.clone()
+    frozen.network.eval()
+    initial = predict_batches(frozen, inputs, device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    context = AdaptationContext(
+        model=model.clone(),
+        source_model=frozen,
+        target_inputs=inputs,
+        device=torch.device("cpu"),
+        generator=generator,
+        initial_probabilities=initial,
+        valid_mask=valid,
+    )
+    labels = prepared[0].labels_to_slices(volume.with_data(corrections))
+    pad = (0, inputs.shape[-1] - labels.shape[-1], 0, inputs.shape[-2] - labels.shape[-2])
+    labels = torch.nn.functional.pad(labels, pad, value=NOT_CORRECTED)
+    if valid is not None:  # padding added by the preparation is never corrected
+        labels[~valid[:, 0]] = NOT_CORRECTED
+    context.corrections = labels
+    return context
+
+
+def test_step_fits_the_corrections_and_restores_modes(tiny_model, tiny_target, tiny_reference):
+    truth = np.asarray(tiny_reference.data).astype(np.int16)
+    corrections = np.full(truth.shape, NOT_CORRECTED, dtype=np.int16)
+    corrections[..., 10] = truth[..., 10]
+    context = _context(tiny_model, tiny_target, corrections)
+    network = context.model.network
+    network.train()
+    flags = [p.requires_grad for p in network.parameters()]
+    settings = CorrectionSettings(corrections_learning_rate=3e-3)
+    step = CorrectionStep(context, settings)
+    losses = [step.step(torch.arange(4), 8)["corrections_ce"] for _ in range(15)]
+    assert losses[-1] < losses[0]
+    assert step.last_fit is not None and step.last_fit > 0.8
+    assert network.training and [p.requires_grad for p in network.parameters()] == flags
+    assert step.report()["corrections"]["corrected_items"] >= 1
+
+
+def test_step_refuses_corrections_with_no_corrected_voxel(tiny_model, tiny_target):
+    empty = np.full(tiny_target.shape, NOT_CORRECTED, dtype=np.int16)
+    context = _context(tiny_model, tiny_target, empty)
+    with pytest.raises(ValueError, match="no corrected voxel"):
+        CorrectionStep(context, CorrectionSettings())
