@@ -19,7 +19,9 @@ Built-in profiles (see :func:`list_profiles`):
 * ``t2_like``: contrast remap only (CSF bright, white matter dark);
 * ``bias_noise``: smooth bias field plus Rician noise;
 * ``thick_slices``: 5 mm axial slices (slab average, linear interpolation back) plus ghosting;
-* ``motion``: rigid motion during acquisition.
+* ``motion``: rigid motion during acquisition;
+* ``inverted``: T1 contrast inverted inside the head, plus bias, 3 mm slices and noise (a
+  contrast deepbet never saw: it breaks it, where the others leave it above 0.9 Dice).
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ T2_LIKE_KNOTS = (
     (0.0, 0.04, 1.0, 0.65, 0.35, 0.6, 0.7),
 )
 
+#: Inverted lookup (same input knots as :data:`T2_LIKE_KNOTS`): the T1 contrast turned round
+#: inside the head (skull and CSF bright, grey matter mid, white matter and fat dark). A contrast
+#: no brain-extraction model trained on T1 has seen; it breaks deepbet (docs/corrections.md).
+INVERTED_KNOTS = (
+    (0.0, 0.08, 0.3, 0.6, 0.88, 1.05, 1.5),
+    (0.0, 0.9, 0.8, 0.5, 0.3, 0.15, 0.1),
+)
+
 
 @dataclass(frozen=True)
 class ScannerProfile:
@@ -56,6 +66,8 @@ class ScannerProfile:
         summary: one line for listings and docs.
         t2_blend: weight of the T2-like remap (:data:`T2_LIKE_KNOTS`): 0 keeps the T1
             contrast, 1 is fully T2-like. Default 0.
+        inverted_blend: weight of the inverted remap (:data:`INVERTED_KNOTS`), applied after
+            the T2-like one. Default 0.
         gamma: intensities (scaled to [0, 1]) are raised to this power; 1 changes nothing.
             Default 1.
         bias_coefficients: maximum magnitude of the polynomial bias-field coefficients
@@ -77,6 +89,7 @@ class ScannerProfile:
     name: str
     summary: str
     t2_blend: float = 0.0
+    inverted_blend: float = 0.0
     gamma: float = 1.0
     bias_coefficients: float = 0.0
     bias_order: int = 3
@@ -109,6 +122,15 @@ PROFILES: dict[str, ScannerProfile] = {
             "t2_like",
             "T2-like contrast: CSF bright, white matter dark (a lookup on T1 intensities).",
             t2_blend=1.0,
+        ),
+        ScannerProfile(
+            "inverted",
+            "T1 contrast inverted inside the head (fat and white matter dark, skull and CSF "
+            "bright), bias field, 3 mm axial slices, Rician noise; breaks deepbet.",
+            inverted_blend=1.0,
+            bias_coefficients=0.5,
+            slice_thickness_mm=3.0,
+            rician_sigma=0.05,
         ),
         ScannerProfile(
             "bias_noise",
@@ -158,6 +180,12 @@ def robust_maximum(data: np.ndarray) -> float:
 def t2_like(unit: np.ndarray) -> np.ndarray:
     """The T2-like lookup (:data:`T2_LIKE_KNOTS`) of intensities scaled to the robust maximum."""
     knots_in, knots_out = T2_LIKE_KNOTS
+    return np.interp(unit, knots_in, knots_out).astype(np.float32)
+
+
+def inverted(unit: np.ndarray) -> np.ndarray:
+    """The inverted lookup (:data:`INVERTED_KNOTS`) of intensities scaled to the robust maximum."""
+    knots_in, knots_out = INVERTED_KNOTS
     return np.interp(unit, knots_in, knots_out).astype(np.float32)
 
 
@@ -240,6 +268,8 @@ def simulate_scanner(volume: Volume, profile: str | ScannerProfile, seed: int = 
     unit = np.clip(data / scale, 0.0, None)
     if profile.t2_blend > 0:
         unit = (1 - profile.t2_blend) * unit + profile.t2_blend * t2_like(unit)
+    if profile.inverted_blend > 0:
+        unit = (1 - profile.inverted_blend) * unit + profile.inverted_blend * inverted(unit)
     if profile.gamma != 1.0:
         unit = np.power(unit, profile.gamma)
     if profile.slice_thickness_mm:
