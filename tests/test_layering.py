@@ -35,7 +35,7 @@ def modules_under(folder: str) -> list[Path]:
     return sorted((PACKAGE / folder).rglob("*.py"))
 
 
-@pytest.mark.parametrize("folder", ["core", "adaptation", "cli"])
+@pytest.mark.parametrize("folder", ["core", "adaptation", "cli", "batch"])
 def test_headless_packages_import_no_gui(folder):
     for path in modules_under(folder):
         gui = {m for m in imported_modules(path) if m.split(".")[0] in GUI_ROOTS}
@@ -47,7 +47,9 @@ def test_core_does_not_depend_on_adaptation_cli_or_the_plugin():
         upward = {
             m
             for m in imported_modules(path)
-            if m.startswith(("napari_uda.adaptation", "napari_uda.cli", "napari_uda._qt"))
+            if m.startswith(
+                ("napari_uda.adaptation", "napari_uda.batch", "napari_uda.cli", "napari_uda._qt")
+            )
         }
         assert not upward, f"{path.relative_to(PACKAGE)} imports {sorted(upward)}"
 
@@ -55,7 +57,9 @@ def test_core_does_not_depend_on_adaptation_cli_or_the_plugin():
 def test_adaptation_does_not_depend_on_cli_or_the_plugin():
     for path in modules_under("adaptation"):
         upward = {
-            m for m in imported_modules(path) if m.startswith(("napari_uda.cli", "napari_uda._qt"))
+            m
+            for m in imported_modules(path)
+            if m.startswith(("napari_uda.batch", "napari_uda.cli", "napari_uda._qt"))
         }
         assert not upward, f"{path.relative_to(PACKAGE)} imports {sorted(upward)}"
 

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 #: Subcommand modules in the order ``--help`` lists them.
-SUBCOMMANDS = ("train", "predict", "evaluate", "adapt", "methods", "demo")
+SUBCOMMANDS = ("train", "predict", "evaluate", "adapt", "batch", "methods", "demo")
 
 
 class CLIError(Exception):
