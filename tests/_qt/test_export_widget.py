@@ -183,3 +183,33 @@ def test_export_an_adapted_torchscript_model(
     assert export.export() is None
     assert "never overwritten" in notifications["error"][-1]
     assert model_path.read_bytes() == before
+
+
+
+def test_apply_to_folder_runs_the_last_run_on_every_scan_in_the_background(
+    finished_run, qtbot, notifications, tmp_path
+):
+    """A real batch on a LocalCluster (one worker process), started from the widget: the GUI
+    thread only receives progress; the manifest and the report hold every scan of the folder."""
+    pytest.importorskip("distributed")
+    from napari_uda.batch.manifest import read_manifest
+
+    _, export, _, scan_path = finished_run
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for index in range(2):
+        (folder / f"case{index}.nii.gz").write_bytes(scan_path.read_bytes())
+    assert export.batch_button.isEnabled() and export.batch_button.text() == "Apply to folder..."
+    batch = export.apply_to_folder(folder)
+    assert batch is not None and export.batch_button.text() == "Stop batch"
+    assert batch.job.method == "tent" and "epochs=1" in batch.job.settings
+    statuses = []
+    batch.progress.connect(lambda progress: statuses.append(progress.finished))
+    qtbot.waitUntil(lambda: export.batch is None, timeout=300_000)
+    assert not notifications["error"], notifications["error"]
+    out = export.folder.value / "scan_tent_batch"
+    cases = read_manifest(out)["cases"]
+    assert {k: v["state"] for k, v in cases.items()} == {"case0": "done", "case1": "done"}
+    assert (out / "report.html").is_file() and statuses[-1] == 2
+    assert "2/2 scans" in export.batch_status.text() and "report.html" in notifications["info"][-1]
+    assert export.batch_button.text() == "Apply to folder..."

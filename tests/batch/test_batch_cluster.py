@@ -78,7 +78,11 @@ def test_a_batch_with_a_corrupt_scan_finishes_the_others_and_reruns_skip_them(
 def test_a_stopped_run_leaves_pending_cases_and_resumes(client, tiny_model_path, scans, tmp_path):
     cases = plan_cases(scans)
     job = make_job(tiny_model_path, tmp_path)
-    outcome = run_batch(client, job, cases, should_stop=lambda: True)  # stop after the first
+    finished = []
+    outcome = run_batch(
+        client, job, cases, on_progress=lambda p: finished.append(p.finished),
+        should_stop=lambda: finished[-1] >= 1,  # stop once the first case is finished
+    )
     assert outcome.progress.stopped
     first = states(job.out_dir)
     assert "running" not in first.values() and list(first.values()).count("done") >= 1
@@ -107,22 +111,12 @@ def test_ctrl_c_leaves_a_consistent_manifest(client, tiny_model_path, scans, tmp
     assert set(states(job.out_dir).values()) == {"done"}
 
 
-def test_the_batch_command_per_scan_and_site(tiny_model_path, scans, tmp_path, capsys):
+def test_the_batch_command_per_scan_and_site(client, tiny_model_path, scans, tmp_path, capsys):
+    """Through ``--scheduler`` on the module's cluster (the other tests start local clusters)."""
     out = tmp_path / "per_scan"
-    argv = [
-        "batch",
-        "--model",
-        str(tiny_model_path),
-        "--images",
-        str(scans[0].parent / "scan_*"),
-        "--method",
-        "adabn",
-        "--device",
-        "cpu",
-        "--workers",
-        "1",
-        "--quiet",
-    ]
+    pattern = str(scans[0].parent / "scan_*")
+    argv = ["batch", "--model", str(tiny_model_path), "--images", pattern, "--method", "adabn"]
+    argv += ["--device", "cpu", "--scheduler", client.scheduler.address, "--quiet"]
     assert main([*argv, "--out", str(out)]) == 0
     assert (out / "report.html").is_file() and set(states(out).values()) == {"done"}
     site = tmp_path / "site"

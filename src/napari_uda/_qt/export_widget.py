@@ -15,11 +15,19 @@ import numpy as np
 from magicgui.widgets import CheckBox, Container, FileEdit, LineEdit
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from .._writer import write_image, write_labels
 from ..adaptation.report import run_metrics, run_report, write_history_csv, write_json
 from ..core.volume import Volume
+from .folder_batch import FolderBatch, describe, folder_job
 from .layers import ENTROPY_AFTER, SEGMENTATION_AFTER, layer_meta
 from .runner import readable
 from .state import get_state
@@ -72,11 +80,23 @@ class ExportWidget(QWidget):
         self.export_button.clicked.connect(self.export)
         self.plan = QLabel()
         self.plan.setWordWrap(True)
+        self.batch, self.batch_button = None, QPushButton("Apply to folder...")
+        self.batch_button.setToolTip(
+            "Apply the last run's method and settings to every scan of a folder, in the "
+            "background (napari-uda batch; results and report in <Folder>/<Name>_batch)"
+        )
+        self.batch_button.clicked.connect(lambda: self.apply_to_folder())
+        self.batch_status, self.batch_bar = QLabel(), QProgressBar()
+        self.batch_status.setWordWrap(True)
+        self.batch_bar.setVisible(False)
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.form.native)
         layout.addWidget(self.export_button)
         layout.addWidget(self.plan)
+        layout.addWidget(self.batch_button)
+        layout.addWidget(self.batch_bar)
+        layout.addWidget(self.batch_status)
         layout.addStretch(1)
 
         self.state.events.result.connect(self._new_result)
@@ -113,6 +133,7 @@ class ExportWidget(QWidget):
         ready = self.state.result is not None and not self.state.running
         self.export_button.setEnabled(ready)
         self.export_button.setToolTip("" if ready else "Run an adaptation first")
+        self.batch_button.setEnabled(ready or self.batch is not None)
 
     def planned_files(self) -> dict[str, list[Path]]:
         """The files each ticked output would write."""
@@ -139,6 +160,53 @@ class ExportWidget(QWidget):
 
     def _layer(self, name: str | None):
         return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    # -- a whole folder ---------------------------------------------------------------------
+    def apply_to_folder(self, scans: str | Path | None = None):
+        """Start a batch of the last run over a folder of scans (asked for when ``scans`` is
+        None), or stop the running one. Returns the :class:`FolderBatch` (for tests)."""
+        if self.batch is not None:
+            self.batch.stop()
+            self.batch_status.setText("Stopping: cancelling the scans not yet finished…")
+            return self.batch
+        start = str(self.folder.value)
+        scans = scans or QFileDialog.getExistingDirectory(self, "Folder of scans", start)
+        if not scans or self.state.result is None:
+            return None
+        out = Path(self.folder.value) / f"{self.stem.value.strip() or 'adapted'}_batch"
+        try:
+            job = folder_job(self.state.result, self.state.model_source, Path(scans), out, "auto")
+        except ValueError as error:
+            show_error(f"Batch not started: {error}")
+            return None
+        self.batch = FolderBatch(job, Path(scans))
+        self.batch.progress.connect(self._batch_progress)
+        self.batch.start(self._batch_done, self._batch_failed)
+        self.batch_button.setText("Stop batch")
+        self.batch_bar.setRange(0, 0)  # busy until the first count arrives
+        self.batch_bar.setVisible(True)
+        self.batch_status.setText(f"Batch: starting {self.batch.workers} worker process(es)…")
+        return self.batch
+
+    def _batch_progress(self, progress) -> None:
+        self.batch_bar.setRange(0, progress.total)
+        self.batch_bar.setValue(progress.finished)
+        self.batch_status.setText(describe(progress))
+
+    def _batch_done(self, outcome) -> None:
+        summary = describe(outcome.progress) + (" (stopped)" if outcome.progress.stopped else "")
+        self._batch_ended(f"{summary}. Report: {outcome.report.get('html')}", show_info)
+
+    def _batch_failed(self, error: Exception) -> None:
+        self._batch_ended(f"Batch failed: {readable(error)}", show_error)
+
+    def _batch_ended(self, message: str, notify) -> None:
+        self.batch = None
+        self.batch_button.setText("Apply to folder...")
+        self.batch_bar.setVisible(False)
+        self._update_button()
+        self.batch_status.setText(message)
+        notify(message)
 
     # -- writing ------------------------------------------------------------------------------
     def export(self):

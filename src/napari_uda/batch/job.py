@@ -61,3 +61,17 @@ class BatchJob:
         identity["settings"] = sorted(self.settings)
         identity["site_scans"] = list(self.site_scans)
         return identity
+
+
+def settings_as_text(settings: dict[str, Any]) -> tuple[str, ...]:
+    """A method's settings dict (e.g. a finished run's) as the ``key=value`` texts the CLI's
+    ``--set`` takes (sequences comma-separated, None as ``none``)."""
+
+    def text(value: Any) -> str:
+        if value is None:
+            return "none"
+        if isinstance(value, (list, tuple)):
+            return ",".join(text(item) for item in value)
+        return str(value)
+
+    return tuple(f"{key}={text(value)}" for key, value in settings.items())

@@ -33,6 +33,8 @@ from .threads import threads_for_cluster, threads_per_worker, usable_cores
 
 #: Dask retries of a case whose task raised an unexpected error (bad input is not retried).
 DEFAULT_RETRIES = 1
+#: How often the driver checks for a stop while no case finishes (seconds).
+STOP_POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -193,20 +195,26 @@ def run_batch(
 
 
 def _collect(completed, futures, manifest, progress, started, on_progress, should_stop) -> None:
-    for future in completed:
-        case = futures[future]
-        record = _record(future, case.case_id)
-        manifest.mark(case.case_id, record.pop("state"), **record)
-        state = manifest.cases[case.case_id]["state"]
-        progress.done += state == "done"
-        progress.failed += state == "failed"
-        progress.elapsed = time.perf_counter() - started
-        progress.last_case, progress.last_state = case.case_id, state
-        progress.message = manifest.cases[case.case_id].get("reason", "")
-        _notify(on_progress, progress)
+    """Record the futures as Dask completes them; checks ``should_stop`` between them (every
+    :data:`STOP_POLL_SECONDS`), so a stop does not wait for the next case to finish."""
+    while not completed.is_empty():
         if should_stop is not None and should_stop():
             progress.stopped = True
             return
+        finished = completed.next_batch(block=False)
+        if not finished:
+            time.sleep(STOP_POLL_SECONDS)
+        for future in finished:
+            case = futures[future]
+            record = _record(future, case.case_id)
+            manifest.mark(case.case_id, record.pop("state"), **record)
+            state = manifest.cases[case.case_id]["state"]
+            progress.done += state == "done"
+            progress.failed += state == "failed"
+            progress.elapsed = time.perf_counter() - started
+            progress.last_case, progress.last_state = case.case_id, state
+            progress.message = manifest.cases[case.case_id].get("reason", "")
+            _notify(on_progress, progress)
 
 
 def _notify(on_progress, progress: BatchProgress) -> None:
