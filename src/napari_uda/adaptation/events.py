@@ -87,6 +87,8 @@ class AdaptationResult:
             collapse details, the method's own report such as AdaEnt's prior).
         predictions / initial_predictions: one prediction per target volume, in order
             (``prediction`` and ``initial_prediction`` are the first of each).
+        gate: the keep-or-roll-back decision (:class:`~napari_uda.adaptation.gate.
+            GateDecision`), or None when the run was not gated.
     """
 
     model: ModelAdapter
@@ -106,3 +108,4 @@ class AdaptationResult:
     extra: dict[str, Any] = field(default_factory=dict)
     predictions: list[Prediction] = field(default_factory=list)
     initial_predictions: list[Prediction] = field(default_factory=list)
+    gate: Any = None

@@ -89,6 +89,8 @@ def run_report(
             "stop_reason": result.stop_reason,
             "seconds": result.seconds,
             "checkpoint": vars(result.checkpoint),
+            # the keep-or-roll-back decision with its reasons and loud warnings (None: not gated)
+            "gate": result.gate.to_dict() if result.gate is not None else None,
             "dice_before": result.reference_dice_before,
             "dice_after": result.reference_dice_after,
             "extra": result.extra,

@@ -18,6 +18,7 @@ from ..core.device import resolve_device
 from ..core.models import load_model
 from ..core.volume import is_nifti_path, load_volume, save_volume
 from . import CLIError, add_settings_option
+from .expected_volume import add_expected_volume_option, expected_volumes, warn_lines
 
 
 def add_parser(subparsers) -> None:
@@ -56,6 +57,13 @@ def add_parser(subparsers) -> None:
         default="auto",
         choices=("auto", "cpu", "cuda", "mps"),
         help="compute device (default auto: CUDA, then MPS, then CPU)",
+    )
+    add_expected_volume_option(parser)
+    parser.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="keep the adapted model even when the label-free gate finds it no better than the "
+        "unadapted one (the decision and volume warnings are still reported)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(run=run)
@@ -145,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     settings = resolve_settings(method, args.settings, model)  # the model's recommendations
     if args.save_model:
         _check_model_output(args, model)
+    expected = expected_volumes(args, model)
     volumes = [load_volume(path) for path in args.image]
     reference = load_volume(args.reference) if args.reference else None
     if reference is not None and reference.shape != volumes[0].shape:
@@ -182,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if last_event is not None and not args.quiet:
         print(_progress_line(last_event, class_names), file=sys.stderr, flush=True)
+    decision = _gate(result, model, volumes, expected, args, device)
 
     for index, prediction in enumerate(result.predictions):
         save_volume(prediction.label_volume(), args.out[index])
@@ -210,4 +220,17 @@ def run(args: argparse.Namespace) -> int:
         summary += f"; Dice {before} -> {after}"
     if not args.quiet:
         print(summary, file=sys.stderr, flush=True)
+    # one line with the decision, always (also with --quiet), then the loud warnings
+    print(f"napari-uda adapt: gate: {decision.summary}", file=sys.stderr, flush=True)
+    warn_lines("adapt", decision.warnings)
     return 0
+
+
+def _gate(result, model, volumes, expected, args, device):
+    """The keep-or-roll-back decision on the finished run (rolled back unless --no-gate)."""
+    from ..adaptation.gate import GateOptions, apply_gate
+
+    if result.gate is not None:  # the engine gated the run
+        return result.gate
+    options = GateOptions(gate=not args.no_gate)
+    return apply_gate(result, model, volumes, expected=expected, options=options, device=device)

@@ -12,6 +12,7 @@ from ..core.inference import Prediction, predict_volume
 from ..core.models import ModelAdapter, load_model
 from ..core.volume import Volume, atomic_output, is_nifti_path, load_volume, save_volume
 from . import CLIError
+from .expected_volume import add_expected_volume_option, check_prediction, expected_volumes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default auto"
     )
+    add_expected_volume_option(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -85,10 +87,12 @@ def run(args: argparse.Namespace) -> int:
     image = load_volume(args.image)
     model = load_model(args.model)
     check_compatible(model, image, args.model)
+    expected = expected_volumes(args, model)
     prediction = predict_volume(model, image, device=args.device)
     volumes = prediction_volumes(prediction)
     dtypes = {"labels": np.uint8, "entropy": np.float32, "probabilities": np.float32}
     write_outputs({path: (volumes[key], dtypes[key]) for key, path in requested.items()})
+    check_prediction("predict", prediction, model.class_names, expected, str(args.out))
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..plausibility import ExpectedVolumes, parse_expected_volumes
 from ..preprocessing import PreparedVolume, prepare_volume
 from ..volume import Volume
 from .bundle import BundleError, ModelBundle, SourcePack
@@ -194,6 +195,18 @@ class ModelAdapter(ABC):
 
     def source_statistics(self) -> dict:
         return {}
+
+    def expected_volumes(self) -> ExpectedVolumes:
+        """Plausible volume per foreground class in ml, as the model states it: a bundle's
+        ``source_statistics["expected_volume_ml"]`` (``{"brain": [1000, 1800]}``, written by
+        ``train --expected-volume``); adapters of known models override it. Default: none.
+        A result outside is flagged (:mod:`napari_uda.core.plausibility`)."""
+        stated = self.source_statistics().get("expected_volume_ml")
+        if not stated:
+            return {}
+        return parse_expected_volumes(
+            stated, self.class_names, where="the model's expected_volume_ml"
+        )
 
     def source_tensors(self) -> dict[str, torch.Tensor]:
         return {}

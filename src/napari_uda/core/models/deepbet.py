@@ -109,6 +109,10 @@ def _deepbet_tools():
     return helper, normalize, keep_largest_connected_component
 
 
+#: Plausible brain-mask volume (ml) deepbet states: adult brains, and heads in template space.
+EXPECTED_BRAIN_ML = (900.0, 2200.0)
+
+
 class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
     """deepbet's main network with deepbet's exact pre- and post-processing.
 
@@ -211,6 +215,12 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
     def recommended_settings(self, method: str) -> dict[str, Any]:
         """:data:`RECOMMENDED_SETTINGS` for ``method`` (measured), else the generic ones."""
         return {**super().recommended_settings(method), **RECOMMENDED_SETTINGS.get(method, {})}
+
+    def expected_volumes(self) -> dict[str, tuple[float, float]]:
+        """:data:`EXPECTED_BRAIN_ML`: an adult brain mask (as deepbet draws it) measures
+        roughly 1000-1800 ml in the scanner's space; heads in template space are larger (the
+        MNI152 mask: 2075 ml), hence the wider range. A mask outside it is flagged."""
+        return {self.class_names[-1]: EXPECTED_BRAIN_ML}
 
     # -- description ---------------------------------------------------------------------------
     @property

@@ -1,0 +1,505 @@
+"""The keep-or-roll-back gate: never leave the user worse off than the model they brought.
+
+The collapse guard (:mod:`~napari_uda.adaptation.guard`) sees sudden collapse, not slow,
+confident drift, and Dice can rise while a mask turns into nonsense (a brain mask painting the
+whole head). At the end of a run (and after every round of corrections) the gate compares the
+adapted and the unadapted (source) model on the target with signals that need no labels:
+
+* **agreement under test-time augmentation**: Dice between a model's mask and its mask on the
+  left-right mirrored input (mirrored back) and on slightly rescaled intensities;
+* **agreement across dropout samples**, where the network has dropout;
+* **ADIC** (agreement with dropout inferences calibrated by confidence, after TEGDA, Zhou et al.
+  MICCAI 2025): that agreement times the mean confidence on the predicted foreground;
+* **foreground volume** per class in ml against the expected range the model states or the
+  user sets (:mod:`napari_uda.core.plausibility`), and its change from the source's.
+
+:func:`model_signals` measures one model (the source's can be measured once and reused across
+rounds); :func:`decide` is the pure rule on two models' signals; :func:`gate` does both. The
+decision (:class:`GateDecision`) says which model to keep, why, and which loud warnings the
+kept result carries (a volume outside its range, a large change of volume). Thresholds are
+fields of :class:`GateOptions`; docs/reliability.md has the measured effect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.device import autocast
+from ..core.inference import predict_batches
+from ..core.metrics import dice_per_class
+from ..core.models.adapter import ModelAdapter
+from ..core.plausibility import ExpectedVolumes, VolumeFlag, flag_lines, volume_flags
+from ..settings import check_value, describe, setting
+from .base import preserved_modes
+
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+@dataclass
+class GateOptions:
+    """How the gate measures and decides. Defaults measured in docs/reliability.md."""
+
+    gate: bool = setting(
+        True,
+        "At the end of a run, compare the adapted and the unadapted model with label-free "
+        "signals and keep the unadapted one when adaptation does not look better.",
+    )
+    flip: bool = setting(True, "Test-time augmentation: mirror the input left-right.")
+    intensity_change: float = setting(
+        0.1, "Test-time augmentation: scale the network input by 1 + this (0: off).", min=0.0,
+        max=0.5,
+    )
+    dropout_samples: int = setting(
+        2, "Forward passes with dropout on, where the network has dropout (0: off).", min=0,
+        max=16,
+    )
+    max_inputs: int = setting(
+        16,
+        "Network inputs (slices or patches) the augmented and dropout passes use, those with "
+        "the most foreground first (0: all).",
+        min=0,
+    )
+    consistency_tolerance: float = setting(
+        0.02,
+        "Roll back when the adapted model's agreement (mean of augmentation and dropout "
+        "agreement) is lower than the unadapted model's by more than this.",
+        min=0.0,
+        max=1.0,
+    )
+    max_volume_change: float = setting(
+        3.0,
+        "Roll back when adaptation changes a class's volume by more than this factor (3.0: "
+        "more than four times or less than a quarter: a mask painting the whole head), unless "
+        "it brings the class into its expected range.",
+        min=0.05,
+        max=100.0,
+    )
+    warn_volume_change: float = setting(
+        0.25,
+        "Warn when adaptation changes a class's volume by more than this fraction either way "
+        "(0.25: by more than 25 %), so that the user checks the mask.",
+        min=0.0,
+        max=100.0,
+    )
+
+    def __post_init__(self):
+        for spec in describe(type(self)):
+            check_value(spec, getattr(self, spec.name))
+
+
+@dataclass
+class ModelSignals:
+    """Label-free signals of one model on the target (model grid; foreground Dice averages
+    over the foreground classes)."""
+
+    tta_agreement: float | None
+    dropout_agreement: float | None
+    confidence: float
+    adic: float
+    mean_entropy: float
+    foreground_fraction: list[float]
+    seconds: float = 0.0
+
+    @property
+    def agreement(self) -> float:
+        """Mean of the available agreements (1.0 when none was measured)."""
+        values = [v for v in (self.tta_agreement, self.dropout_agreement) if v is not None]
+        return float(np.mean(values)) if values else 1.0
+
+
+@dataclass
+class GateDecision:
+    """What the gate decided, and why.
+
+    Attributes:
+        keep: ``"adapted"`` or ``"source"`` (the unadapted model).
+        reasons: why, one short phrase each.
+        warnings: loud lines about the kept result (implausible volume, large volume change).
+        source / adapted: each model's signals.
+        volumes_ml: per target volume, {"source": {class: ml}, "adapted": {class: ml}}.
+        expected_ml: the expected ranges used (class -> [low, high]).
+        flags: volume flags of the kept result (class, volume, range).
+        seconds: wall time of the gate (signals and decision).
+    """
+
+    keep: Literal["adapted", "source"]
+    reasons: list[str]
+    warnings: list[str]
+    source: ModelSignals
+    adapted: ModelSignals
+    volumes_ml: list[dict[str, dict[str, float]]]
+    expected_ml: dict[str, list[float]] = field(default_factory=dict)
+    flags: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.keep == "source"
+
+    @property
+    def summary(self) -> str:
+        """One line for a status bar, the CLI and the report."""
+        if self.rolled_back:
+            line = "kept the unadapted model: adaptation did not look better"
+        else:
+            line = "kept the adapted model"
+        return f"{line} ({'; '.join(self.reasons)})" if self.reasons else line
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.update(summary=self.summary, rolled_back=self.rolled_back)
+        return record
+
+
+# -- measuring one model -----------------------------------------------------------------------
+def left_right_dim(prepared) -> int | None:
+    """The dimension of the network inputs (N, C, ...) that runs left-right, or None when the
+    inputs have none (sagittal slices)."""
+    tiling = getattr(prepared, "tiling", None)
+    if tiling is None:  # PreparedVolume: slices along a canonical (RAS) axis
+        return None if prepared.slice_axis == 0 else 2
+    network_axis = int(prepared.grid.orientation[0, 0])
+    axis = getattr(tiling, "axis", None)
+    if tiling.spatial_dims == 3 or axis is None:
+        return 2 + network_axis
+    if network_axis == axis:
+        return None
+    return 2 + [a for a in range(3) if a != axis].index(network_axis)
+
+
+def _foreground_dice(labels: torch.Tensor, other: torch.Tensor, valid, num_classes: int) -> float:
+    if valid is not None:
+        labels, other = labels[valid], other[valid]
+    scores = dice_per_class(labels, other, num_classes)[1:]
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _chosen_inputs(probabilities: Sequence[torch.Tensor], limit: int) -> torch.Tensor:
+    """Indices of the ``limit`` inputs with the most foreground in any of ``probabilities``."""
+    count = probabilities[0].shape[0]
+    if limit <= 0 or count <= limit:
+        return torch.arange(count)
+    foreground = sum((p.argmax(1) > 0).flatten(1).sum(1) for p in probabilities)
+    return torch.sort(torch.argsort(foreground, descending=True)[:limit]).values
+
+
+@torch.no_grad()
+def _dropout_probabilities(
+    model: ModelAdapter, inputs: torch.Tensor, device, batch_size: int
+) -> torch.Tensor:
+    """Softmax with only the dropout layers in training mode (normalisation stays in eval)."""
+    network = model.network
+    with preserved_modes(network):
+        network.eval().to(device)
+        for module in network.modules():
+            if isinstance(module, DROPOUT_TYPES):
+                module.train()
+        outputs = []
+        for start in range(0, inputs.shape[0], batch_size):
+            with autocast(device):
+                logits = model.forward(inputs[start : start + batch_size].to(device)).logits
+            outputs.append(torch.softmax(logits.float(), 1).cpu())
+    return torch.cat(outputs)
+
+
+def has_dropout(model: ModelAdapter) -> bool:
+    return any(
+        isinstance(m, DROPOUT_TYPES) and m.p > 0 for m in model.network.modules()
+    )
+
+
+def model_signals(
+    model: ModelAdapter,
+    inputs: torch.Tensor,
+    probabilities: torch.Tensor,
+    *,
+    chosen: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    lr_dim: int | None = None,
+    options: GateOptions | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    seed: int = 0,
+) -> ModelSignals:
+    """Label-free signals of ``model`` on ``inputs`` (N, C_in, ...), whose no-grad
+    ``probabilities`` (N, C, ...) are given. ``chosen`` selects the inputs the augmented and
+    dropout passes use (default: all); ``valid`` (N, ...) masks out padding; ``lr_dim`` is the
+    left-right dimension (:func:`left_right_dim`; None: no mirroring). Dropout sampling is
+    seeded with ``seed`` without touching torch's global random state."""
+    options = options or GateOptions()
+    device = torch.device(device)
+    started = time.perf_counter()
+    num_classes = probabilities.shape[1]
+    chosen = torch.arange(inputs.shape[0]) if chosen is None else chosen
+    part_inputs, part_probs = inputs[chosen], probabilities[chosen]
+    part_valid = None if valid is None else valid[chosen]
+    labels = part_probs.argmax(1)
+    run = {"device": device, "batch_size": batch_size}
+
+    tta = []
+    if options.flip and lr_dim is not None:
+        flipped = predict_batches(model, part_inputs.flip(lr_dim), **run).flip(lr_dim)
+        tta.append(_foreground_dice(labels, flipped.argmax(1), part_valid, num_classes))
+    if options.intensity_change > 0:
+        scaled = predict_batches(model, part_inputs * (1.0 + options.intensity_change), **run)
+        tta.append(_foreground_dice(labels, scaled.argmax(1), part_valid, num_classes))
+    dropout = []
+    if options.dropout_samples and has_dropout(model):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for _ in range(options.dropout_samples):
+                sample = _dropout_probabilities(model, part_inputs, device, batch_size)
+                dropout.append(_foreground_dice(labels, sample.argmax(1), part_valid, num_classes))
+
+    confidence_map = part_probs.max(1).values
+    foreground = labels > 0
+    if part_valid is not None:
+        foreground &= part_valid
+    confidence = float(confidence_map[foreground].mean()) if bool(foreground.any()) else 1.0
+    tta_agreement = float(np.mean(tta)) if tta else None
+    dropout_agreement = float(np.mean(dropout)) if dropout else None
+    agreement = dropout_agreement if dropout_agreement is not None else tta_agreement
+    all_labels = probabilities.argmax(1)
+    where = valid if valid is not None else torch.ones_like(all_labels, dtype=torch.bool)
+    counts = torch.bincount(all_labels[where].flatten(), minlength=num_classes).double()
+    entropy = -(probabilities.clamp_min(1e-8).log() * probabilities).sum(1) / np.log(num_classes)
+    return ModelSignals(
+        tta_agreement=tta_agreement,
+        dropout_agreement=dropout_agreement,
+        confidence=confidence,
+        adic=(agreement if agreement is not None else 1.0) * confidence,
+        mean_entropy=float(entropy[where].mean()) if bool(where.any()) else 0.0,
+        foreground_fraction=[float(c) / max(float(counts.sum()), 1.0) for c in counts],
+        seconds=time.perf_counter() - started,
+    )
+
+
+# -- deciding ----------------------------------------------------------------------------------
+def _volume_changes(
+    volumes: Sequence[Mapping[str, Mapping[str, float]]], limit: float
+) -> list[tuple[str, float, float]]:
+    """(class, source ml, adapted ml) where the volume changed by more than the factor
+    ``1 + limit`` either way (``limit`` 0.25: above 125 % or below 80 %)."""
+    changed = []
+    for per_volume in volumes:
+        for name, before in per_volume["source"].items():
+            after = per_volume["adapted"].get(name, 0.0)
+            low, high = sorted((max(before, 1e-3), max(after, 1e-3)))
+            if high / low > 1.0 + limit:
+                changed.append((name, before, after))
+    return changed
+
+
+def _flags(volumes, expected, stage: str) -> list[VolumeFlag]:
+    return [f for v in volumes for f in volume_flags(v[stage], expected)]
+
+
+def decide(
+    source: ModelSignals,
+    adapted: ModelSignals,
+    volumes_ml: Sequence[Mapping[str, Mapping[str, float]]],
+    expected: ExpectedVolumes | None = None,
+    options: GateOptions | None = None,
+) -> GateDecision:
+    """Keep the adapted model only when it does not look worse than the source.
+
+    Rules, in order: (1) a class outside its expected range after adaptation but inside before
+    rolls back; (2) a volume change beyond ``max_volume_change`` rolls back, unless it brings
+    an out-of-range class into its range; (3) agreement under augmentation and dropout lower
+    than the source's by more than ``consistency_tolerance`` rolls back. ``volumes_ml`` holds,
+    per target volume, ``{"source": {class: ml}, "adapted": {class: ml}}``.
+    """
+    options = options or GateOptions()
+    expected = dict(expected or {})
+    source_flags, adapted_flags = (_flags(volumes_ml, expected, s) for s in ("source", "adapted"))
+    changes = _volume_changes(volumes_ml, options.max_volume_change)
+    reasons: list[str] = []
+    new_flags = {f.class_name for f in adapted_flags} - {f.class_name for f in source_flags}
+    fixed = {f.class_name for f in source_flags} - {f.class_name for f in adapted_flags}
+    if new_flags:
+        reasons.append(
+            "adapted volume outside the expected range: "
+            + "; ".join(f.message for f in adapted_flags if f.class_name in new_flags)
+        )
+    unsupported = [c for c in changes if c[0] not in fixed]
+    if unsupported:
+        reasons.append(
+            "volume changed too much: "
+            + "; ".join(f"{n} {a:.0f} -> {b:.0f} ml" for n, a, b in unsupported)
+        )
+    drop = source.agreement - adapted.agreement
+    if drop > options.consistency_tolerance:
+        reasons.append(
+            f"less consistent under augmentation/dropout ({source.agreement:.3f} -> "
+            f"{adapted.agreement:.3f})"
+        )
+    keep: Literal["adapted", "source"] = "source" if reasons else "adapted"
+    if reasons and not options.gate:
+        keep = "adapted"
+        reasons.insert(0, "gate off; it would have kept the unadapted model")
+    elif not reasons:
+        reasons.append(
+            f"agreement {source.agreement:.3f} -> {adapted.agreement:.3f}, "
+            f"ADIC {source.adic:.3f} -> {adapted.adic:.3f}"
+        )
+        if fixed:
+            reasons.append(f"brings {', '.join(sorted(fixed))} into the expected range")
+    kept_flags = source_flags if keep == "source" else adapted_flags
+    warnings = flag_lines(kept_flags, "the kept mask")
+    if keep == "adapted":
+        warnings += [
+            f"adaptation changed {n} from {a:.0f} to {b:.0f} ml ({(b - a) / max(a, 1e-3):+.0%}); "
+            "check the mask"
+            for n, a, b in _volume_changes(volumes_ml, options.warn_volume_change)
+        ]
+    return GateDecision(
+        keep=keep,
+        reasons=reasons,
+        warnings=warnings,
+        source=source,
+        adapted=adapted,
+        volumes_ml=[{k: dict(v) for k, v in per.items()} for per in volumes_ml],
+        expected_ml={k: list(v) for k, v in expected.items()},
+        flags=[asdict(f) for f in kept_flags],
+    )
+
+
+def gate(
+    source_model: ModelAdapter,
+    adapted_model: ModelAdapter,
+    inputs: torch.Tensor,
+    source_probabilities: torch.Tensor,
+    adapted_probabilities: torch.Tensor,
+    volumes_ml: Sequence[Mapping[str, Mapping[str, float]]],
+    *,
+    expected: ExpectedVolumes | None = None,
+    valid: torch.Tensor | None = None,
+    lr_dim: int | None = None,
+    options: GateOptions | None = None,
+    device: torch.device | str = "cpu",
+    source_signals: ModelSignals | None = None,
+    seed: int = 0,
+) -> GateDecision:
+    """Measure both models (the source's signals may be passed in, measured once) and
+    :func:`decide`. Both models' networks are left in their modes and on their devices.
+
+    Args:
+        source_model / adapted_model: the unadapted and the adapted model.
+        inputs: (N, C_in, ...) prepared target inputs (as the engine stacks them).
+        source_probabilities / adapted_probabilities: their (N, C, ...) no-grad softmax.
+        volumes_ml: per target volume, {"source": {class: ml}, "adapted": {class: ml}}, on
+            the scan's grid.
+        expected: class -> (low, high) ml (the model's ranges merged with the user's).
+        valid: (N, ...) boolean, False on padding. lr_dim: see :func:`left_right_dim`.
+    """
+    options = options or GateOptions()
+    started = time.perf_counter()
+    chosen = _chosen_inputs([source_probabilities, adapted_probabilities], options.max_inputs)
+    common = dict(chosen=chosen, valid=valid, lr_dim=lr_dim, options=options, device=device)
+    if source_signals is None:
+        source_signals = model_signals(
+            source_model, inputs, source_probabilities, seed=seed, **common
+        )
+    adapted_signals = model_signals(
+        adapted_model, inputs, adapted_probabilities, seed=seed, **common
+    )
+    decision = decide(source_signals, adapted_signals, volumes_ml, expected, options)
+    decision.seconds = time.perf_counter() - started
+    return decision
+
+
+# -- on a finished run -------------------------------------------------------------------------
+def _prepared_inputs(model: ModelAdapter, volumes: Sequence) -> tuple[torch.Tensor, Any, Any]:
+    from .engine import _stack_inputs
+
+    prepared = [model.prepare(volume) for volume in volumes]
+    inputs, valid_mask, _ = _stack_inputs(prepared)
+    return inputs, None if valid_mask is None else valid_mask[:, 0], prepared[0]
+
+
+def apply_gate(
+    result,
+    source_model: ModelAdapter,
+    volumes: Sequence | None = None,
+    *,
+    expected: ExpectedVolumes | None = None,
+    options: GateOptions | None = None,
+    device: torch.device | str = "cpu",
+    inputs: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    source_probabilities: torch.Tensor | None = None,
+    adapted_probabilities: torch.Tensor | None = None,
+    lr_dim: int | None = None,
+    source_signals: ModelSignals | None = None,
+    seed: int = 0,
+) -> GateDecision:
+    """Gate a finished :class:`~napari_uda.adaptation.events.AdaptationResult` in place.
+
+    The engine passes what it already has (stacked ``inputs``, ``valid``, both models'
+    probabilities, ``lr_dim``); any other caller (a round of corrections, a batch) may pass
+    only the target ``volumes`` and the rest is prepared and predicted here. The decision goes
+    to ``result.gate`` and ``result.extra["gate"]``; when it keeps the source, the result's
+    model becomes a copy of ``source_model`` and its predictions, checkpoint and reference
+    Dice the unadapted ones, with the reason.
+    """
+    options = options or GateOptions()
+    names = list(source_model.class_names)
+    if inputs is None:
+        inputs, valid, first = _prepared_inputs(source_model, volumes)
+        lr_dim = left_right_dim(first)
+    run = {"device": device, "batch_size": 16}
+    if source_probabilities is None:
+        source_probabilities = predict_batches(source_model, inputs, **run)
+    if adapted_probabilities is None:
+        adapted_probabilities = predict_batches(result.model, inputs, **run)
+    from ..core.plausibility import class_volumes
+
+    volumes_ml = [
+        {
+            "source": class_volumes(before.labels, before.source.spacing, names),
+            "adapted": class_volumes(after.labels, after.source.spacing, names),
+        }
+        for before, after in zip(
+            result.initial_predictions or [result.initial_prediction],
+            result.predictions or [result.prediction],
+        )
+    ]
+    decision = gate(
+        source_model,
+        result.model,
+        inputs,
+        source_probabilities,
+        adapted_probabilities,
+        volumes_ml,
+        expected=expected,
+        valid=valid,
+        lr_dim=lr_dim,
+        options=options,
+        device=device,
+        source_signals=source_signals,
+        seed=seed,
+    )
+    if decision.rolled_back:
+        _roll_back(result, source_model, decision)
+    result.gate = decision
+    result.extra["gate"] = decision.to_dict()
+    return decision
+
+
+def _roll_back(result, source_model: ModelAdapter, decision: GateDecision) -> None:
+    from .events import CheckpointChoice
+
+    model = source_model.clone()
+    model.network.eval().to("cpu")
+    result.model = model
+    result.prediction = result.initial_prediction
+    result.predictions = list(result.initial_predictions)
+    result.reference_dice_after = result.reference_dice_before
+    result.checkpoint = CheckpointChoice(0, f"the unadapted model ({decision.summary})", None)

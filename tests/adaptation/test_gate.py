@@ -1,0 +1,122 @@
+"""The keep-or-roll-back gate: label-free signals, the decision rules, and a finished run rolled
+back (a model that paints the whole head) or kept (TENT raising Dice on the demo scanner)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_uda.adaptation.gate import (
+    GateOptions,
+    ModelSignals,
+    apply_gate,
+    decide,
+    left_right_dim,
+)
+from napari_uda.core.inference import predict_volume
+
+
+def signals(agreement: float, confidence: float = 0.9) -> ModelSignals:
+    return ModelSignals(agreement, agreement, confidence, agreement * confidence, 0.3, [0.8, 0.2])
+
+
+def volumes(before: float, after: float) -> list[dict]:
+    return [{"source": {"brain": before}, "adapted": {"brain": after}}]
+
+
+# -- the rules, on given signals -------------------------------------------------------------------
+def test_a_volume_leaving_its_expected_range_rolls_back():
+    decision = decide(signals(0.9), signals(0.95), volumes(1200, 1900), {"brain": (1000, 1800)})
+    assert decision.rolled_back and "outside the expected range" in decision.reasons[0]
+    assert decision.warnings == []  # the kept (source) mask is plausible
+    assert decision.summary.startswith("kept the unadapted model: adaptation did not look better")
+
+
+def test_a_volume_entering_its_expected_range_is_kept_even_when_it_changes_much():
+    decision = decide(signals(0.9), signals(0.9), volumes(400, 1300), {"brain": (1000, 1800)})
+    assert not decision.rolled_back and "into the expected range" in decision.reasons[-1]
+    assert any("changed brain from 400 to 1300 ml" in w for w in decision.warnings)
+
+
+def test_a_large_volume_change_rolls_back_without_a_range():
+    decision = decide(signals(0.9), signals(0.99), volumes(307, 2261))
+    assert decision.rolled_back and "brain 307 -> 2261 ml" in decision.reasons[0]
+
+
+def test_lower_agreement_rolls_back_and_similar_agreement_keeps():
+    worse = decide(signals(0.95), signals(0.85), volumes(1200, 1250))
+    assert worse.rolled_back and "less consistent" in worse.reasons[0]
+    same = decide(signals(0.95), signals(0.94), volumes(1200, 1250))
+    assert not same.rolled_back
+
+
+def test_both_outside_the_range_keeps_by_the_other_rules_and_warns():
+    decision = decide(signals(0.9), signals(0.9), volumes(500, 600), {"brain": (1000, 1800)})
+    assert not decision.rolled_back
+    assert decision.warnings == [
+        "implausible volume in the kept mask: brain: 600 ml is below the expected 1000-1800 ml"
+    ]
+
+
+def test_with_the_gate_off_the_adapted_model_stays_and_the_decision_says_so():
+    decision = decide(signals(0.9), signals(0.9), volumes(307, 2261), options=GateOptions(gate=False))
+    assert not decision.rolled_back and decision.reasons[0].startswith("gate off")
+    assert any("+636%" in w or "+636 %" in w for w in decision.warnings)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="max_volume_change"):
+        GateOptions(max_volume_change=0)
+
+
+# -- signals on the real demo model ----------------------------------------------------------------
+def test_left_right_dim_mirrors_the_head(demo_model, demo_target_slab):
+    canonical = demo_target_slab.to_canonical()
+    mirrored = canonical.with_data(np.ascontiguousarray(canonical.data[::-1]))
+    prepared, prepared_mirror = demo_model.prepare(canonical), demo_model.prepare(mirrored)
+    dim = left_right_dim(prepared)
+    height, width = prepared.padded_hw
+    torch.testing.assert_close(
+        prepared.inputs[..., :height, :width].flip(dim),
+        prepared_mirror.inputs[..., :height, :width],
+    )
+
+
+def painting(model):
+    """A copy of ``model`` whose brain logit is raised by 3 everywhere: it paints the head."""
+    broken = model.clone()
+    with torch.no_grad():
+        broken.network.head.bias[1] += 3.0
+    return broken
+
+
+def test_the_gate_rolls_back_a_run_that_painted_the_whole_head(
+    adapt_demo, demo_model, demo_target_slab
+):
+    result, before, _ = adapt_demo("tent", {"epochs": 1})
+    result.model = painting(result.model)  # the run went wrong: the head became "brain"
+    result.prediction = predict_volume(result.model, demo_target_slab, device="cpu")
+    result.predictions = [result.prediction]
+    result.reference_dice_after = [0.0]
+    painted = float((result.prediction.labels > 0).mean())
+    assert painted > 4 * float((result.initial_prediction.labels > 0).mean())
+
+    decision = apply_gate(result, demo_model, [demo_target_slab])
+    assert decision.rolled_back and "volume changed too much" in decision.summary
+    assert result.prediction is result.initial_prediction
+    assert result.reference_dice_after == [before]
+    assert result.checkpoint.step == 0 and "unadapted" in result.checkpoint.reason
+    for name, value in demo_model.network.state_dict().items():
+        torch.testing.assert_close(result.model.network.state_dict()[name], value)
+    assert result.extra["gate"]["keep"] == "source" and result.gate is decision
+
+
+def test_the_gate_keeps_a_run_that_raised_dice(adapt_demo, demo_model, demo_target_slab):
+    result, before, after = adapt_demo("tent", {"epochs": 3})
+    assert after > before + 0.1, (before, after)  # TENT fixes the demo scanner shift
+    decision = apply_gate(result, demo_model, [demo_target_slab])
+    assert decision.keep == "adapted", decision.summary
+    assert result.reference_dice_after[0] == after
+    assert decision.adapted.tta_agreement is not None and decision.adapted.dropout_agreement
+    assert decision.seconds > 0
