@@ -158,7 +158,10 @@ def run_case(case: dict, seed: int) -> dict:
     gate_seconds = time.perf_counter() - started
     names = list(model.class_names)
     row = dict(case, seed=seed, stop_reason=result.stop_reason)
-    for stage, labels in (("before", result.initial_prediction.labels), ("after", result.prediction.labels)):
+    for stage, labels in (
+        ("before", result.initial_prediction.labels),
+        ("after", result.prediction.labels),
+    ):
         row[f"dice_{stage}"] = compute_metrics(labels, reference, image.spacing)[1]["dice"]
         row[f"volume_{stage}_ml"] = class_volumes(labels, image.spacing, names)
     row["volume_reference_ml"] = float(reference.sum() * np.prod(image.spacing) / 1000)
@@ -188,7 +191,9 @@ def decide_row(row: dict, expected_text: str | None) -> dict:
     decision = decide(signals["source"], signals["adapted"], volumes, expected, GateOptions())
     keep_adapted = decision.keep == "adapted"
     final_dice = row["dice_after"] if keep_adapted else row["dice_before"]
-    final_volume = sum((row["volume_after_ml"] if keep_adapted else row["volume_before_ml"]).values())
+    final_volume = sum(
+        (row["volume_after_ml"] if keep_adapted else row["volume_before_ml"]).values()
+    )
     truth = row["volume_reference_ml"]
     return {
         "keep": decision.keep,
@@ -347,7 +352,24 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as error:  # report and go on with the next case
                     row = dict(case, error=str(error).splitlines()[0])
                 rows = _merged(rows, [row])
-                print(json.dumps({k: row.get(k) for k in ("head", "profile", "method", "dice_before", "dice_after", "gate_seconds", "run_seconds", "error")}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            k: row.get(k)
+                            for k in (
+                                "head",
+                                "profile",
+                                "method",
+                                "dice_before",
+                                "dice_after",
+                                "gate_seconds",
+                                "run_seconds",
+                                "error",
+                            )
+                        }
+                    ),
+                    flush=True,
+                )
                 save(args, rows)
     save(args, rows)
     print(json.dumps(json.loads(args.out.read_text())["summary"], indent=1))

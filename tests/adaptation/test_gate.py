@@ -60,7 +60,9 @@ def test_both_outside_the_range_keeps_by_the_other_rules_and_warns():
 
 
 def test_with_the_gate_off_the_adapted_model_stays_and_the_decision_says_so():
-    decision = decide(signals(0.9), signals(0.9), volumes(307, 2261), options=GateOptions(gate=False))
+    decision = decide(
+        signals(0.9), signals(0.9), volumes(307, 2261), options=GateOptions(gate=False)
+    )
     assert not decision.rolled_back and decision.reasons[0].startswith("gate off")
     assert any("+636%" in w or "+636 %" in w for w in decision.warnings)
 

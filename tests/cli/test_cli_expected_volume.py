@@ -64,5 +64,7 @@ def test_adapt_states_the_gate_decision_and_flags_the_volume(
     assert len(warnings) == 1 and "above the expected 1-2 ml" in warnings[0]
     gate = json.loads(report.read_text())["gate"]
     assert gate["keep"] in ("adapted", "source") and gate["summary"] in decision
-    assert gate["expected_ml"] == {"brain": [1.0, 2.0]} and gate["flags"][0]["class_name"] == "brain"
+    assert (
+        gate["expected_ml"] == {"brain": [1.0, 2.0]} and gate["flags"][0]["class_name"] == "brain"
+    )
     assert gate["seconds"] > 0 and gate["source"]["tta_agreement"] is not None

@@ -53,11 +53,15 @@ class GateOptions:
     )
     flip: bool = setting(True, "Test-time augmentation: mirror the input left-right.")
     intensity_change: float = setting(
-        0.1, "Test-time augmentation: scale the network input by 1 + this (0: off).", min=0.0,
+        0.1,
+        "Test-time augmentation: scale the network input by 1 + this (0: off).",
+        min=0.0,
         max=0.5,
     )
     dropout_samples: int = setting(
-        2, "Forward passes with dropout on, where the network has dropout (0: off).", min=0,
+        2,
+        "Forward passes with dropout on, where the network has dropout (0: off).",
+        min=0,
         max=16,
     )
     max_inputs: int = setting(
@@ -210,9 +214,7 @@ def _dropout_probabilities(
 
 
 def has_dropout(model: ModelAdapter) -> bool:
-    return any(
-        isinstance(m, DROPOUT_TYPES) and m.p > 0 for m in model.network.modules()
-    )
+    return any(isinstance(m, DROPOUT_TYPES) and m.p > 0 for m in model.network.modules())
 
 
 def model_signals(

@@ -122,16 +122,11 @@ class VolumeFlag:
 
     @property
     def message(self) -> str:
-        side, bound = ("below", self.low) if self.volume_ml < self.low else ("above", self.high)
+        side = "below" if self.volume_ml < self.low else "above"
         return (
             f"{self.class_name}: {self.volume_ml:.0f} ml is {side} the expected "
             f"{self.low:g}-{self.high:g} ml"
         )
-
-    def distance(self) -> float:
-        """How far outside, as |log(volume / nearest bound)| (0 at the bound)."""
-        bound = self.low if self.volume_ml < self.low else self.high
-        return abs(math.log(max(self.volume_ml, 1e-6) / max(bound, 1e-6)))
 
 
 def class_volumes(
