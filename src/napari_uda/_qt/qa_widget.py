@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.metrics import volume_ml
+from ..core.plausibility import flag_lines, parse_expected_volumes, volume_flags
 from .layers import (
     ENTROPY_AFTER,
     ENTROPY_BEFORE,
@@ -35,6 +36,13 @@ from .slice_stats import SliceTable, slice_table
 from .state import get_state
 
 NO_RESULT = "Run an adaptation (Adapt widget) to see per-slice QA."
+#: Shown with the entropy columns: low entropy is not correctness.
+ENTROPY_NOTE = (
+    "Entropy is the model's uncertainty, not an error map: a confidently wrong voxel has low "
+    "entropy (models often fail on a new scanner with confidence). Check the mask itself."
+)
+#: Style of the loud line about implausible volumes.
+LOUD = "color: #e8590c; font-weight: bold;"
 
 
 class NumberItem(QTableWidgetItem):
@@ -93,13 +101,21 @@ class QAWidget(QWidget):
         self.summary.verticalHeader().setDefaultSectionSize(22)
         self.message = QLabel(NO_RESULT)
         self.message.setWordWrap(True)
+        self.flags = QLabel()
+        self.flags.setWordWrap(True)
+        self.flags.setStyleSheet(LOUD)
+        self.flags.setVisible(False)
+        self.entropy_note = QLabel(ENTROPY_NOTE)
+        self.entropy_note.setWordWrap(True)
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.message)
         layout.addWidget(QLabel("Volume per class (ml)"))
         layout.addWidget(self.summary)
+        layout.addWidget(self.flags)
         layout.addWidget(QLabel("Per slice (click a row to go to the slice)"))
+        layout.addWidget(self.entropy_note)
         layout.addWidget(self.table, 1)
         layout.addWidget(self.refresh_button)
 
@@ -147,6 +163,7 @@ class QAWidget(QWidget):
             self.slices = None
             self._fill_table()
             self.summary.setRowCount(0)
+            self._show_flags([])
             self._say(NO_RESULT)
             return
         before, after, entropy_before, entropy_after = (np.asarray(x.data) for x in layers)
@@ -215,8 +232,32 @@ class QAWidget(QWidget):
                 )
         self.table.setSortingEnabled(True)
 
+    def expected_volumes(self) -> dict[str, tuple[float, float]]:
+        """The ranges the last run was gated with, else the model's own (class -> ml)."""
+        result = self.state.result
+        if result is not None and result.gate is not None:
+            return parse_expected_volumes(result.gate.expected_ml)
+        model = self.state.model
+        try:
+            return model.expected_volumes() if model is not None else {}
+        except ValueError:
+            return {}
+
+    def _show_flags(self, lines: list[str]) -> None:
+        """Loud lines about volumes outside their expected range, and the gate's decision."""
+        result = self.state.result
+        gate = result.gate if result is not None else None
+        if gate is not None and gate.rolled_back:
+            lines = [f"Gate: {gate.summary}", *lines]
+        self.flags.setText("\n".join(f"⚠ {line}" for line in lines))
+        self.flags.setVisible(bool(lines))
+
     def _fill_summary(self, before, after, reference, classes, spacing) -> None:
         count = len(classes)
+
+        def named(volumes: dict[int, float]) -> dict[str, float]:
+            return {classes[label]: value for label, value in volumes.items()}
+
         volumes = [volume_ml(before, spacing, count), volume_ml(after, spacing, count)]
         headers = ["Class", "Before", "After", "Change"]
         if reference is not None:
@@ -238,6 +279,10 @@ class QAWidget(QWidget):
                 cells.append(_cell(volumes[2][label], ".1f"))
             for column, cell in enumerate(cells):
                 self.summary.setItem(row, column, cell)
+        self._show_flags(
+            flag_lines(volume_flags(named(volumes[0]), self.expected_volumes()), "before")
+            + flag_lines(volume_flags(named(volumes[1]), self.expected_volumes()), "after")
+        )
         header = self.summary.horizontalHeader().sizeHint().height()
         rows = self.summary.verticalHeader().defaultSectionSize() * (count - 1)
         self.summary.setFixedHeight(header + rows + 2 * self.summary.frameWidth())
