@@ -59,7 +59,7 @@ def test_labels_go_to_the_model_grid_and_back_exactly(axcodes, target_spacing, s
     )
     prepared = prepare_volume(volume, config)
 
-    slices = prepared.labels_to_slices(volume.with_data(mask))
+    slices = prepared.labels_to_inputs(volume.with_data(mask))
     assert slices.shape == (prepared.num_slices, *prepared.inputs.shape[-2:])
     # a perfect "prediction" (one-hot of the mask) on the model grid ...
     probabilities = one_hot_slices(slices)
@@ -79,7 +79,7 @@ def test_a_coarser_model_grid_still_overlays_the_source():
     volume = Volume(image, affine_for(("L", "S", "A"), (1.0, 1.0, 1.2)))
     prepared = prepare_volume(volume, PreprocessingConfig(target_spacing=(2.0, 2.0, 2.0)))
     assert prepared.model_shape == (14, 12, 15)  # canonical (L->R, A, S) axes: 28, 20*1.2/2, 30/2
-    back = prepared.to_source_grid(one_hot_slices(prepared.labels_to_slices(mask))).argmax(0)
+    back = prepared.to_source_grid(one_hot_slices(prepared.labels_to_inputs(mask))).argmax(0)
     # a 2 mm voxel holds two 1 mm ones, so edges may move by up to one source voxel
     assert dice_per_class(back, mask, 2)[1] > 0.9
     assert np.abs(back.astype(int) - mask).sum() < 0.15 * mask.sum()
@@ -185,4 +185,4 @@ def test_labels_must_match_the_image_grid():
     volume = Volume(head_like(SHAPE)[0], affine_for(("R", "A", "S")))
     prepared = prepare_volume(volume, PreprocessingConfig(target_spacing=None))
     with pytest.raises(ValueError, match="do not match"):
-        prepared.labels_to_slices(box_mask((4, 4, 4), (0, 0, 0), (2, 2, 2)))
+        prepared.labels_to_inputs(box_mask((4, 4, 4), (0, 0, 0), (2, 2, 2)))

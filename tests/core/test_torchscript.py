@@ -395,9 +395,12 @@ def test_whole_volumes_of_different_shapes_adapt_together(tmp_path):
     large = Volume(np.pad(large.data, ((0, 6), (0, 0), (0, 9)), mode="edge"), large.affine)
     prepared = [model.prepare(v) for v in (small, large)]
     assert prepared[0].inputs.shape != prepared[1].inputs.shape
-    from napari_uda.core.models.volumetric import stack_volumes
+    own_shapes = [p.inputs.shape for p in prepared]
+    from napari_uda.adaptation.targets import TargetSet
 
-    inputs, mask, ranges = stack_volumes(prepared)
+    targets = TargetSet(prepared)
+    inputs, mask, ranges = targets.inputs, targets.valid_mask, targets.ranges
+    assert [p.inputs.shape for p in prepared] == own_shapes  # nothing modified in place
     assert inputs.shape[0] == 2 and ranges == [(0, 1), (1, 2)]
     assert mask is not None and mask.shape == (2, 1, *inputs.shape[2:])
     assert int(mask[0].sum()) == np.prod(prepared[0].model_shape)  # padding is not valid

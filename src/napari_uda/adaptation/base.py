@@ -86,6 +86,23 @@ class StepOutput:
 
 
 @dataclass
+class PredictionCache:
+    """The adapted model's latest (N, C, ...) probabilities on all target inputs, with the
+    number of optimiser steps done when they were computed, so that a method's own
+    whole-target pass and the engine's evaluation after the same step share one pass."""
+
+    step: int | None = None
+    probabilities: torch.Tensor | None = field(default=None, repr=False)
+
+    def remember(self, step: int, probabilities: torch.Tensor) -> None:
+        self.step, self.probabilities = step, probabilities
+
+    def at(self, step: int) -> torch.Tensor | None:
+        """The probabilities computed after ``step`` steps, or None."""
+        return self.probabilities if self.step == step else None
+
+
+@dataclass
 class AdaptationContext:
     """Everything a method may use. Built by the engine; methods never touch the original model.
 
@@ -104,6 +121,8 @@ class AdaptationContext:
             only).
         inference_batch_size: slices per no-grad forward pass in :meth:`predict_target`.
         steps_done: optimiser steps completed so far (kept by the engine).
+        predictions: the latest whole-target prediction of the adapted model (shared with the
+            engine's evaluation; see :meth:`predict_target`).
     """
 
     model: ModelAdapter
@@ -113,12 +132,11 @@ class AdaptationContext:
     generator: torch.Generator
     initial_probabilities: torch.Tensor
     source_pack: SourcePack | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
     valid_mask: torch.Tensor | None = None
     mixed_precision: bool = False
     inference_batch_size: int = 32
     steps_done: int = 0
-    _latest_prediction: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
+    predictions: PredictionCache = field(default_factory=PredictionCache)
 
     @property
     def num_target(self) -> int:
@@ -146,10 +164,10 @@ class AdaptationContext:
         """
         model = model or self.model
         adapted = model is self.model
-        if adapted and cached and self._latest_prediction is not None:
-            step, probabilities = self._latest_prediction
-            if step == self.steps_done:
-                return probabilities
+        if adapted and cached:
+            latest = self.predictions.at(self.steps_done)
+            if latest is not None:
+                return latest
         with preserved_modes(model.network):
             probabilities = predict_batches(
                 model, self.target_inputs, device=self.device, batch_size=self.inference_batch_size
@@ -165,7 +183,7 @@ class AdaptationContext:
         A method that predicts the whole target anyway at the end of an epoch (UDAS's
         agreement pass) records it with the step's number, so the engine's evaluation after
         that step reuses it instead of predicting again."""
-        self._latest_prediction = (self.steps_done if step is None else step, probabilities)
+        self.predictions.remember(self.steps_done if step is None else step, probabilities)
 
     def target_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Indices of one shuffled epoch over the target inputs, in batches."""

@@ -2,9 +2,11 @@
 collapsed (foreground vanishing, exploding or drifting slowly away from the start and the
 prior, entropy collapse, the method's smoothed agreement falling below its early level).
 
-The engine (:mod:`napari_uda.adaptation.engine`) evaluates the adapted model, asks
-:class:`CollapseGuard` for reasons and keeps a healthy checkpoint; the thresholds are fields of
-:class:`~napari_uda.adaptation.engine.EngineOptions`.
+The engine (:mod:`napari_uda.adaptation.engine`) evaluates the adapted model and hands the
+signals to a :class:`~napari_uda.adaptation.checkpoints.CheckpointKeeper`, which asks
+:class:`CollapseGuard` for reasons and keeps a healthy checkpoint. The thresholds and the
+checkpoint policy are :class:`GuardOptions` (which
+:class:`~napari_uda.adaptation.engine.EngineOptions` extends).
 """
 
 from __future__ import annotations
@@ -12,16 +14,83 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from ..core.inference import normalized_entropy
 from ..core.metrics import dice_per_class
+from ..settings import check_value, describe, setting
+from .base import fraction_setting
 
-if TYPE_CHECKING:
-    from .engine import EngineOptions
+
+@dataclass
+class GuardOptions:
+    """The collapse guard's rules and thresholds and the checkpoint policy (label-free).
+
+    Defaults suit one-shot adaptation; docs/methods.md lists them with their help.
+    """
+
+    collapse_guard: bool = setting(
+        True,
+        "Watch the label-free signals for collapse (vanish, explode, drift, entropy, agreement "
+        "rules) and keep a healthy checkpoint.",
+    )
+    stop_on_collapse: bool = setting(True, "End the run as soon as collapse is detected.")
+    checkpoint_policy: Literal["last_healthy", "lowest_entropy"] = setting(
+        "last_healthy",
+        "Which healthy evaluation to keep: the latest one (after a collapse, the latest whose "
+        "drift stayed within half drift_tolerance: the onset of the drift), or the one with "
+        "the lowest mean entropy.",
+    )
+    foreground_vanish_ratio: float = fraction_setting(
+        0.2,
+        "Vanish: collapse when a foreground class's predicted fraction falls below this times "
+        "the smaller of its fraction at the start and its source prior.",
+    )
+    foreground_explode_ratio: float = setting(
+        3.0,
+        "Explode: collapse when a foreground class's predicted fraction exceeds this times the "
+        "larger of its fraction at the start, its source prior and min_reference_fraction.",
+        min=1.0,
+    )
+    min_reference_fraction: float = fraction_setting(
+        0.01,
+        "Floor of the reference fraction in the explosion and drift tests (classes smaller "
+        "than this are not tested for a downward drift).",
+    )
+    drift_tolerance: float = setting(
+        0.1,
+        "Drift (slow, cumulative): after the first epoch, collapse when a foreground class's "
+        "fraction lies more than this (relative: 0.1 = 10 % above the top or below the "
+        "bottom) outside the range of its fraction at the start, its source prior and its "
+        "fractions during the first epoch (0: off).",
+        min=0.0,
+        max=10.0,
+    )
+    entropy_collapse_ratio: float = fraction_setting(
+        0.05, "Entropy collapse: mean entropy below this times its value at the start ..."
+    )
+    entropy_collapse_agreement: float = fraction_setting(
+        0.3, "... together with a Dice between the current and the initial segmentation below this."
+    )
+    agreement_smoothing: int = setting(
+        3,
+        "Epochs averaged into the smoothed agreement: the mean of the method's per-step "
+        "agreement Dice over the last this many epochs' steps (independent of evaluate_every).",
+        min=1,
+        max=100,
+    )
+    agreement_drop_ratio: float = fraction_setting(
+        0.5,
+        "Agreement: collapse when the method's smoothed agreement Dice falls below this times "
+        "its early level (its mean over the first epoch's steps; 0: off).",
+    )
+
+    def __post_init__(self):
+        for spec in describe(type(self)):
+            check_value(spec, getattr(self, spec.name))
 
 
 @dataclass
@@ -70,7 +139,7 @@ def foreground_drift(
     signals: Signals,
     start: Signals,
     prior: list[float] | None,
-    options: EngineOptions,
+    options: GuardOptions,
     early_fractions: Sequence[Sequence[float]] = (),
 ) -> list[float]:
     """Per foreground class, how far its fraction lies outside its reference range, as a log
@@ -97,7 +166,7 @@ def collapse_reasons(
     signals: Signals,
     start: Signals,
     prior: list[float] | None,
-    options: EngineOptions,
+    options: GuardOptions,
     class_names: list[str],
     agreement: float | None = None,
     early_agreement: float | None = None,
@@ -156,7 +225,7 @@ def collapse_reasons(
 
 
 class CollapseGuard:
-    """The collapse rules over the evaluations of one run (label-free; see :class:`EngineOptions`).
+    """The collapse rules over the evaluations of one run (label-free; see :class:`GuardOptions`).
 
     * vanish / explode: a foreground class's fraction leaves [vanish_ratio x the smaller,
       explode_ratio x the larger] of its fraction at the start and its source prior;
@@ -175,7 +244,7 @@ class CollapseGuard:
         self,
         start: Signals,
         prior,
-        options: EngineOptions,
+        options: GuardOptions,
         class_names: list[str],
         steps_per_epoch: int = 1,
     ):

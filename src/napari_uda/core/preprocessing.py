@@ -9,7 +9,7 @@ maps network output back onto the grid of the file the volume came from.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -112,6 +112,44 @@ def model_grid_shape(
     return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, config.target_spacing))
 
 
+@runtime_checkable
+class PreparedInputs(Protocol):
+    """What every model adapter's ``prepare`` returns (2D :class:`PreparedVolume`, 2D or 3D
+    :class:`~napari_uda.core.models.volumetric.VolumetricPrepared`, third-party ones).
+
+    ``inputs`` is a float32 tensor (N, C, H, W) of slices or (N, C, D, H, W) of patches or whole
+    volumes; the other members map to and from it, so inference and adaptation never need to
+    know which kind they hold.
+    """
+
+    source: Volume
+    inputs: torch.Tensor
+
+    def valid_mask(self) -> torch.Tensor:
+        """(N, 1, ...) boolean like :attr:`inputs`: True on the volume, False on padding."""
+        ...
+
+    def to_source_grid(self, outputs, *, nearest: bool = False) -> np.ndarray:
+        """Network outputs shaped like :attr:`inputs` (C channels) -> (C, *source.shape)."""
+        ...
+
+    def labels_to_inputs(self, labels: Volume | np.ndarray, *, fill: int = 0) -> torch.Tensor:
+        """A label map on the source grid -> int64 (N, ...) aligned with :attr:`inputs`
+        (nearest neighbour, so every label value, negative ones too, is kept); padding
+        holds ``fill``."""
+        ...
+
+
+def check_labels_shape(labels: Volume | np.ndarray, source: Volume) -> np.ndarray:
+    """The label array of ``labels``; ``ValueError`` if it is not on ``source``'s grid."""
+    data = np.asarray(labels.data if isinstance(labels, Volume) else labels)
+    if data.shape != source.shape:
+        raise ValueError(
+            f"labels of shape {data.shape} do not match the image of shape {source.shape}"
+        )
+    return data
+
+
 @dataclass
 class PreparedVolume:
     """A volume as network input, with what it takes to map predictions back.
@@ -182,21 +220,24 @@ class PreparedVolume:
         back = self.source.from_canonical(canonical).data
         return np.ascontiguousarray(np.moveaxis(back, -1, 0))
 
-    def labels_to_slices(self, labels: Volume | np.ndarray) -> torch.Tensor:
+    def valid_mask(self) -> torch.Tensor:
+        """(N, 1, H, W) boolean: True inside each slice, False on its padding."""
+        mask = torch.zeros(self.inputs.shape[0], 1, *self.inputs.shape[-2:], dtype=torch.bool)
+        mask[:, :, : self.padded_hw[0], : self.padded_hw[1]] = True
+        return mask
+
+    def labels_to_inputs(self, labels: Volume | np.ndarray, *, fill: int = 0) -> torch.Tensor:
         """A label map on the source grid -> (N, H, W) int64 slices aligned with :attr:`inputs`.
 
         ``labels`` (a volume or a bare array) must be voxel for voxel on the image's grid; the
-        image's affine is used to orient it. Resampling is nearest-neighbour.
+        image's affine is used to orient it. Resampling is nearest-neighbour (every value is
+        kept, negative ones too); the padding holds ``fill`` (default 0, background).
         """
-        data = np.asarray(labels.data if isinstance(labels, Volume) else labels)
-        if data.shape != self.source.shape:
-            raise ValueError(
-                f"labels of shape {data.shape} do not match the image of shape {self.source.shape}"
-            )
+        data = check_labels_shape(labels, self.source)
         canonical = self.source.with_data(data).to_canonical().data
         channels = torch.as_tensor(np.asarray(canonical, dtype=np.float32))[None]
         channels = resample_channels(channels, self.model_shape, nearest=True)
-        return self.model_grid_to_slices(channels)[:, 0].round().long()
+        return self.model_grid_to_slices(channels, value=float(fill))[:, 0].round().long()
 
 
 def prepare_volume(volume: Volume, config: PreprocessingConfig) -> PreparedVolume:

@@ -225,7 +225,7 @@ def build_slices(
             raise ValueError(f"{name}: mask is not on the grid of its image")
         prepared = prepare_volume(image, preprocessing)
         prepared_images.append(prepared.inputs)
-        prepared_labels.append(prepared.labels_to_slices(mask))
+        prepared_labels.append(prepared.labels_to_inputs(mask))
     height = max(t.shape[-2] for t in prepared_images)
     width = max(t.shape[-1] for t in prepared_images)
     padded_images = [_pad_to(t, height, width, float(t.min())) for t in prepared_images]

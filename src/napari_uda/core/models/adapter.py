@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..plausibility import ExpectedVolumes, parse_expected_volumes
-from ..preprocessing import PreparedVolume, prepare_volume
+from ..preprocessing import PreparedInputs, PreparedVolume, prepare_volume
 from ..volume import Volume
 from .bundle import BundleError, ModelBundle, SourcePack
 from .unet import UNet2D
@@ -111,8 +111,9 @@ class ModelAdapter(ABC):
         return len(self.class_names)
 
     @abstractmethod
-    def prepare(self, volume: Volume) -> PreparedVolume:
-        """Turn a volume into network input (with the inverse mapping)."""
+    def prepare(self, volume: Volume) -> PreparedInputs:
+        """Turn a volume into network input, with the way back onto its grid (any
+        :class:`~napari_uda.core.preprocessing.PreparedInputs`)."""
 
     @abstractmethod
     def info(self) -> ModelInfo:

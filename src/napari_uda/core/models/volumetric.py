@@ -9,44 +9,29 @@ This module splits that into three small pieces that compose:
 * :class:`SliceTiling` (2D slices along one axis) and :class:`PatchTiling` (3D whole volume or
   overlapping sliding-window patches, stitched with Gaussian or constant weights);
 * :class:`VolumetricPrepared`: what :meth:`ModelAdapter.prepare` returns. Like ``PreparedVolume``
-  it has ``source``, ``inputs`` (N, C, ...) and ``to_source_grid(outputs)``, so the inference and
-  adaptation code treat both alike (see :class:`PreparedInputs`).
+  it implements :class:`~napari_uda.core.preprocessing.PreparedInputs` (``source``, ``inputs``
+  (N, C, ...), ``valid_mask``, ``to_source_grid``, ``labels_to_inputs``), so the inference and
+  adaptation code treat both alike.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
+from ..preprocessing import check_labels_shape
 from ..volume import Volume
 
 Interpolation = Literal["trilinear", "nearest-exact"]
 Weighting = Literal["gaussian", "constant"]
 
 RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]])
-
-
-@runtime_checkable
-class PreparedInputs(Protocol):
-    """What every prepared volume offers (2D ``PreparedVolume`` and :class:`VolumetricPrepared`).
-
-    ``inputs`` is a float32 tensor (N, C, H, W) or (N, C, D, H, W); ``to_source_grid`` maps
-    network outputs shaped like ``inputs`` (with C classes) to (C, *source.shape).
-    """
-
-    source: Volume
-    inputs: torch.Tensor
-
-    def to_source_grid(self, outputs, *, nearest: bool = False) -> np.ndarray: ...
-
-    def labels_to_slices(self, labels: Volume) -> torch.Tensor: ...
 
 
 def resize_channels(
@@ -295,10 +280,6 @@ class VolumetricPrepared:
         tiling: model grid <-> inputs.
         postprocess: optional function applied to (C, X, Y, Z) canonical probabilities by
             :meth:`to_source_grid` (deepbet's connected-component and hole filling).
-        stacked_shape: set by the adaptation engine when it pads the inputs of several
-            volumes to one spatial shape (whole 3D volumes of different sizes):
-            :meth:`labels_to_inputs` pads labels to it and :meth:`to_model_grid` crops outputs
-            back. ``None`` (default): the inputs' own shape.
     """
 
     source: Volume
@@ -306,7 +287,6 @@ class VolumetricPrepared:
     grid: ModelGrid
     tiling: Tiling
     postprocess: Callable[[np.ndarray], np.ndarray] | None = None
-    stacked_shape: tuple[int, ...] | None = None
 
     @property
     def num_slices(self) -> int:
@@ -322,16 +302,6 @@ class VolumetricPrepared:
         return self.tiling.grid_shape
 
     @property
-    def padded_hw(self) -> tuple[int, int] | None:
-        """2D only: in-plane size of the slices before padding (as ``PreparedVolume``'s), so
-        code that masks out the padding treats both alike; ``None`` for 3D."""
-        if not isinstance(self.tiling, SliceTiling):
-            return None
-        axis = self.tiling.axis
-        height, width = (n for i, n in enumerate(self.tiling.grid_shape) if i != axis)
-        return int(height), int(width)
-
-    @property
     def canonical_shape(self) -> tuple[int, int, int]:
         return self.grid.canonical_shape
 
@@ -342,13 +312,8 @@ class VolumetricPrepared:
         return self.tiling.split(ones, pad_value=0).bool()
 
     def to_model_grid(self, outputs: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Network outputs shaped like :attr:`inputs` (or padded beyond them to
-        :attr:`stacked_shape`) -> (C, *model_shape)."""
-        outputs = torch.as_tensor(outputs).float()
-        own = tuple(self.inputs.shape[2:])
-        if tuple(outputs.shape[2:]) != own:
-            outputs = outputs[(slice(None), slice(None), *(slice(0, n) for n in own))]
-        return self.tiling.merge(outputs)
+        """Network outputs shaped like :attr:`inputs` -> (C, *model_shape)."""
+        return self.tiling.merge(torch.as_tensor(outputs).float())
 
     def to_source_grid(self, outputs: torch.Tensor | np.ndarray, *, nearest=False) -> np.ndarray:
         """Network outputs shaped like :attr:`inputs` -> (C, *source.shape) on the scan's grid.
@@ -377,27 +342,18 @@ class VolumetricPrepared:
         """Voxel size in mm of the model grid."""
         return tuple(float(v) for v in np.sqrt((self.model_affine[:3, :3] ** 2).sum(axis=0)))
 
-    def labels_to_inputs(self, labels: Volume | np.ndarray) -> torch.Tensor:
+    def labels_to_inputs(self, labels: Volume | np.ndarray, *, fill: int = 0) -> torch.Tensor:
         """A label map on the source grid -> int64 (N, ...) aligned with :attr:`inputs`.
 
         ``labels`` (a volume or a bare array) must be voxel for voxel on the image's grid; the
-        image's affine orients it. Resampling is nearest-neighbour; padding is 0 (background).
+        image's affine orients it. Resampling is nearest-neighbour (every value is kept,
+        negative ones too); padding holds ``fill`` (default 0, background).
         """
-        data = np.asarray(labels.data if isinstance(labels, Volume) else labels)
-        if data.shape != self.source.shape:
-            raise ValueError(
-                f"labels of shape {data.shape} do not match the image of shape {self.source.shape}"
-            )
+        data = check_labels_shape(labels, self.source)
         canonical = self.source.with_data(data).to_canonical().data
         oriented = self.grid.orient(np.asarray(canonical, dtype=np.float32))
         channels = self.grid.to_model(torch.from_numpy(oriented)[None], nearest=True)
-        labels = self.tiling.split(channels, pad_value=0.0)[:, 0].round().long()
-        if self.stacked_shape is not None and tuple(labels.shape[1:]) != self.stacked_shape:
-            labels = F.pad(labels, _far_end_pad(labels.shape[1:], self.stacked_shape), value=0)
-        return labels
-
-    #: Same name as :meth:`PreparedVolume.labels_to_slices`, for code that handles both.
-    labels_to_slices = labels_to_inputs
+        return self.tiling.split(channels, pad_value=float(fill))[:, 0].round().long()
 
 
 def prepare_on_grid(
@@ -449,60 +405,3 @@ def prepare_on_grid(
         )
     inputs = tiling.split(channels, pad_value=float(channels.min()))
     return VolumetricPrepared(volume, inputs.float(), grid, tiling)
-
-
-def _far_end_pad(shape: Sequence[int], target: Sequence[int]) -> list[int]:
-    """``F.pad`` widths that pad ``shape`` (the last axes) at the far end to ``target``."""
-    pad = []
-    for n, m in zip(reversed(tuple(shape)), reversed(tuple(target))):
-        pad += [0, int(m) - int(n)]
-    return pad
-
-
-def stack_volumes(
-    prepared: Sequence[PreparedInputs],
-) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
-    """The 3D inputs (N, C, D, H, W) of several prepared volumes in one tensor (what the
-    adaptation engine trains on), their valid-voxel mask and each volume's range of inputs.
-
-    Sliding windows all have the window's shape. Whole volumes of different sizes are padded at
-    the far end to a common shape, each with its own minimum; a :class:`VolumetricPrepared`
-    records it (:attr:`~VolumetricPrepared.stacked_shape`) so its labels are padded alike and
-    its outputs cropped back. The mask is True on the volumes' voxels and False on padding
-    (the padding :class:`PatchTiling` adds as well); ``None`` when there is no padding.
-
-    Raises:
-        ValueError: inputs that cannot be stacked (different channels or dimensions, or
-            different shapes for prepared volumes that cannot record a stacked shape).
-    """
-    inputs = [p.inputs for p in prepared]
-    if len({t.dim() for t in inputs}) != 1 or len({t.shape[1] for t in inputs}) != 1:
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        raise ValueError(f"the volumes' network inputs do not fit together: {shapes}")
-    common = tuple(max(sizes) for sizes in zip(*(t.shape[2:] for t in inputs)))
-    padded, masks, ranges, start = [], [], [], 0
-    for volume, tensor in zip(prepared, inputs):
-        own = tuple(tensor.shape[2:])
-        if own != common:
-            if not hasattr(volume, "stacked_shape"):
-                raise ValueError(
-                    f"3D inputs of different shapes ({own} and {common}) cannot be adapted "
-                    "together with this model; adapt the volumes one at a time"
-                )
-            volume.stacked_shape = common
-            tensor = F.pad(tensor, _far_end_pad(own, common), value=float(tensor.min()))
-        padded.append(tensor)
-        if hasattr(volume, "valid_mask"):
-            valid = volume.valid_mask().to(torch.uint8)
-        else:
-            valid = torch.ones(tensor.shape[0], 1, *own, dtype=torch.uint8)
-        masks.append(F.pad(valid, _far_end_pad(valid.shape[2:], common), value=0).bool())
-        ranges.append((start, start + tensor.shape[0]))
-        start += tensor.shape[0]
-    mask = torch.cat(masks)
-    return torch.cat(padded), (None if bool(mask.all()) else mask), ranges
-
-
-def peak_patch_count(grid_shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> int:
-    """How many windows :class:`PatchTiling` makes for a grid (for memory estimates)."""
-    return math.prod(len(window_positions(n, p, overlap)) for n, p in zip(grid_shape, patch_size))
