@@ -123,6 +123,9 @@ class AdaptationContext:
         steps_done: optimiser steps completed so far (kept by the engine).
         predictions: the latest whole-target prediction of the adapted model (shared with the
             engine's evaluation; see :meth:`predict_target`).
+        corrections: (N, ...) int64 aligned with :attr:`target_inputs`: the user's label where
+            they corrected the first volume, :data:`~napari_uda.core.corrections.NOT_CORRECTED`
+            (-1) elsewhere (padding and other volumes too); None when no corrections were given.
     """
 
     model: ModelAdapter
@@ -137,6 +140,7 @@ class AdaptationContext:
     inference_batch_size: int = 32
     steps_done: int = 0
     predictions: PredictionCache = field(default_factory=PredictionCache)
+    corrections: torch.Tensor | None = None
 
     @property
     def num_target(self) -> int:

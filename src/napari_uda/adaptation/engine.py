@@ -36,8 +36,10 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..core.corrections import NOT_CORRECTED
 from ..core.device import resolve_device
 from ..core.inference import predict_batches
 from ..core.models.adapter import ModelAdapter
@@ -88,6 +90,28 @@ class EngineOptions(GuardOptions):
     )
 
 
+def _map_corrections(
+    targets: TargetSet, corrections: Volume | np.ndarray | None, num_classes: int
+) -> tuple[torch.Tensor | None, dict[str, int] | None]:
+    """The corrections on the target inputs (-1 where not corrected) and their summary."""
+    if corrections is None:
+        return None, None
+    data = np.asarray(corrections.data if isinstance(corrections, Volume) else corrections)
+    values = np.unique(data)
+    wrong = values[(values < NOT_CORRECTED) | (values >= num_classes) | (values != np.rint(values))]
+    if wrong.size:
+        raise AdaptationError(
+            f"the corrections hold the value {wrong[0]:g}; use {NOT_CORRECTED} (not corrected) "
+            f"or a class from 0 to {num_classes - 1}"
+        )
+    mapped = targets.labels_on_inputs(corrections, fill=NOT_CORRECTED, what="corrections")
+    summary = {
+        "voxels": int((data >= 0).sum()),
+        "input_voxels": int((mapped >= 0).sum()),
+    }
+    return mapped, summary
+
+
 def _prior(model: ModelAdapter) -> list[float] | None:
     """The source class ratios the model's bundle records, one per class (None: unknown)."""
     ratios = (model.source_statistics() or {}).get("class_ratios")
@@ -112,6 +136,7 @@ class _Run:
     evaluator: Evaluator
     keeper: CheckpointKeeper
     total_steps: int
+    corrections: dict[str, int] | None = None
 
     def evaluate(self, step: int, epoch: int) -> list[str]:
         """Evaluate after ``step`` and let the keeper judge it; the collapse reasons."""
@@ -142,6 +167,7 @@ def _start_run(
     volumes: Volume | Sequence[Volume],
     plan: RunPlan,
     reference: Volume | None,
+    corrections: Volume | np.ndarray | None,
     seed: int | None,
     device: torch.device,
     options: EngineOptions,
@@ -158,6 +184,7 @@ def _start_run(
     if reference is not None:
         labels = targets.labels_on_inputs(reference, what="reference mask")
         reference_labels = labels[targets.first]
+    corrected, corrections_summary = _map_corrections(targets, corrections, working.num_classes)
     working.network.to(device)
     frozen.network.to(device).eval().requires_grad_(False)
     initial = predict_batches(
@@ -174,6 +201,7 @@ def _start_run(
         valid_mask=targets.valid_mask,
         mixed_precision=options.mixed_precision and device.type == "cuda",
         inference_batch_size=options.inference_batch_size,
+        corrections=corrected,
     )
     evaluator = Evaluator(context, targets, reference_labels)
     method = plan.method(plan.settings, context)
@@ -182,9 +210,18 @@ def _start_run(
     )
     keeper = CheckpointKeeper(working.network, initial, guard, options)  # before setup
     method.setup()  # may change buffers (AdaBN and TENT restart BatchNorm statistics)
-    total_steps = method.total_steps()
     return _Run(
-        model, plan, options, started, targets, context, method, evaluator, keeper, total_steps
+        model=model,
+        plan=plan,
+        options=options,
+        started=started,
+        targets=targets,
+        context=context,
+        method=method,
+        evaluator=evaluator,
+        keeper=keeper,
+        total_steps=method.total_steps(),
+        corrections=corrections_summary,
     )
 
 
@@ -200,6 +237,7 @@ def run_adaptation(
     preview_every: int = 0,
     should_stop: Callable[[], bool] | None = None,
     options: EngineOptions | None = None,
+    corrections: Volume | np.ndarray | None = None,
 ) -> Generator[AdaptationEvent, None, AdaptationResult]:
     """Adapt a copy of ``model`` to ``volumes`` with ``method``; yield events, return the result.
 
@@ -216,15 +254,19 @@ def run_adaptation(
             event (0: ``options.preview_every``, which defaults to none).
         should_stop: polled before every optimiser step; True ends the run (result.stopped).
         options: :class:`EngineOptions` (evaluation, collapse guard, batch size, precision).
+        corrections: a label map on the first volume's grid: the user's label where they
+            corrected it, :data:`~napari_uda.core.corrections.NOT_CORRECTED` (-1) elsewhere.
+            Methods see it as ``AdaptationContext.corrections``; None (default): none.
 
     Raises:
-        AdaptationError: the model lacks what the method needs, bad settings or reference.
+        AdaptationError: the model lacks what the method needs, bad settings, reference or
+            corrections.
     """
     options = options or EngineOptions()
     plan = method if isinstance(method, RunPlan) else plan_run(model, method, settings)
     device = resolve_device(device) if isinstance(device, str) else device
     preview_every = preview_every or options.preview_every
-    run = _start_run(model, volumes, plan, reference, seed, device, options)
+    run = _start_run(model, volumes, plan, reference, corrections, seed, device, options)
     keeper, context = run.keeper, run.context
     first = run.event(0, 0, None, None)  # the unadapted model, so a UI can show "before"
     first.evaluated, first.message = True, "unadapted model"
@@ -326,6 +368,7 @@ def _result(
             "prior_class_ratios": run.keeper.guard.prior,
             "model_recommended_settings": plan.recommended,
             "engine_options": dataclasses.asdict(run.options),
+            "corrections": run.corrections,
             **run.method.report(),
         },
         predictions=predictions,

@@ -99,7 +99,8 @@ class TargetSet:
         shape = tuple(np.shape(labels.data if isinstance(labels, Volume) else labels))
         if shape != tuple(first.source.shape):
             raise AdaptationError(
-                f"the {what}'s shape {shape} does not match the image's {first.source.shape}"
+                f"the {what} (shape {shape}) does not match the image's shape "
+                f"{tuple(first.source.shape)}"
             )
         mapped = first.labels_to_inputs(labels, fill=fill)
         mapped = self._pad(mapped[:, None], fill)[:, 0]
