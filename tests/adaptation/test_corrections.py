@@ -16,7 +16,7 @@ from napari_uda.adaptation.corrections import (
     corrected_voxel_loss,
     split_correction_settings,
 )
-from napari_uda.adaptation.engine import _stack_inputs
+from napari_uda.adaptation.targets import TargetSet
 from napari_uda.core.inference import predict_batches
 
 
@@ -69,8 +69,8 @@ def test_split_correction_settings():
 
 
 def _context(model, volume, corrections):
-    prepared = [model.prepare(volume)]
-    inputs, valid, _ = _stack_inputs(prepared)
+    targets = TargetSet.prepare(model, volume)
+    inputs, valid = targets.inputs, targets.valid_mask
     frozen = model.clone()
     frozen.network.eval()
     initial = predict_batches(frozen, inputs, device=torch.device("cpu"))
@@ -84,12 +84,8 @@ def _context(model, volume, corrections):
         initial_probabilities=initial,
         valid_mask=valid,
     )
-    labels = prepared[0].labels_to_slices(volume.with_data(corrections))
-    pad = (0, inputs.shape[-1] - labels.shape[-1], 0, inputs.shape[-2] - labels.shape[-2])
-    labels = torch.nn.functional.pad(labels, pad, value=NOT_CORRECTED)
-    if valid is not None:  # padding added by the preparation is never corrected
-        labels[~valid[:, 0]] = NOT_CORRECTED
-    context.corrections = labels
+    # as the engine maps them: padding added by the preparation is never corrected
+    context.corrections = targets.labels_on_inputs(corrections, fill=NOT_CORRECTED)
     return context
 
 

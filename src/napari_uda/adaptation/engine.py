@@ -277,12 +277,12 @@ def run_adaptation(
     step = last_evaluated = 0
     stopped, stop_reason, agreement = False, "completed", None
     for epoch in range(1, plan.settings.epochs + 1):
-        batches = list(context.target_batches(plan.settings.batch_size))
+        batches = run.method.epoch_batches()
         for number, index in enumerate(batches, start=1):
             if should_stop is not None and should_stop():
                 stopped, stop_reason = True, "stopped by user"
                 break
-            output = run.method.step(index, step + 1)
+            output = run.method.run_step(index, step + 1)
             step = context.steps_done = step + 1
             messages = [output.message] if output.message else []
             if output.agreement is not None:
