@@ -118,13 +118,14 @@ def run_case(case: dict, seed: int) -> dict:
     """Adapt, then measure both models with the gate's signals (no decision: see decide)."""
     import torch
 
-    from napari_uda.adaptation.engine import _stack_inputs, adapt
+    from napari_uda.adaptation.engine import adapt
     from napari_uda.adaptation.gate import (
         GateOptions,
         _chosen_inputs,
         left_right_dim,
         model_signals,
     )
+    from napari_uda.adaptation.targets import TargetSet
     from napari_uda.core.inference import predict_batches
     from napari_uda.core.metrics import compute_metrics
     from napari_uda.core.models import load_model
@@ -141,9 +142,9 @@ def run_case(case: dict, seed: int) -> dict:
     run_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    prepared = model.prepare(image)
-    inputs, valid_mask, _ = _stack_inputs([prepared])
-    valid = None if valid_mask is None else valid_mask[:, 0]
+    targets = TargetSet.prepare(model, image)
+    prepared, inputs = targets.prepared[0], targets.inputs
+    valid = None if targets.valid_mask is None else targets.valid
     source_probs = predict_batches(model, inputs, device="cpu", batch_size=16)
     adapted_probs = predict_batches(result.model, inputs, device="cpu", batch_size=16)
     prediction_seconds = time.perf_counter() - started

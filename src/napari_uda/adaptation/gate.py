@@ -419,11 +419,11 @@ def gate(
 
 # -- on a finished run -------------------------------------------------------------------------
 def _prepared_inputs(model: ModelAdapter, volumes: Sequence) -> tuple[torch.Tensor, Any, Any]:
-    from .engine import _stack_inputs
+    from .targets import TargetSet
 
-    prepared = [model.prepare(volume) for volume in volumes]
-    inputs, valid_mask, _ = _stack_inputs(prepared)
-    return inputs, None if valid_mask is None else valid_mask[:, 0], prepared[0]
+    targets = TargetSet.prepare(model, list(volumes))
+    valid = None if targets.valid_mask is None else targets.valid
+    return targets.inputs, valid, targets.prepared[0]
 
 
 def apply_gate(
