@@ -9,7 +9,11 @@ one adaptation from the Adapt widget exactly as a user would, and saves into
 * ``before_after.png``: the same axial slice before and after adaptation (the segmentation
   filled over the scan with the reference mask outlined in cyan, and the entropy maps on the
   same fixed [0, 1] scale);
-* ``window.png``: the whole napari window with the Adapt widget.
+* ``window.png``: the whole napari window with the Adapt widget;
+* ``corrections_widget.png`` and ``corrections_window.png``: then three axial slices of
+  ``segmentation (after)`` corrected (to the reference, through the layer's editing API) and
+  one round of *Adapt with corrections*: the Adapt widget with the list of corrected slices and
+  the round, and the whole window.
 
 Needs a display; run under Xvfb::
 
@@ -53,20 +57,6 @@ def save_trimmed(pixmap, path: Path, margin: int = 10) -> None:
     pixmap.copy(0, 0, pixmap.width(), min(pixmap.height(), last + margin)).save(str(path))
 
 
-def axial_view(viewer, layer) -> None:
-    """Axial slice through the middle, anterior up, patient's left on the right."""
-    axcodes = layer.metadata.get("axcodes", "RAS")
-    superior = next(i for i, code in enumerate(axcodes) if code in "SI")
-    anterior = next(i for i, code in enumerate(axcodes) if code in "AP")
-    lateral = 3 - superior - anterior
-    viewer.dims.order = (superior, anterior, lateral)
-    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
-    camera.orientation2d = ("up", "right")
-    middle = layer.translate[superior] + layer.scale[superior] * layer.data.shape[superior] * 0.55
-    viewer.dims.set_point(superior, middle)
-    viewer.reset_view()
-
-
 def canvas(viewer, visible: set[str]) -> np.ndarray:
     for layer in viewer.layers:
         layer.visible = layer.name in visible
@@ -106,6 +96,64 @@ def compose(panels: list[tuple[str, np.ndarray]], path: Path, columns: int = 2) 
     sheet.save(path)
 
 
+def worst_slices(after: np.ndarray, reference: np.ndarray, axis: int, count: int) -> list[int]:
+    """The ``count`` slices along ``axis`` with the most wrong voxels, at least 4 apart."""
+    others = tuple(a for a in range(after.ndim) if a != axis)
+    wrong = (after != reference).sum(axis=others)
+    chosen: list[int] = []
+    for index in np.argsort(-wrong, kind="stable"):
+        if wrong[index] and all(abs(int(index) - c) >= 4 for c in chosen):
+            chosen.append(int(index))
+        if len(chosen) == count:
+            break
+    return sorted(chosen)
+
+
+def correct_slices(viewer, app, reference: np.ndarray, count: int = 3) -> list[int]:
+    """Correct the worst axial slices of 'segmentation (after)' to the reference, through the
+    layer's editing API (one undoable edit per slice, as napari's label tools make)."""
+    from napari_uda._qt.layers import go_to_slice, stepping_axis
+
+    after = viewer.layers["segmentation (after)"]
+    axis = stepping_axis(viewer)
+    chosen = worst_slices(np.asarray(after.data), reference, axis, count)
+    for index in chosen:
+        go_to_slice(viewer, after, axis, index)
+        key = [slice(None)] * 3
+        key[axis] = index
+        wrong = list(np.nonzero(after.data[tuple(key)] != reference[tuple(key)]))
+        wrong.insert(axis, np.full(len(wrong[0]), index))
+        after.data_setitem(tuple(wrong), reference[tuple(wrong)])
+        settle(app, 0.3)
+    return chosen
+
+
+def corrections_views(viewer, adapt, dock, app, out: Path) -> str:
+    """Correct three slices, run one round of Adapt with corrections (Corrections only), and
+    save the Adapt widget (the corrected slices, the round) and the window."""
+    from napari_uda._qt.adapt_widget import engine_takes_corrections
+
+    reference = np.asarray(viewer.layers["brain mask (new scanner)"].data)
+    for layer in viewer.layers:
+        layer.visible = layer.name in ("head (new scanner)", "segmentation (after)")
+    chosen = correct_slices(viewer, app, reference)
+    summary = f"corrected axial slices {chosen}"
+    if engine_takes_corrections():
+        adapt.method_combo.setCurrentIndex(adapt.method_combo.findData("corrections"))
+        adapt.corrections.adapt_button.click()
+        while adapt.state.running or adapt.runner.running:
+            app.processEvents()
+            time.sleep(0.01)
+        summary += f"; round 1: {adapt.status.text()}"
+    adapt.corrections.list.item(0).setSelected(True)
+    adapt.corrections.go_button.click()
+    dock.raise_()
+    settle(app, 1.0)
+    save_trimmed(dock.grab(), out / "corrections_widget.png")
+    viewer.window._qt_window.grab().save(str(out / "corrections_window.png"))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="tent", help="method to run (default tent)")
@@ -119,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_uda._qt.adapt_widget import AdaptWidget
     from napari_uda._qt.export_widget import ExportWidget
+    from napari_uda._qt.layers import axial_view
     from napari_uda._qt.model_widget import ModelWidget
     from napari_uda._qt.qa_widget import QAWidget
     from napari_uda.settings import apply_overrides
@@ -206,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         layer.visible = layer.name in (image, "segmentation (after)")
     print(f"screenshots in {args.out}; {result.method}: {result.stop_reason}, Dice "
           f"{dice[0]:.3f} -> {dice[1]:.3f}")  # fmt: skip
+    print(corrections_views(viewer, adapt, docks["Adapt"], app, args.out))
     viewer.close()
     return 0
 

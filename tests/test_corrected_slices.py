@@ -6,13 +6,13 @@ from collections import namedtuple
 
 import numpy as np
 
+from napari_uda.adaptation.rounds import keep_corrections
 from napari_uda.corrected_slices import (
     KEPT,
     MARKED,
     NOT_CORRECTED,
     CorrectedSlices,
     SliceRef,
-    paste,
     plane_name,
     touched_slices,
 )
@@ -99,7 +99,7 @@ def test_corrections_volume_and_paste_keep_the_users_slices_exactly():
     assert corrected[1].all() and corrected[:, :, 4].all() and corrected.sum() == 8 * 10 + 6 * 8 - 8
 
     new_prediction = np.zeros_like(labels)  # a round's prediction, pasted
-    pasted = paste(new_prediction, corrections)
+    pasted = keep_corrections(new_prediction, corrections)
     np.testing.assert_array_equal(pasted[corrected], labels[corrected])
     assert (pasted[~corrected] == 0).all()
 

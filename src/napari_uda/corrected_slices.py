@@ -14,11 +14,13 @@ truth there (not only the voxels painted). :class:`CorrectedSlices` keeps that l
 * :meth:`CorrectedSlices.mark` marks a slice explicitly (the user checked it and it needs no
   change); :meth:`CorrectedSlices.unmark` takes one out (it stays out until painted again);
 * :meth:`CorrectedSlices.corrections` is the labels volume the engine trains on:
-  :data:`NOT_CORRECTED` (-1) everywhere except the corrected slices, which hold the user's labels;
-  :func:`paste` writes them back into a new prediction, so the corrected slices always stay
-  exactly as the user made them;
+  :data:`NOT_CORRECTED` (-1) everywhere except the corrected slices, which hold the user's labels
+  (:func:`~napari_uda.adaptation.rounds.keep_corrections` writes them back into every new
+  segmentation, so the corrected slices always stay exactly as the user made them);
 * :meth:`CorrectedSlices.rebase` starts from a new baseline after a round: the slices stay
-  corrected (they were used) and only leave the list when un-marked.
+  corrected (they were used) and only leave the list when un-marked;
+* :class:`Rounds` keeps the first run and each round of Adapt with corrections, with the state
+  each round started from, so that going back restores it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-#: The value of voxels nobody corrected in a corrections volume.
-NOT_CORRECTED = -1
+from .adaptation.corrections import NOT_CORRECTED
 
 #: Anatomical plane of the slices taken along an axis, by the axis's orientation code.
 PLANES = {
@@ -107,14 +108,6 @@ def touched_slices(atoms: Iterable, shape: Sequence[int], view_axis: int | None)
         first, last = ranges[axis]
         touched.update(SliceRef(axis, index) for index in range(first, last + 1))
     return touched
-
-
-def paste(labels: np.ndarray, corrections: np.ndarray) -> np.ndarray:
-    """``labels`` (modified in place and returned) with every corrected voxel of
-    ``corrections`` (a volume with :data:`NOT_CORRECTED` elsewhere) written into it."""
-    corrected = corrections != NOT_CORRECTED
-    labels[corrected] = corrections[corrected].astype(labels.dtype)
-    return labels
 
 
 @dataclass
@@ -243,3 +236,92 @@ class CorrectedSlices:
             }
             for ref in self.slices
         ]
+
+
+# -- rounds ------------------------------------------------------------------------------------
+@dataclass
+class Round:
+    """One run of correct-then-adapt, as the napari widgets keep it.
+
+    Attributes:
+        number: 0 for the first run (no corrections), then 1, 2, ...
+        result: the run's :class:`~napari_uda.adaptation.events.AdaptationResult` (its model is
+            the model the next round starts from).
+        info: the run's method, settings, seed and device (for reports).
+        corrections: the corrections volume the round trained on (None for round 0).
+        start_labels: the segmentation as it was when the round started (the user's edits in
+            it), restored by going back.
+        start_slices: the corrected slices when the round started, restored by going back.
+    """
+
+    number: int
+    result: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    corrections: np.ndarray | None = None
+    start_labels: np.ndarray | None = None
+    start_slices: CorrectedSlices | None = None
+
+    def summary(self, axcodes: str | Sequence[str] | None = None) -> dict[str, Any]:
+        """JSON-able facts for the report (no arrays)."""
+        result = self.result
+        dice = result.reference_dice_after
+        return {
+            "round": self.number,
+            "method": result.method,
+            "settings": self.info.get("settings", result.settings),
+            "seed": result.seed,
+            "seconds": round(float(result.seconds), 2),
+            "stop_reason": result.stop_reason,
+            "kept_step": result.checkpoint.step,
+            "reference_dice_after": None if dice is None else float(np.mean(dice)),
+            "corrected_slices": []
+            if self.start_slices is None
+            else self.start_slices.describe(axcodes),
+            "corrected_voxels": 0
+            if self.corrections is None
+            else int((self.corrections != NOT_CORRECTED).sum()),
+        }
+
+
+@dataclass
+class Rounds:
+    """The rounds of one scan: the first run, then each Adapt with corrections; going back
+    drops the latest round and gives back the state it started from."""
+
+    rounds: list[Round] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rounds)
+
+    @property
+    def current(self) -> Round | None:
+        return self.rounds[-1] if self.rounds else None
+
+    def begin(self, result: Any, info: dict[str, Any]) -> Round:
+        """A first run: the rounds start again from its result (round 0)."""
+        self.rounds = [Round(0, result, dict(info))]
+        return self.rounds[0]
+
+    def add(
+        self,
+        result: Any,
+        info: dict[str, Any],
+        corrections: np.ndarray,
+        start_labels: np.ndarray,
+        start_slices: CorrectedSlices,
+    ) -> Round:
+        """A finished round that trained on ``corrections``, started from ``start_labels`` and
+        ``start_slices`` (kept as given: pass copies)."""
+        entry = Round(len(self.rounds), result, dict(info), corrections, start_labels, start_slices)
+        self.rounds.append(entry)
+        return entry
+
+    def back(self) -> Round:
+        """Drop the latest round (never round 0); the dropped round, whose ``start_*`` is the
+        state to restore (the new :attr:`current` is the round whose model and result count)."""
+        if len(self.rounds) < 2:
+            raise IndexError("there is no round to go back from")
+        return self.rounds.pop()
+
+    def report(self, axcodes: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+        return [entry.summary(axcodes) for entry in self.rounds]

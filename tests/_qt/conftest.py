@@ -39,7 +39,15 @@ def group_norm_bundle_path(tmp_path_factory):
 def notifications(monkeypatch):
     """Messages the widgets show, by kind (``error``, ``info``, ``warning``)."""
     shown: dict[str, list[str]] = {"error": [], "info": [], "warning": []}
-    modules = ("model_widget", "adapt_widget", "qa_widget", "export_widget")
+    modules = (
+        "model_widget",
+        "adapt_widget",
+        "qa_widget",
+        "export_widget",
+        "corrections_panel",
+        "other_scans",
+        "demo_gui",
+    )
     for module in modules:
         for kind in shown:
             target = f"napari_uda._qt.{module}.show_{kind}"

@@ -27,7 +27,17 @@ from ..settings import SettingsError
 from .corrections_panel import CorrectionsPanel
 from .forms import SettingsForm
 from .gui_queue import GuiQueue
-from .layers import RESULT_LAYERS, after_segmentation, layer_volume, prediction_updates
+from .layers import (
+    ENTROPY_AFTER,
+    RESULT_LAYERS,
+    SEGMENTATION_AFTER,
+    after_segmentation,
+    layer_volume,
+    prediction_updates,
+    show_entropy,
+    show_labels,
+)
+from .other_scans import OtherScans
 from .plots import LivePlots
 from .runner import AdaptationRunner, RunFailure, RunRequest, StartingPoint
 from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
@@ -39,6 +49,15 @@ from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
 REFRESH_MS = 1000
 #: Methods offered first when the model allows them.
 PREFERRED_METHODS = ("tent", "adaent", "udas")
+
+
+def engine_takes_corrections() -> bool:
+    """Whether the adaptation engine accepts ``corrections`` (its support lands separately)."""
+    import inspect
+
+    from ..adaptation.engine import run_adaptation
+
+    return "corrections" in inspect.signature(run_adaptation).parameters
 
 
 def _clock(seconds: float) -> str:
@@ -61,6 +80,10 @@ class AdaptWidget(QWidget):
         self.separate_process = True
         self.updates = GuiQueue(self)
         self._pending: list[AdaptationEvent] = []  # events not yet plotted
+        #: corrections the running run keeps in its mask (int16, -1 elsewhere), or None
+        self._keep = None
+        #: (labels, corrected slices) when the running round started; None: not a round
+        self._round_start = None
         #: the newest event received from the worker (plotted at the next refresh)
         self.last_event: AdaptationEvent | None = None
         self._refresh_timer = QTimer(self)
@@ -111,6 +134,7 @@ class AdaptWidget(QWidget):
         self.status.setWordWrap(True)
         self.plots = LivePlots(str(self.viewer.theme))
         self.corrections = CorrectionsPanel(self.viewer, self.state)
+        self.other_scans = OtherScans(self.viewer, self.state)
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
@@ -126,8 +150,16 @@ class AdaptWidget(QWidget):
         self.viewer.events.theme.connect(self._theme_changed)
         self.state.events.model.connect(self._fill_methods)
         self.state.events.status.connect(self._update_buttons)
+        self._connect_corrections()
         self._fill_methods()
         self._update_buttons()
+
+    def _connect_corrections(self) -> None:
+        panel = self.corrections
+        panel.adapt_button.clicked.connect(self.adapt_with_corrections)
+        panel.back_button.clicked.connect(self.back_one_round)
+        panel.apply_button.clicked.connect(self.other_scans.start)
+        panel.changed.connect(self._update_buttons)
 
     def _theme_changed(self, event) -> None:
         self.plots.set_theme(str(event.value))
@@ -209,31 +241,81 @@ class AdaptWidget(QWidget):
         self.method_combo.setEnabled(not running)
         if self.form is not None:
             self.form.enabled = not running
+        method = self.methods.get(self.method_combo.currentData())
+        if ready and getattr(method, "needs_corrections", False):
+            self.run_button.setEnabled(False)
+            self.run_button.setToolTip("This method learns from corrected slices only")
+        problem = self._round_problem(after_segmentation(self.viewer))
+        title = getattr(method, "title", "") or self.method_combo.currentText()
+        only = getattr(method, "needs_corrections", False)
+        self.corrections.update_buttons(
+            problem if ready else "Open a model and an image first",
+            "your corrections only" if only else f"your corrections + {title}",
+        )
 
     # -- running ------------------------------------------------------------------------------
     def run(self) -> None:
-        """Start an adaptation with the current choices (errors become notifications)."""
-        model, target = self.state.model, self.target.value
+        """Adapt the loaded model with the current choices: a new start (round 0; slices
+        already corrected on this scan stay in the mask). Errors become notifications."""
+        self._round_start = None
+        self._launch(self.state.model, corrections=None)
+
+    def adapt_with_corrections(self) -> None:
+        """One round: adapt the current round's model with the corrected slices as labels
+        (and the chosen method's label-free loss, unless it is Corrections only)."""
+        after = after_segmentation(self.viewer)
+        problem = self._round_problem(after)
+        if problem:
+            show_error(problem)
+            return
+        corrections = self.state.corrections.corrections(after.data)
+        self._round_start = (np.array(after.data, copy=True), self.state.corrections.snapshot())
+        if not self._launch(self.state.rounds.current.result.model, corrections=corrections):
+            self._round_start = None
+
+    def _round_problem(self, after) -> str:
+        """Why a round cannot start now ("" if it can)."""
+        if self.state.rounds.current is None or after is None:
+            return "Run a model first, then correct its 'segmentation (after)'."
+        if not len(self.state.corrections):
+            return "Correct at least one slice of 'segmentation (after)' first."
+        if not engine_takes_corrections():
+            return "This installation's adaptation engine cannot train on corrections yet."
+        target = self.target.value
+        if target is None or target.name != self.state.target_layer:
+            return (
+                f"The corrections belong to '{self.state.target_layer}': choose it as the "
+                "target image."
+            )
+        return ""
+
+    def _launch(self, model, *, corrections: np.ndarray | None) -> bool:
+        """Start a run of ``model`` (with ``corrections`` as labels: a round); False if it
+        could not start (the reason is shown)."""
+        target = self.target.value
         method = self.method_combo.currentData()
         if model is None or target is None or method is None or self.runner.running:
-            return
+            return False
         reasons = self.methods[method].unmet_needs(model.capabilities)
+        if corrections is None and getattr(self.methods[method], "needs_corrections", False):
+            reasons = ["it learns from corrected slices only: press Adapt with corrections"]
         if reasons:
             show_error(f"{method} cannot adapt this model: {'; '.join(reasons)}")
-            return
+            return False
         try:
             settings = self.form.values()
             volume = layer_volume(target)
             reference = layer_volume(self.reference.value) if self.reference.value else None
         except (SettingsError, ValueError) as error:
             show_error(str(error))
-            return
+            return False
         if reference is not None and reference.shape != volume.shape:
             show_error(
                 f"The reference {reference.shape} and the image {volume.shape} differ in "
                 "shape; choose the mask of this scan."
             )
-            return
+            return False
+        self._keep = corrections if corrections is not None else self._corrections_to_keep(target)
         request = RunRequest(
             model,
             volume,
@@ -244,6 +326,8 @@ class AdaptWidget(QWidget):
             self.state.device,
             self.preview_every.value,
             self.separate_process,
+            None if corrections is None else volume.with_data(corrections),
+            self._keep,  # the after layers keep the corrected slices exactly (in the worker)
         )
         self.state.result = None
         self.state.target_layer = target.name
@@ -254,12 +338,24 @@ class AdaptWidget(QWidget):
             "seed": self.seed.value,
             "device": self.state.device_in_use,
             "preview_every": self.preview_every.value,
+            "round": len(self.state.rounds) if corrections is not None else 0,
         }
         self.plots.clear()
         self._progress = progress(total=0, desc=f"Adapting with {method}")
         self.status.setText("Preparing the scan and predicting with the unadapted model…")
         self.state.status = RUNNING
         self.runner.start(request)
+        return True
+
+    def _corrections_to_keep(self, target) -> np.ndarray | None:
+        """The corrected slices of ``target``'s current segmentation, which a new run keeps in
+        its mask (None if there are none, or they belong to another scan)."""
+        after = after_segmentation(self.viewer)
+        if not len(self.state.corrections) or after is None:
+            return None
+        if target.name != self.state.target_layer or after.data.shape != target.data.shape:
+            return None
+        return self.state.corrections.corrections(after.data)
 
     def stop(self) -> None:
         """Ask the run to stop after the current step."""
@@ -359,10 +455,15 @@ class AdaptWidget(QWidget):
     def _fail(self, message: str) -> None:
         show_error(f"Adaptation failed: {message}")
         self.status.setText(f"Failed: {message}")
+        if self._round_start is not None:  # a failed round: back to where it started
+            labels, slices = self._round_start
+            self._round_start = None
+            self._restore(labels, slices, self.state.rounds.current)
         self.state.status = FAILED
 
     def _finish(self, outcome: AdaptationResult) -> None:
-        """Publish the result once the final layers are drawn."""
+        """Publish the result once the final layers are drawn; record the round."""
+        self._record_round(outcome)
         self.state.result = outcome
         self.state.status = STOPPED if outcome.stopped else FINISHED
         summary = (
@@ -374,12 +475,46 @@ class AdaptWidget(QWidget):
                 f"; Dice vs reference {np.mean(outcome.reference_dice_before):.3f} → "
                 f"{np.mean(outcome.reference_dice_after):.3f}"
             )
+        if self.state.run_info.get("round"):
+            summary = f"Round {self.state.run_info['round']}: {summary}"
         self.status.setText(summary)
         show_info(summary)
-        self._follow_corrections()
+        self.corrections.show_slices()
 
-    def _follow_corrections(self) -> None:
-        """Edits of the new *after* segmentation are compared with what the run showed."""
+    def _record_round(self, outcome: AdaptationResult) -> None:
+        """Keep the run as a round; edits from now on are compared with what it showed."""
+        rounds, info = self.state.rounds, self.state.run_info
+        if self._round_start is None:
+            rounds.begin(outcome, info)
+        else:
+            labels, slices = self._round_start
+            rounds.add(outcome, info, self._keep, labels, slices)
+        self._round_start = None
         after = after_segmentation(self.viewer)
         if after is not None:
-            self.corrections.start_from(after.data, keep=False)
+            self.corrections.start_from(after.data, keep=self._keep is not None)
+
+    # -- rounds -------------------------------------------------------------------------------
+    def back_one_round(self) -> None:
+        """Undo the latest round: its model and result are dropped, and the segmentation and
+        corrected slices are as they were when it started."""
+        if self.state.running or len(self.state.rounds) < 2:
+            return
+        dropped = self.state.rounds.back()
+        self._restore(dropped.start_labels, dropped.start_slices, self.state.rounds.current)
+        self.status.setText(
+            f"Back to round {self.state.rounds.current.number}: round {dropped.number} undone."
+        )
+
+    def _restore(self, labels, slices, current) -> None:
+        """Show ``labels`` as the *after* segmentation (with the entropy of round ``current``),
+        the corrected ``slices``, and ``current``'s result as the one to export."""
+        like = self._target_layer()
+        if like is not None and current is not None:
+            show_entropy(self.viewer, ENTROPY_AFTER, current.result.prediction.entropy, like)
+            show_labels(self.viewer, SEGMENTATION_AFTER, labels, like)
+        self.state.corrections = slices
+        if current is not None:
+            self.state.run_info = dict(current.info)
+            self.state.result = current.result
+        self.corrections.show_slices()

@@ -15,9 +15,8 @@ slice on screen as checked without painting.
 
 from __future__ import annotations
 
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
-    QCheckBox,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -43,7 +42,9 @@ HINT = (
 
 class CorrectionsPanel(QGroupBox):
     """The corrected slices, where the viewer is, and the correct-then-adapt buttons (which the
-    Adapt widget connects)."""
+    Adapt widget connects). ``changed`` is emitted when the list changes."""
+
+    changed = Signal()
 
     def __init__(self, viewer, state, parent: QWidget | None = None):
         super().__init__("Corrections", parent)
@@ -82,16 +83,23 @@ class CorrectionsPanel(QGroupBox):
             "Count the slice on screen as corrected although it needs no change",
             self.mark_current,
         )
-        self.with_method = QCheckBox("with the method's label-free loss")
-        self.with_method.setToolTip(
-            "Checked: the chosen method's loss on the whole scan joins the corrections. "
-            "Unchecked: learn from the corrected slices only."
-        )
         self.adapt_button = QPushButton("Adapt with corrections")
+        self.round_method = QLabel()
+        self.round_method.setWordWrap(True)
         self.rounds = QLabel()
         self.rounds.setWordWrap(True)
-        self.back_button = QPushButton("Back one round")
-        self.apply_button = QPushButton("Apply to other scans")
+        self.back_button = _button(
+            "Back one round",
+            "Undo the latest round: its model is dropped; the segmentation and the corrected "
+            "slices are as they were before it",
+            None,
+        )
+        self.apply_button = _button(
+            "Apply to other scans",
+            "Segment the other open images with the current model; each is checked against "
+            "the loaded model, with a warning where they disagree",
+            None,
+        )
         self._lay_out(hint)
 
     def _lay_out(self, hint: QLabel) -> None:
@@ -100,7 +108,7 @@ class CorrectionsPanel(QGroupBox):
             list_buttons.addWidget(button)
         adapt_row = QHBoxLayout()
         adapt_row.addWidget(self.adapt_button)
-        adapt_row.addWidget(self.with_method, 1)
+        adapt_row.addWidget(self.round_method, 1)
         rounds_row = QHBoxLayout()
         rounds_row.addWidget(self.rounds, 1)
         rounds_row.addWidget(self.back_button)
@@ -111,9 +119,6 @@ class CorrectionsPanel(QGroupBox):
         layout.addLayout(adapt_row)
         layout.addLayout(rounds_row)
         layout.addWidget(self.apply_button)
-        for widget in (self.adapt_button, self.with_method, self.rounds, self.back_button,
-                       self.apply_button):  # fmt: skip
-            widget.setVisible(False)  # shown once rounds are wired in
 
     def _connect(self) -> None:
         self.viewer.layers.events.inserted.connect(self._layers_changed)
@@ -196,6 +201,7 @@ class CorrectionsPanel(QGroupBox):
         self.setTitle(f"Corrections: {len(self.slices)} slice{'s' * (len(self.slices) != 1)}")
         self.show_where()
         self._update_list_buttons()
+        self.changed.emit()
 
     def show_where(self, *_args) -> None:
         """Which slice the viewer shows, and whether it counts."""
@@ -214,6 +220,29 @@ class CorrectionsPanel(QGroupBox):
     def current_slice(self) -> SliceRef:
         axis = stepping_axis(self.viewer)
         return SliceRef(axis, current_index(self.viewer, self.layer, axis))
+
+    def update_buttons(self, problem: str, method_title: str = "") -> None:
+        """Enable the round buttons: ``problem`` says why a round cannot start ("" if it
+        can); ``method_title`` is the method a round would use."""
+        running = self.state.running
+        rounds = self.state.rounds
+        self.adapt_button.setEnabled(not problem and not running)
+        self.adapt_button.setToolTip(problem or "One round: adapt the current model to your slices")
+        self.round_method.setText(f"learns from {method_title}" if method_title else "")
+        self.back_button.setEnabled(len(rounds) > 1 and not running)
+        self.apply_button.setEnabled(rounds.current is not None and not running)
+        current = rounds.current
+        if current is None:
+            self.rounds.setText("Rounds: none yet (Run first).")
+        elif current.number == 0:
+            self.rounds.setText(f"Round 0: the first run ({current.result.method}).")
+        else:
+            used = len(current.start_slices) if current.start_slices is not None else 0
+            self.rounds.setText(
+                f"Round {current.number} ({current.result.method}, {used} corrected "
+                f"slice{'s' * (used != 1)})."
+            )
+        self._update_list_buttons()
 
     def _update_list_buttons(self) -> None:
         chosen = self._selected() is not None
@@ -251,8 +280,9 @@ class CorrectionsPanel(QGroupBox):
             self.show_slices()
 
 
-def _button(text: str, tooltip: str, slot) -> QPushButton:
+def _button(text: str, tooltip: str, slot=None) -> QPushButton:
     button = QPushButton(text)
     button.setToolTip(tooltip)
-    button.clicked.connect(slot)
+    if slot is not None:
+        button.clicked.connect(slot)
     return button

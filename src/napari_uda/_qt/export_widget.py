@@ -276,8 +276,19 @@ class ExportWidget(QWidget):
                 "spacing_mm": list(source.spacing),
                 "run": self.state.run_info,
             }
-            jobs.append((_save_report, plan["report"], result, inputs, source.spacing, ref))
+            corrections = self._corrections(target)
+            jobs.append(
+                (_save_report, plan["report"], result, inputs, source.spacing, ref, corrections)
+            )
         return jobs
+
+    def _corrections(self, target) -> dict | None:
+        """The corrected slices and the rounds, for the report (None: no round, no slice)."""
+        rounds, slices = self.state.rounds, self.state.corrections
+        if len(rounds) < 2 and not len(slices):
+            return None
+        axcodes = target.metadata.get("axcodes") if target is not None else None
+        return {"slices": slices.describe(axcodes), "rounds": rounds.report(axcodes)}
 
     def _done(self, outcome: tuple[list[str], str | None]) -> None:
         written, error = outcome
@@ -316,9 +327,9 @@ def _plain(value):
     return value
 
 
-def _save_report(paths, result, inputs, spacing, reference) -> list[str]:
+def _save_report(paths, result, inputs, spacing, reference, corrections=None) -> list[str]:
     metrics = run_metrics(result, list(result.model.class_names), spacing, reference)
-    report = run_report(result, inputs=inputs, metrics=metrics)
+    report = run_report(result, inputs=inputs, metrics=metrics, corrections=corrections)
     return [str(write_json(report, paths[0])), str(write_history_csv(result.history, paths[1]))]
 
 

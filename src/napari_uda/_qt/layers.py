@@ -191,6 +191,25 @@ def go_to_slice(viewer, layer: Layer, axis: int, index: int) -> None:
 
 
 def after_segmentation(viewer) -> Labels | None:
-    """The ``segmentation (after)`` labels layer (3D), if the viewer has one."""
+    """The ``segmentation (after)`` labels layer (3D), if the viewer has one (the layer itself,
+    not the proxy a plugin's viewer hands out: one identity to follow)."""
     layer = _existing(viewer, SEGMENTATION_AFTER, Labels)
+    layer = getattr(layer, "__wrapped__", layer)
     return layer if layer is not None and layer.ndim == 3 else None
+
+
+def axial_view(viewer, layer: Layer, fraction: float = 0.55) -> None:
+    """Step through ``layer``'s axial slices (from its orientation codes, default RAS), anterior
+    up and the patient's left on the right, at ``fraction`` of the way up the head."""
+    axcodes = layer.metadata.get("axcodes", "RAS")
+    superior = next(i for i, code in enumerate(axcodes) if code in "SI")
+    anterior = next(i for i, code in enumerate(axcodes) if code in "AP")
+    lateral = 3 - superior - anterior
+    viewer.dims.order = (superior, anterior, lateral)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.orientation2d = ("up", "right")
+    shape = layer.data.shape[superior]
+    viewer.dims.set_point(
+        superior, layer.translate[superior] + layer.scale[superior] * shape * fraction
+    )
+    viewer.reset_view()

@@ -36,9 +36,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from napari.qt.threading import GeneratorWorker, create_worker
 
-from ..adaptation.events import AdaptationEvent
+from ..adaptation.events import AdaptationEvent, AdaptationResult
 from ..core.inference import Prediction
 from ..core.volume import Volume
 
@@ -91,6 +92,11 @@ class RunRequest:
     #: Run the engine in a separate process (the worker thread relays its events), isolated
     #: from napari (crashes, memory); False: in the worker thread itself.
     separate_process: bool = True
+    #: The user's corrections on the target's grid (-1: not corrected) to train on, or None.
+    corrections: Volume | None = None
+    #: Corrections (int16, -1 elsewhere) that every *after* segmentation of the run keeps
+    #: exactly (pasted in the worker), or None.
+    keep: np.ndarray | None = None
 
 
 def readable(error: BaseException) -> str:
@@ -123,6 +129,7 @@ def adaptation_job(
     from ..adaptation.worker_process import run_adaptation_in_process
 
     engine = run_adaptation_in_process if request.separate_process else run_adaptation
+    extra = {} if request.corrections is None else {"corrections": request.corrections}
     try:
         warm_up()
         events = engine(
@@ -136,26 +143,48 @@ def adaptation_job(
             preview_every=request.preview_every,
             should_stop=should_stop,
             options=EngineOptions(evaluate_every=request.preview_every),
+            **extra,
         )
         while True:
             try:
                 event = next(events)
             except StopIteration as end:
-                return end.value
+                return _kept_in_result(end.value, request.keep)
             if event.step == 0 and event.preview is not None:
                 before = event.preview
                 after = Prediction(
                     before.probabilities, before.labels.copy(), before.entropy.copy(), before.source
                 )
-                yield StartingPoint(event, after)
+                yield StartingPoint(event, _kept(after, request.keep))
                 _wait(layers_shown, should_stop)
             else:
+                if event.preview is not None:
+                    event.preview = _kept(event.preview, request.keep)
                 yield event
     except Exception as error:  # every failure reaches the user as one line
         logger.exception("adaptation failed")
         return RunFailure(readable(error))
     finally:
         done.set()
+
+
+def _kept(prediction: Prediction, keep: np.ndarray | None) -> Prediction:
+    """``prediction`` with the corrected voxels of ``keep`` exactly as the user made them."""
+    if keep is None:
+        return prediction
+    from ..adaptation.rounds import corrected_prediction
+
+    return corrected_prediction(prediction, keep)
+
+
+def _kept_in_result(result: Any, keep: np.ndarray | None) -> Any:
+    """The run's result whose final segmentation of the target keeps ``keep``."""
+    if keep is None or not isinstance(result, AdaptationResult):
+        return result
+    result.prediction = _kept(result.prediction, keep)
+    if result.predictions:
+        result.predictions[0] = result.prediction
+    return result
 
 
 def _wait(flag: threading.Event | None, should_stop: Callable[[], bool]) -> None:

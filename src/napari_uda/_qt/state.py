@@ -16,7 +16,7 @@ from psygnal import evented
 
 from ..adaptation.events import AdaptationResult
 from ..core.models.adapter import ModelAdapter
-from ..corrected_slices import CorrectedSlices
+from ..corrected_slices import CorrectedSlices, Rounds
 
 #: Run status values.
 IDLE, RUNNING, STOPPING, FINISHED, STOPPED, FAILED = (
@@ -34,6 +34,7 @@ IDLE, RUNNING, STOPPING, FINISHED, STOPPED, FAILED = (
         "model": operator.is_,
         "result": operator.is_,
         "corrections": operator.is_,
+        "rounds": operator.is_,
     }
 )
 @dataclass
@@ -51,6 +52,8 @@ class SessionState:
         result: the last run's :class:`~napari_uda.adaptation.events.AdaptationResult`.
         run_info: method name, settings and inputs of the last run (for reports).
         corrections: the slices of ``segmentation (after)`` the user corrected.
+        rounds: the first run and each round of Adapt with corrections since (for going back
+            and for reports).
     """
 
     model: ModelAdapter | None = None
@@ -63,6 +66,7 @@ class SessionState:
     result: AdaptationResult | None = None
     run_info: dict[str, Any] = field(default_factory=dict)
     corrections: CorrectedSlices = field(default_factory=CorrectedSlices)
+    rounds: Rounds = field(default_factory=Rounds)
 
     @property
     def running(self) -> bool:

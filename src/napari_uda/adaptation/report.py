@@ -73,9 +73,15 @@ def run_metrics(
 
 
 def run_report(
-    result: AdaptationResult, *, inputs: dict[str, Any], metrics: dict[str, Any]
+    result: AdaptationResult,
+    *,
+    inputs: dict[str, Any],
+    metrics: dict[str, Any],
+    corrections: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON report: what ran on what, with which settings, what came out."""
+    """The JSON report: what ran on what, with which settings, what came out; with
+    ``corrections`` (the corrected slices and the rounds of correct-then-adapt), those too."""
+    extra = {} if corrections is None else {"corrections": corrections}
     return jsonable(
         {
             "napari_uda_version": __version__,
@@ -95,6 +101,7 @@ def run_report(
             "dice_after": result.reference_dice_after,
             "extra": result.extra,
             "metrics": metrics,
+            **extra,
             "history": result.history,
         }
     )

@@ -1,0 +1,157 @@
+"""Correct, then adapt, driven as a user does: run the demo model, correct two slices of
+``segmentation (after)`` with the label tools' API, adapt with corrections (a round), go back a
+round, apply the model to another open scan, export the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_uda._qt.adapt_widget import engine_takes_corrections
+from napari_uda._qt.layers import ENTROPY_AFTER, SEGMENTATION_AFTER
+from napari_uda._qt.state import FINISHED, get_state
+from napari_uda.corrected_slices import KEPT, SliceRef
+
+TARGET = "head (new scanner)"
+REFERENCE = "brain mask (new scanner)"
+
+
+def choose_method(adapt, name: str, **settings) -> None:
+    adapt.method_combo.setCurrentIndex(adapt.method_combo.findData(name))
+    adapt.form.set_values(settings)
+
+
+@pytest.fixture
+def first_run(docked, qtbot, wait_for_run):
+    """The demo head and model, one short TENT run (round 0)."""
+    viewer, widgets = docked
+    viewer.open_sample("napari-uda", "target_head")
+    viewer.open_sample("napari-uda", "target_mask")
+    widgets["Model"].demo_button.click()
+    adapt = widgets["Adapt"]
+    adapt.reference.value = viewer.layers[REFERENCE]
+    adapt.preview_every.value = 0
+    choose_method(adapt, "tent", epochs=1, batch_size=64)
+    adapt.run_button.click()
+    wait_for_run(adapt)
+    assert get_state(viewer).status == FINISHED
+    return viewer, widgets
+
+
+def correct_two_slices(viewer, panel, qtbot):
+    """Erase a block of brain on one axial slice and fill a sagittal slice's background, as
+    the eraser and the fill bucket do; the two slices' refs."""
+    layer = viewer.layers[SEGMENTATION_AFTER]
+    target = viewer.layers[TARGET]
+    axial = next(i for i, code in enumerate(target.metadata["axcodes"]) if code in "SI")
+    sagittal = next(i for i, code in enumerate(target.metadata["axcodes"]) if code in "LR")
+    shape = layer.data.shape
+    refs = []
+    for axis, fraction in ((axial, 0.5), (sagittal, 0.3)):
+        index = int(shape[axis] * fraction)
+        rest = [a for a in range(3) if a != axis]
+        viewer.dims.order = (axis, *rest)
+        viewer.dims.set_point(axis, layer.translate[axis] + layer.scale[axis] * index)
+        centre = [s // 2 for s in shape]
+        centre[axis] = index
+        if axis == axial:
+            layer.brush_size = 15
+            layer.paint(centre, 0)
+        else:
+            corner = [0, 0, 0]
+            corner[axis] = index
+            layer.fill(corner, 1)
+        refs.append(SliceRef(axis, index))
+    qtbot.waitUntil(lambda: len(panel.slices) == 2, timeout=5000)
+    return refs
+
+
+def test_a_new_run_keeps_the_corrected_slices(first_run, qtbot, wait_for_run):
+    viewer, widgets = first_run
+    adapt = widgets["Adapt"]
+    state = get_state(viewer)
+    assert len(state.rounds) == 1 and state.rounds.current.number == 0
+    assert not adapt.corrections.back_button.isEnabled()
+    assert not adapt.corrections.adapt_button.isEnabled()  # nothing corrected yet
+    refs = correct_two_slices(viewer, adapt.corrections, qtbot)
+    assert adapt.corrections.adapt_button.isEnabled() == engine_takes_corrections()
+    layer = viewer.layers[SEGMENTATION_AFTER]
+    corrected = state.corrections.corrections(layer.data)
+
+    adapt.run_button.click()  # a new start from the loaded model: round 0 again
+    wait_for_run(adapt)
+    mask = state.corrections.mask(layer.data.shape)
+    np.testing.assert_array_equal(layer.data[mask], corrected[mask])  # exactly the user's
+    np.testing.assert_array_equal(layer.data, state.result.prediction.labels)
+    assert state.corrections.slices == sorted(refs)
+    assert set(state.corrections.origins.values()) == {KEPT}
+    assert len(state.rounds) == 1
+
+
+def test_demo_gui_opens_ready_to_correct(make_napari_viewer, qtbot, wait_for_run):
+    from napari_uda._qt.demo_gui import open_demo
+
+    viewer = make_napari_viewer()
+    adapt = open_demo(viewer, method="tent", run=False)
+    assert get_state(viewer).model is not None
+    assert adapt.reference.value.name == REFERENCE and adapt.target.value.name == TARGET
+    choose_method(adapt, "tent", epochs=1, batch_size=64)
+    adapt.preview_every.value = 0
+    adapt.run()
+    wait_for_run(adapt)
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is not None, timeout=5000)
+    layer = viewer.layers.selection.active
+    assert layer.name == SEGMENTATION_AFTER and layer.mode == "paint"
+    assert ENTROPY_AFTER in viewer.layers
+    assert adapt.corrections.layer is getattr(layer, "__wrapped__", layer)
+
+
+def test_export_report_lists_corrected_slices_and_rounds(first_run, qtbot, tmp_path):
+    viewer, widgets = first_run
+    refs = correct_two_slices(viewer, widgets["Adapt"].corrections, qtbot)
+    export = widgets["Export"]
+    export.folder.value = tmp_path
+    for key in ("mask", "model"):
+        export.checks[key].value = False
+    export.export_button.click()
+    qtbot.waitUntil(lambda: "Exported" in export.plan.text(), timeout=60_000)
+    report = json.loads((tmp_path / f"{export.stem.value}_report.json").read_text())
+    slices = report["corrections"]["slices"]
+    assert [(s["axis"], s["index"]) for s in slices] == [(r.axis, r.index) for r in sorted(refs)]
+    assert {s["plane"] for s in slices} == {"axial", "sagittal"}
+    assert [r["round"] for r in report["corrections"]["rounds"]] == [0]
+    assert report["corrections"]["rounds"][0]["method"] == "tent"
+
+
+def test_apply_to_other_scans_makes_a_layer_per_scan_and_warns(
+    first_run, qtbot, notifications, monkeypatch
+):
+    from napari_uda._qt.other_scans import applied_layer_name
+    from napari_uda.adaptation import rounds
+
+    viewer, widgets = first_run
+    viewer.open_sample("napari-uda", "source_head")  # another open scan
+    target = viewer.layers[TARGET]
+    viewer.add_image(target.data.copy(), name="next scan", scale=target.scale,
+                     translate=target.translate, metadata=dict(target.metadata))  # fmt: skip
+    # demand near-perfect agreement with the loaded model: the adapted model differs on the
+    # new scanner's scan (that is what adapting did), so a warning must name it
+    strict = rounds.ScanCheckLimits(min_agreement=0.999)
+    monkeypatch.setattr(rounds, "ScanCheckLimits", lambda: strict)
+    panel = widgets["Adapt"].corrections
+    assert panel.apply_button.isEnabled()
+    panel.apply_button.click()
+    worker = widgets["Adapt"].other_scans
+    qtbot.waitUntil(lambda: not worker.busy, timeout=120_000)
+    for scan in ("head (source scanner)", "next scan"):
+        layer = viewer.layers[applied_layer_name(scan, 0)]
+        assert layer.data.shape == viewer.layers[scan].data.shape
+        np.testing.assert_allclose(layer.scale, viewer.layers[scan].scale)
+        assert layer.data.max() == 1  # a brain was found
+    assert any(
+        w.startswith("next scan: the adapted model may be worse") for w in notifications["warning"]
+    )
+    assert TARGET not in " ".join(notifications["warning"])  # the target itself is not re-done
+    assert not notifications["error"]
