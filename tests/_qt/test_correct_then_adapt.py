@@ -8,28 +8,18 @@ import json
 
 import numpy as np
 import pytest
+from test_adapt_widget import REFERENCE, TARGET, choose_method, demo_session  # noqa: F401
 
 from napari_uda._qt.adapt_widget import engine_takes_corrections
 from napari_uda._qt.layers import ENTROPY_AFTER, SEGMENTATION_AFTER
 from napari_uda._qt.state import FINISHED, get_state
 from napari_uda.corrected_slices import KEPT, SliceRef
 
-TARGET = "head (new scanner)"
-REFERENCE = "brain mask (new scanner)"
-
-
-def choose_method(adapt, name: str, **settings) -> None:
-    adapt.method_combo.setCurrentIndex(adapt.method_combo.findData(name))
-    adapt.form.set_values(settings)
-
 
 @pytest.fixture
-def first_run(docked, qtbot, wait_for_run):
+def first_run(demo_session, wait_for_run):  # noqa: F811
     """The demo head and model, one short TENT run (round 0)."""
-    viewer, widgets = docked
-    viewer.open_sample("napari-uda", "target_head")
-    viewer.open_sample("napari-uda", "target_mask")
-    widgets["Model"].demo_button.click()
+    viewer, widgets = demo_session
     adapt = widgets["Adapt"]
     adapt.reference.value = viewer.layers[REFERENCE]
     adapt.preview_every.value = 0
@@ -108,26 +98,7 @@ def test_demo_gui_opens_ready_to_correct(make_napari_viewer, qtbot, wait_for_run
     assert adapt.corrections.layer is getattr(layer, "__wrapped__", layer)
 
 
-def test_export_report_lists_corrected_slices_and_rounds(first_run, qtbot, tmp_path):
-    viewer, widgets = first_run
-    refs = correct_two_slices(viewer, widgets["Adapt"].corrections, qtbot)
-    export = widgets["Export"]
-    export.folder.value = tmp_path
-    for key in ("mask", "model"):
-        export.checks[key].value = False
-    export.export_button.click()
-    qtbot.waitUntil(lambda: "Exported" in export.plan.text(), timeout=60_000)
-    report = json.loads((tmp_path / f"{export.stem.value}_report.json").read_text())
-    slices = report["corrections"]["slices"]
-    assert [(s["axis"], s["index"]) for s in slices] == [(r.axis, r.index) for r in sorted(refs)]
-    assert {s["plane"] for s in slices} == {"axial", "sagittal"}
-    assert [r["round"] for r in report["corrections"]["rounds"]] == [0]
-    assert report["corrections"]["rounds"][0]["method"] == "tent"
-
-
-def test_apply_to_other_scans_makes_a_layer_per_scan_and_warns(
-    first_run, qtbot, notifications, monkeypatch
-):
+def test_apply_to_other_scans_then_export(first_run, qtbot, notifications, monkeypatch, tmp_path):
     from napari_uda._qt.other_scans import applied_layer_name
     from napari_uda.adaptation import rounds
 
@@ -155,3 +126,18 @@ def test_apply_to_other_scans_makes_a_layer_per_scan_and_warns(
     )
     assert TARGET not in " ".join(notifications["warning"])  # the target itself is not re-done
     assert not notifications["error"]
+
+    # then the user exports: the report lists the corrected slices and the rounds
+    refs = correct_two_slices(viewer, panel, qtbot)
+    export = widgets["Export"]
+    export.folder.value = tmp_path
+    for key in ("mask", "model"):
+        export.checks[key].value = False
+    export.export_button.click()
+    qtbot.waitUntil(lambda: "Exported" in export.plan.text(), timeout=60_000)
+    report = json.loads((tmp_path / f"{export.stem.value}_report.json").read_text())
+    slices = report["corrections"]["slices"]
+    assert [(s["axis"], s["index"]) for s in slices] == [(r.axis, r.index) for r in sorted(refs)]
+    assert {s["plane"] for s in slices} == {"axial", "sagittal"}
+    assert [r["round"] for r in report["corrections"]["rounds"]] == [0]
+    assert report["corrections"]["rounds"][0]["method"] == "tent"
