@@ -131,20 +131,17 @@ def correct_slices(viewer, app, reference: np.ndarray, count: int = 3) -> list[i
 def corrections_views(viewer, adapt, dock, app, out: Path) -> str:
     """Correct three slices, run one round of Adapt with corrections (Corrections only), and
     save the Adapt widget (the corrected slices, the round) and the window."""
-    from napari_uda._qt.adapt_widget import engine_takes_corrections
-
     reference = np.asarray(viewer.layers["brain mask (new scanner)"].data)
     for layer in viewer.layers:
         layer.visible = layer.name in ("head (new scanner)", "segmentation (after)")
     chosen = correct_slices(viewer, app, reference)
     summary = f"corrected axial slices {chosen}"
-    if engine_takes_corrections():
-        adapt.method_combo.setCurrentIndex(adapt.method_combo.findData("corrections"))
-        adapt.corrections.adapt_button.click()
-        while adapt.state.running or adapt.runner.running:
-            app.processEvents()
-            time.sleep(0.01)
-        summary += f"; round 1: {adapt.status.text()}"
+    adapt.method_combo.setCurrentIndex(adapt.method_combo.findData("corrections"))
+    adapt.corrections.adapt_button.click()
+    while adapt.state.running or adapt.runner.running:
+        app.processEvents()
+        time.sleep(0.01)
+    summary += f"; {adapt.status.text()}"
     adapt.corrections.list.item(0).setSelected(True)
     adapt.corrections.go_button.click()
     dock.raise_()

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .adaptation.corrections import NOT_CORRECTED
+from .core.corrections import NOT_CORRECTED
 
 #: Anatomical plane of the slices taken along an axis, by the axis's orientation code.
 PLANES = {

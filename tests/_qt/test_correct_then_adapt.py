@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from test_adapt_widget import REFERENCE, TARGET, choose_method, demo_session  # noqa: F401
 
-from napari_uda._qt.adapt_widget import engine_takes_corrections
 from napari_uda._qt.layers import ENTROPY_AFTER, SEGMENTATION_AFTER
 from napari_uda._qt.state import FINISHED, get_state
 from napari_uda.corrected_slices import KEPT, SliceRef
@@ -66,7 +65,7 @@ def test_a_new_run_keeps_the_corrected_slices(first_run, qtbot, wait_for_run):
     assert not adapt.corrections.back_button.isEnabled()
     assert not adapt.corrections.adapt_button.isEnabled()  # nothing corrected yet
     refs = correct_two_slices(viewer, adapt.corrections, qtbot)
-    assert adapt.corrections.adapt_button.isEnabled() == engine_takes_corrections()
+    assert adapt.corrections.adapt_button.isEnabled()
     layer = viewer.layers[SEGMENTATION_AFTER]
     corrected = state.corrections.corrections(layer.data)
 
@@ -78,6 +77,43 @@ def test_a_new_run_keeps_the_corrected_slices(first_run, qtbot, wait_for_run):
     assert state.corrections.slices == sorted(refs)
     assert set(state.corrections.origins.values()) == {KEPT}
     assert len(state.rounds) == 1
+
+
+def test_a_round_learns_from_the_corrections_and_going_back_restores(
+    first_run, qtbot, wait_for_run, notifications
+):
+    viewer, widgets = first_run
+    adapt, state = widgets["Adapt"], get_state(viewer)
+    refs = correct_two_slices(viewer, adapt.corrections, qtbot)
+    layer, entropy = viewer.layers[SEGMENTATION_AFTER], viewer.layers[ENTROPY_AFTER]
+    start_labels, start_entropy = layer.data.copy(), entropy.data.copy()
+    corrected = state.corrections.corrections(layer.data)
+    mask = state.corrections.mask(layer.data.shape)
+    first_model = state.result.model
+
+    choose_method(adapt, "corrections", epochs=1, steps_per_epoch=3, batch_size=8)
+    assert not adapt.run_button.isEnabled()  # Corrections only needs corrected slices
+    assert "your corrections only" in adapt.corrections.round_method.text()
+    adapt.corrections.adapt_button.click()
+    wait_for_run(adapt)
+    assert state.status == FINISHED and not notifications["error"]
+    assert len(state.rounds) == 2 and state.rounds.current.number == 1
+    assert state.result.method == "corrections" and state.result.model is not first_model
+    assert "Round 1" in adapt.status.text()
+    # the after layers changed where nobody corrected, and the corrected slices are exact
+    assert not np.array_equal(layer.data[~mask], start_labels[~mask])
+    assert not np.array_equal(entropy.data, start_entropy)
+    np.testing.assert_array_equal(layer.data[mask], corrected[mask])
+    np.testing.assert_array_equal(layer.data, state.result.prediction.labels)
+    assert state.corrections.slices == sorted(refs)
+
+    assert adapt.corrections.back_button.isEnabled()
+    adapt.corrections.back_button.click()  # undo the round
+    np.testing.assert_array_equal(layer.data, start_labels)
+    np.testing.assert_array_equal(entropy.data, start_entropy)
+    assert len(state.rounds) == 1 and state.result.model is first_model
+    assert state.corrections.slices == sorted(refs)
+    assert not adapt.corrections.back_button.isEnabled()
 
 
 def test_demo_gui_opens_ready_to_correct(make_napari_viewer, qtbot, wait_for_run):

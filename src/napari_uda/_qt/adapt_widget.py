@@ -51,15 +51,6 @@ REFRESH_MS = 1000
 PREFERRED_METHODS = ("tent", "adaent", "udas")
 
 
-def engine_takes_corrections() -> bool:
-    """Whether the adaptation engine accepts ``corrections`` (its support lands separately)."""
-    import inspect
-
-    from ..adaptation.engine import run_adaptation
-
-    return "corrections" in inspect.signature(run_adaptation).parameters
-
-
 def _clock(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes}:{seconds:02d}"
@@ -279,8 +270,6 @@ class AdaptWidget(QWidget):
             return "Run a model first, then correct its 'segmentation (after)'."
         if not len(self.state.corrections):
             return "Correct at least one slice of 'segmentation (after)' first."
-        if not engine_takes_corrections():
-            return "This installation's adaptation engine cannot train on corrections yet."
         target = self.target.value
         if target is None or target.name != self.state.target_layer:
             return (
