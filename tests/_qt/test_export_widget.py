@@ -185,7 +185,6 @@ def test_export_an_adapted_torchscript_model(
     assert model_path.read_bytes() == before
 
 
-
 def test_apply_to_folder_runs_the_last_run_on_every_scan_in_the_background(
     finished_run, qtbot, notifications, tmp_path
 ):
@@ -213,3 +212,25 @@ def test_apply_to_folder_runs_the_last_run_on_every_scan_in_the_background(
     assert (out / "report.html").is_file() and statuses[-1] == 2
     assert "2/2 scans" in export.batch_status.text() and "report.html" in notifications["info"][-1]
     assert export.batch_button.text() == "Apply to folder..."
+
+
+def test_a_failed_export_leaves_nothing_and_a_blocked_folder_is_refused_first(
+    finished_run, qtbot, notifications, monkeypatch
+):
+    """The report fails after the mask and the model are written: none of them appears."""
+    from napari_uda._qt import export_widget
+
+    _, export, _, _ = finished_run
+
+    def failing_report(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_widget, "_save_report", failing_report)
+    _export(qtbot, export)
+    assert "Export failed, nothing was written: disk full" in notifications["error"][-1]
+    assert not export.folder.value.exists()  # not even the folder it made
+    blocker = export.folder.value.parent / "blocker"
+    blocker.write_text("a file")
+    export.folder.value = blocker / "out"
+    assert export.export() is None
+    assert f"{blocker} is a file" in notifications["error"][-1]

@@ -2,8 +2,10 @@
 the scan's grid, the adapted model (a new bundle, or a TorchScript file with its JSON spec, as
 the model's kind says), and a JSON report plus a CSV history.
 
-Files are written in a thread worker, each atomically; an existing file is never replaced unless
-"Replace existing files" is ticked, and the model's own input files never.
+Every location is checked before anything is written; the files are then written in a thread
+worker under staged names and moved into place together at the end, so an export appears whole
+or not at all (:class:`~napari_uda.core.outputs.OutputSet`). An existing file is never replaced
+unless "Replace existing files" is ticked, and the model's own input files and the scan never.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from qtpy.QtWidgets import (
 
 from .._writer import write_image, write_labels
 from ..adaptation.report import run_metrics, run_report, write_history_csv, write_json
+from ..core.outputs import OutputError, OutputSet
 from ..core.volume import Volume
 from .folder_batch import FolderBatch, describe, folder_job
 from .layers import ENTROPY_AFTER, SEGMENTATION_AFTER, layer_meta
@@ -229,15 +232,38 @@ class ExportWidget(QWidget):
                 "files'."
             )
             return None
-        jobs = self._jobs(result, plan)
+        outputs = self._check_locations(result, plan)
+        if outputs is None:
+            return None
+        jobs = self._jobs(result, plan, outputs.staged)
         self.export_button.setEnabled(False)
         self.plan.setText("Exporting…")
-        self.worker = create_worker(_run_jobs, jobs, _start_thread=False)
+        self.worker = create_worker(_run_jobs, jobs, outputs, _start_thread=False)
         self.worker.returned.connect(self._done)
         self.worker.start()
         return self.worker
 
-    def _jobs(self, result, plan: dict[str, list[Path]]) -> list[tuple]:
+    def _check_locations(self, result, plan: dict[str, list[Path]]) -> OutputSet | None:
+        """Every planned file registered (and its folder proved writable) before any work;
+        ``None`` after telling the user why not."""
+        target = self._layer(self.state.target_layer)
+        scan = target.metadata.get("source_path") if target is not None else None
+        outputs = OutputSet(
+            overwrite=self.replace.value, protected=[*result.model.input_files(), scan]
+        )
+        try:
+            for paths in plan.values():
+                for path in paths:
+                    outputs.add(path, path.name)
+        except OutputError as error:
+            outputs.discard()
+            show_error(f"Not exported: {error}")
+            return None
+        return outputs
+
+    def _jobs(self, result, plan: dict[str, list[Path]], staged=Path) -> list[tuple]:
+        """The writes, each to ``staged(path)`` (default the path itself)."""
+        plan = {key: [staged(path) for path in paths] for key, paths in plan.items()}
         target = self._layer(self.state.target_layer)
         meta = layer_meta(target) if target is not None else {"metadata": {}}
         source: Volume = result.prediction.source
@@ -295,8 +321,8 @@ class ExportWidget(QWidget):
         self._update_button()
         names = ", ".join(Path(p).name for p in written)
         if error:
-            show_error(f"Export failed: {error}" + (f" (written before: {names})" if names else ""))
-            self.plan.setText(f"Export failed: {error}")
+            show_error(f"Export failed, nothing was written: {error}")
+            self.plan.setText(f"Export failed, nothing was written: {error}")
             return
         show_info(f"Exported to {self.folder.value}: {names}")
         self.plan.setText(f"Exported to {self.folder.value}: {names}")
@@ -333,12 +359,16 @@ def _save_report(paths, result, inputs, spacing, reference, corrections=None) ->
     return [str(write_json(report, paths[0])), str(write_history_csv(result.history, paths[1]))]
 
 
-def _run_jobs(jobs: list[tuple]) -> tuple[list[str], str | None]:
-    """Run the writes in order (in a worker); stop at the first error and say which."""
-    written: list[str] = []
-    for function, *args in jobs:
+def _run_jobs(jobs: list[tuple], outputs: OutputSet) -> tuple[list[str], str | None]:
+    """Run the writes to staged names (in a worker), then move all into place; at the first
+    error nothing is moved and the error is returned as one line."""
+    with outputs:
         try:
-            written += function(*args)
+            for function, *args in jobs:
+                function(*args)
+            return [str(path) for path in outputs.commit()], None
         except Exception as error:  # reported to the user as one line
-            return written, readable(error)
-    return written, None
+            message = readable(error)
+            for path in outputs.paths:  # name the file the user asked for, not the staged one
+                message = message.replace(str(outputs.staged(path)), str(path))
+            return [], message

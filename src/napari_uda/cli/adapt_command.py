@@ -2,20 +2,22 @@
 
 Everything is checked before any work starts (files, method, settings, what the model offers,
 output paths); on bad input the command prints one line and exits 2 without writing anything.
-Progress goes to stderr, one line per epoch. Outputs are written atomically at the end.
+Progress goes to stderr, one line per epoch. Outputs are written together at the end: all of
+them or, on any error or Ctrl-C, none (:class:`~napari_uda.core.outputs.OutputSet`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 
 from ..adaptation.report import jsonable, run_metrics, run_report, write_json
 from ..core.device import resolve_device
 from ..core.models import load_model
+from ..core.outputs import OutputSet
 from ..core.volume import is_nifti_path, load_volume, save_volume
 from . import CLIError, add_settings_option
 from .expected_volume import add_expected_volume_option, expected_volumes, warn_lines
@@ -69,10 +71,13 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _check_outputs(args) -> list[Path]:
-    """All output paths, checked: right suffix and count, distinct, never an input."""
-    inputs = {Path(p).resolve() for p in [args.model, *args.image, args.reference] if p}
-    outputs: list[Path] = []
+def _inputs(args) -> list[str]:
+    return [p for p in [args.model, *args.image, args.reference] if p]
+
+
+def _check_outputs(args, outputs: OutputSet) -> None:
+    """Every output path, checked before the work: right suffix and count, distinct, never an
+    input, in a folder that can be written (see :class:`~napari_uda.core.outputs.OutputSet`)."""
     for flag, paths in (("--out", args.out), ("--entropy-out", args.entropy_out)):
         if paths is None:
             continue
@@ -83,22 +88,12 @@ def _check_outputs(args) -> list[Path]:
         for path in paths:
             if not is_nifti_path(path):
                 raise CLIError(f"{flag} {path}: must end in .nii or .nii.gz")
-            outputs.append(Path(path))
-    for path in (args.save_model, args.report):
-        if path:
-            outputs.append(Path(path))
-    resolved = [p.resolve() for p in outputs]
-    if len(set(resolved)) != len(resolved):
-        raise CLIError("two outputs have the same path")
-    for path in resolved:
-        if path in inputs:
-            raise CLIError(f"{path}: is an input; inputs are never overwritten")
-        if path.is_dir():
-            raise CLIError(f"{path}: is a folder")
-    return outputs
+            outputs.add(path, flag)
+    if args.report:
+        outputs.add(args.report, "--report")
 
 
-def _check_model_output(args, model) -> None:
+def _check_model_output(args, model, outputs: OutputSet) -> None:
     """``--save-model``: the model can be saved, with that suffix, and none of the files it
     writes (a TorchScript model also writes its .json spec) is an input or another output."""
     from ..core.models import ModelSaveError
@@ -107,12 +102,8 @@ def _check_model_output(args, model) -> None:
         model.check_save_path(args.save_model)
     except ModelSaveError as error:
         raise CLIError(str(error)) from None
-    others = [args.model, *args.image, args.reference, args.report]
-    others += [*args.out, *(args.entropy_out or [])]
-    taken = {Path(p).resolve() for p in others if p}
-    for path in model.saved_files(args.save_model)[1:]:
-        if path.resolve() in taken:
-            raise CLIError(f"--save-model also writes {path}, which is another input or output")
+    for path in model.saved_files(args.save_model):
+        outputs.add(path, "--save-model")
 
 
 def _progress_line(event, class_names: list[str]) -> str:
@@ -139,12 +130,18 @@ def _progress_line(event, class_names: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Adapt and write every output together at the end, or nothing (error, Ctrl-C)."""
+    with OutputSet(protected=_inputs(args)) as outputs:
+        return _adapt(args, outputs)
+
+
+def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
     from ..adaptation.base import get_method
     from ..adaptation.engine import AdaptationError, adapt, resolve_settings
 
     method = get_method(args.method)
     settings = resolve_settings(method, args.settings)
-    _check_outputs(args)
+    _check_outputs(args, outputs)
     device = resolve_device(args.device)
     model = load_model(args.model)
     unmet = method.unmet_needs(model.capabilities)
@@ -152,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         raise AdaptationError(f"{method.name} cannot adapt {args.model}: {'; '.join(unmet)}")
     settings = resolve_settings(method, args.settings, model)  # the model's recommendations
     if args.save_model:
-        _check_model_output(args, model)
+        _check_model_output(args, model, outputs)
     expected = expected_volumes(args, model)
     volumes = [load_volume(path) for path in args.image]
     reference = load_volume(args.reference) if args.reference else None
@@ -194,13 +191,15 @@ def run(args: argparse.Namespace) -> int:
     decision = _gate(result, model, volumes, expected, args, device)
 
     for index, prediction in enumerate(result.predictions):
-        save_volume(prediction.label_volume(), args.out[index])
+        outputs.write(args.out[index], partial(save_volume, prediction.label_volume()))
         if args.entropy_out:
-            save_volume(prediction.entropy_volume(), args.entropy_out[index])
+            entropy = prediction.entropy_volume()
+            outputs.write(args.entropy_out[index], partial(save_volume, entropy))
     if args.save_model:
         adapted = {"method": method.name, "settings": result.settings, "seed": args.seed}
         adapted["from"] = str(args.model)
-        result.model.save(args.save_model, provenance={"adapted": jsonable(adapted)})
+        provenance = {"adapted": jsonable(adapted)}
+        outputs.write(args.save_model, partial(result.model.save, provenance=provenance))
     if args.report:
         inputs = {
             "command": "napari-uda adapt",
@@ -211,7 +210,9 @@ def run(args: argparse.Namespace) -> int:
         }
         truth = None if reference is None else np.rint(np.asarray(reference.data)).astype(int)
         metrics = run_metrics(result, class_names, volumes[0].spacing, truth)
-        write_json(run_report(result, inputs=inputs, metrics=metrics), args.report)
+        report = run_report(result, inputs=inputs, metrics=metrics)
+        outputs.write(args.report, partial(write_json, report))
+    outputs.commit()
     summary = f"napari-uda adapt: {result.stop_reason} in {result.seconds:.1f} s; kept step "
     summary += f"{result.checkpoint.step} ({result.checkpoint.reason})"
     if result.reference_dice_after is not None:

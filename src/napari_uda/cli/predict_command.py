@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from ..core.inference import Prediction, predict_volume
 from ..core.models import ModelAdapter, load_model
-from ..core.volume import Volume, atomic_output, is_nifti_path, load_volume, save_volume
+from ..core.outputs import OutputSet
+from ..core.volume import Volume, is_nifti_path, load_volume, save_volume
 from . import CLIError
 from .expected_volume import add_expected_volume_option, check_prediction, expected_volumes
 
@@ -41,21 +42,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def check_outputs(inputs: list[Path], outputs: list[Path]) -> None:
-    """Refuse output names that are not NIfTI, repeat, or would overwrite an input."""
-    resolved_inputs = {path.resolve() for path in inputs}
-    seen: set[Path] = set()
-    for path in outputs:
-        if not is_nifti_path(path):
-            raise CLIError(f"{path}: output must end in .nii or .nii.gz")
-        resolved = path.resolve()
-        if resolved in resolved_inputs:
-            raise CLIError(f"{path}: would overwrite an input; choose another name")
-        if resolved in seen:
-            raise CLIError(f"{path}: given for two outputs")
-        if path.is_dir():
-            raise CLIError(f"{path}: is a folder")
-        seen.add(resolved)
+def check_outputs(inputs: list[Path], outputs: list[Path]) -> OutputSet:
+    """Refuse output names that are not NIfTI, repeat, would overwrite an input or lie in a
+    folder that cannot be written; the returned set stages the writes (call ``discard`` or
+    use it as a context manager)."""
+    output_set = OutputSet(protected=inputs)
+    try:
+        for path in outputs:
+            if not is_nifti_path(path):
+                raise CLIError(f"{path}: output must end in .nii or .nii.gz")
+            output_set.add(path)
+    except BaseException:
+        output_set.discard()
+        raise
+    return output_set
 
 
 def check_compatible(model: ModelAdapter, image: Volume, model_path: Path) -> None:
@@ -83,26 +83,29 @@ def run(args: argparse.Namespace) -> int:
     requested = {"labels": args.out, "entropy": args.entropy_out}
     requested["probabilities"] = args.probabilities_out
     requested = {key: path for key, path in requested.items() if path is not None}
-    check_outputs([args.model, args.image], list(requested.values()))
-    image = load_volume(args.image)
-    model = load_model(args.model)
-    check_compatible(model, image, args.model)
-    expected = expected_volumes(args, model)
-    prediction = predict_volume(model, image, device=args.device)
-    volumes = prediction_volumes(prediction)
-    dtypes = {"labels": np.uint8, "entropy": np.float32, "probabilities": np.float32}
-    write_outputs({path: (volumes[key], dtypes[key]) for key, path in requested.items()})
+    with check_outputs([args.model, args.image], list(requested.values())) as outputs:
+        image = load_volume(args.image)
+        model = load_model(args.model)
+        check_compatible(model, image, args.model)
+        expected = expected_volumes(args, model)
+        prediction = predict_volume(model, image, device=args.device)
+        volumes = prediction_volumes(prediction)
+        dtypes = {"labels": np.uint8, "entropy": np.float32, "probabilities": np.float32}
+        planned = {path: (volumes[key], dtypes[key]) for key, path in requested.items()}
+        write_outputs(planned, outputs)
     check_prediction("predict", prediction, model.class_names, expected, str(args.out))
     return 0
 
 
-def write_outputs(outputs: dict[Path, tuple[Volume, type]]) -> None:
-    """Write every volume to a temporary file beside its destination, then move them all into
-    place; if any write fails, no output appears and existing files stay untouched."""
-    with ExitStack() as stack:
-        for path, (volume, dtype) in outputs.items():
-            suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-            temporary = stack.enter_context(atomic_output(path, suffix=suffix))
-            save_volume(volume, temporary, dtype=dtype)
-    for path in outputs:
+def write_outputs(
+    volumes: dict[Path, tuple[Volume, type]], outputs: OutputSet | None = None
+) -> None:
+    """Write every volume under a staged name, then move them all into place; if any write
+    fails, no output appears and existing files stay untouched. ``outputs``: the set the paths
+    were checked into before the work (default: check them now)."""
+    with outputs or check_outputs([], list(volumes)) as output_set:
+        for path, (volume, dtype) in volumes.items():
+            output_set.write(path, partial(save_volume, volume, dtype=dtype))
+        output_set.commit()
+    for path in volumes:
         print(f"wrote {path}")
