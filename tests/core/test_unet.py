@@ -43,7 +43,7 @@ def test_norm_layers_follow_the_config():
         norms += [m for m in model.modules() if isinstance(m, nn.InstanceNorm2d)]
         assert norms and all(isinstance(m, kind) for m in norms), norm
         assert all(m.weight is not None for m in norms), "affine, so TENT can adapt them"
-    with pytest.raises(ValueError, match="unknown norm"):
+    with pytest.raises(ValueError, match="norm must be one of batch, group, instance"):
         UNet2D(tiny(norm="layer"))
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ..core.fields import FieldError
 from ..core.models.adapter import UNetBundleAdapter
 from ..core.models.bundle import ModelBundle
 from ..core.models.unet import UNetConfig
+from ..core.outputs import OutputSet
 from ..core.preprocessing import PreprocessingConfig
 from ..core.training import TrainingProgress, TrainingSettings, train_bundle
 from ..core.volume import load_volume
@@ -107,6 +109,45 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     settings = apply_overrides(TrainingSettings(), overrides)
+    try:
+        architecture, preprocessing = network_settings(args)
+    except FieldError as error:
+        option = OPTION_FOR_FIELD.get(error.field.split("[")[0], error.field)
+        raise CLIError(f"{option}: {error.problem}") from None
+    with OutputSet(protected=[*args.images, *args.masks]) as outputs:
+        outputs.add(args.out, "--out")  # checked before minutes of training
+        images = [load_volume(path) for path in args.images]
+        masks = [load_volume(path) for path in args.masks]
+        bundle = train_bundle(
+            images,
+            masks,
+            settings,
+            architecture,
+            preprocessing,
+            args.classes,
+            callback=None if args.quiet else _print_progress,
+            device=args.device,
+            provenance={"command": command_line(args, settings)},
+            source_tensors=aiva_source_features,
+        )
+        outputs.write(args.out, bundle.save)
+        outputs.commit()
+    print(f"wrote {args.out}")
+    return 0
+
+
+#: The option behind each network and preprocessing field, for error messages.
+OPTION_FOR_FIELD = {
+    "num_classes": "--classes (their number)",
+    "base_channels": "--base-channels",
+    "depth": "--depth",
+    "dropout": "--dropout",
+    "target_spacing": "--spacing",
+}
+
+
+def network_settings(args: argparse.Namespace) -> tuple[UNetConfig, PreprocessingConfig]:
+    """The U-Net and preprocessing the options ask for (checked: FieldError names a field)."""
     architecture = UNetConfig(
         num_classes=len(args.classes),
         base_channels=args.base_channels,
@@ -122,23 +163,7 @@ def run(args: argparse.Namespace) -> int:
         slice_axis=args.slice_axis,
         pad_multiple=2**args.depth,
     )
-    images = [load_volume(path) for path in args.images]
-    masks = [load_volume(path) for path in args.masks]
-    bundle = train_bundle(
-        images,
-        masks,
-        settings,
-        architecture,
-        preprocessing,
-        args.classes,
-        callback=None if args.quiet else _print_progress,
-        device=args.device,
-        provenance={"command": command_line(args, settings)},
-        source_tensors=aiva_source_features,
-    )
-    bundle.save(args.out)
-    print(f"wrote {args.out}")
-    return 0
+    return architecture, preprocessing
 
 
 def command_line(args: argparse.Namespace, settings: TrainingSettings) -> str:

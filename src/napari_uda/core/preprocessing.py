@@ -8,13 +8,22 @@ maps network output back onto the grid of the file the volume came from.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .fields import (
+    MAX_PATCH_SIDE,
+    known_keys,
+    mapping,
+    one_of,
+    percentile_pair,
+    spacing_mm,
+    whole_number,
+)
 from .volume import Volume
 
 Normalization = Literal["percentile_zscore", "zscore", "minmax", "none"]
@@ -44,30 +53,23 @@ class PreprocessingConfig:
     pad_multiple: int = 16
 
     def __post_init__(self) -> None:
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"unknown normalization {self.normalization!r}; choose one of "
-                f"{', '.join(NORMALIZATIONS)}"
-            )
-        if self.slice_axis not in (0, 1, 2):
-            raise ValueError(f"slice_axis must be 0, 1 or 2, not {self.slice_axis!r}")
-        if int(self.pad_multiple) < 1:
-            raise ValueError(f"pad_multiple must be at least 1, not {self.pad_multiple!r}")
-        if self.target_spacing is not None and (
-            len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
-        ):
-            raise ValueError("target_spacing must be 3 positive sizes in mm or None")
+        """Every field's type and range, a bad one named (:mod:`napari_uda.core.fields`)."""
+        self.normalization = one_of(self.normalization, "normalization", NORMALIZATIONS)
+        self.clip_percentiles = percentile_pair(self.clip_percentiles, "clip_percentiles")
+        if self.target_spacing is not None:
+            self.target_spacing = spacing_mm(self.target_spacing, "target_spacing")
+        self.slice_axis = one_of(self.slice_axis, "slice_axis", (0, 1, 2))
+        self.pad_multiple = whole_number(
+            self.pad_multiple, "pad_multiple", minimum=1, maximum=MAX_PATCH_SIDE
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> PreprocessingConfig:
-        values = dict(values)
-        if values.get("target_spacing") is not None:
-            values["target_spacing"] = tuple(float(v) for v in values["target_spacing"])
-        if "clip_percentiles" in values:
-            values["clip_percentiles"] = tuple(float(v) for v in values["clip_percentiles"])
+        values = mapping(values, "preprocessing")
+        known_keys(values, "preprocessing", {f.name for f in fields(cls)})
         return cls(**values)
 
 

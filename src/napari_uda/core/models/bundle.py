@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..fields import FieldError, mapping, text_list
 from ..preprocessing import PreprocessingConfig
 from ..volume import atomic_output, one_line
 from .unet import UNet2D, UNetConfig
@@ -76,6 +77,15 @@ def weights_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> s
             f"the file, {list(expected[key].shape)} in the architecture)"
         )
     return "weights do not fit the architecture: " + "; ".join(parts)
+
+
+def non_finite_weights(tensors: dict[str, torch.Tensor]) -> str | None:
+    """One line naming the first floating-point tensor holding NaN or infinite values (such a
+    model predicts nonsense, e.g. an empty mask), or ``None`` if all are finite."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"the weights hold NaN or infinite values ({key}); the model is broken"
+    return None
 
 
 @dataclass
@@ -226,6 +236,12 @@ class ModelBundle:
         try:
             config = UNetConfig.from_dict(architecture)
             preprocessing = PreprocessingConfig.from_dict(header["preprocessing"])
+            class_names = header.get("class_names") or []
+            class_names = text_list(class_names, "class_names", unique=True) if class_names else []
+            provenance = mapping(header.get("provenance"), "provenance")
+            statistics = mapping(header.get("source_statistics"), "source_statistics")
+        except FieldError as error:
+            raise BundleError(f"bundle header is invalid: {error}") from error
         except (TypeError, KeyError, ValueError) as error:
             raise BundleError(f"bundle header is invalid ({one_line(error)})") from error
         if preprocessing.pad_multiple % 2**config.depth:
@@ -233,7 +249,6 @@ class ModelBundle:
                 f"slices are padded to a multiple of {preprocessing.pad_multiple} but a U-Net of "
                 f"depth {config.depth} needs a multiple of {2**config.depth}"
             )
-        class_names = list(header.get("class_names") or [])
         if not class_names:
             class_names = [f"class {i}" for i in range(config.num_classes)]
         if len(class_names) != config.num_classes:
@@ -243,6 +258,9 @@ class ModelBundle:
         state = _strip(tensors, "model.")
         if not state:
             raise BundleError("holds no model weights")
+        problem = non_finite_weights(state)
+        if problem:
+            raise BundleError(problem)
         pack = None
         if "source_pack.images" in tensors or "source_pack.labels" in tensors:
             images, labels = tensors.get("source_pack.images"), tensors.get("source_pack.labels")
@@ -259,8 +277,8 @@ class ModelBundle:
             class_names=class_names,
             preprocessing=preprocessing,
             state_dict=state,
-            provenance=dict(header.get("provenance") or {}),
-            source_statistics=dict(header.get("source_statistics") or {}),
+            provenance=provenance,
+            source_statistics=statistics,
             source_tensors=_strip(tensors, "source_stats."),
             source_pack=pack,
         )

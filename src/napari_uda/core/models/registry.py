@@ -107,9 +107,9 @@ class TorchScriptLoader(ModelLoader):
         return load_torchscript(source, **options)
 
     def open_spec(self, spec_path: Path, spec: dict, **options: Any) -> ModelAdapter:
-        from .torchscript import load_torchscript
+        from .torchscript import open_torchscript
 
-        return load_torchscript(spec_path, **options)
+        return open_torchscript(spec_path, spec, **options)
 
 
 class DeepbetLoader(ModelLoader):
@@ -207,9 +207,9 @@ def load_model(path: str | os.PathLike, **options: Any) -> ModelAdapter:
         raise ModelLoadError(f"{source}: is a folder; choose the model file")
     spec_path = _spec_for(file)
     if spec_path is not None and file.suffix.lower() != ".safetensors":
-        from .torchscript import read_spec
+        from .torchscript import read_spec, with_model_file
 
-        spec = read_spec(spec_path)
+        spec = with_model_file(spec_path, read_spec(spec_path), file)  # the file named runs
         wanted = str(spec.get("adapter", "torchscript"))
         for loader in loaders:
             if loader.name == wanted:

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from ..volume import atomic_output
 from .adapter import BATCHNORM, NORM_AFFINE
+from .bundle import non_finite_weights
 from .registry import TORCHSCRIPT_SUFFIXES, ModelLoadError
 
 NORM_NAMES = {
@@ -435,6 +436,9 @@ def load_scripted_network(path: Path) -> torch.jit.ScriptModule:
     except Exception as error:  # torch raises RuntimeError/ValueError with long messages
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"{path}: not a TorchScript model ({message[:200]})") from None
+    problem = non_finite_weights(dict(network.state_dict()))
+    if problem:
+        raise ModelLoadError(f"{path}: {problem}")
     return network.eval()
 
 

@@ -23,15 +23,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from nibabel.orientations import axcodes2ornt
 from torch import nn
 
+from ..fields import (
+    MAX_PATCH_SIDE,
+    FieldError,
+    number_list,
+    one_of,
+    percentile_pair,
+    real_number,
+    spacing_mm,
+    text,
+    text_list,
+    whole_number,
+)
 from ..preprocessing import PreprocessingConfig, normalize_intensity
 from ..volume import Volume
 from .adapter import ModelAdapter, ModelInfo
@@ -43,6 +55,8 @@ OutputActivation = Literal["none", "softmax", "sigmoid"]
 Trainable = Literal["all", "first_blocks"]
 
 NORMALIZATIONS = ("percentile_zscore", "zscore", "minmax", "none")
+#: The most voxels one sliding-window patch may hold (512^3; real 3D networks use far less).
+MAX_PATCH_VOXELS = 512**3
 #: Spec keys that describe the file and are not settings (``provenance``: how it was adapted).
 IGNORED_KEYS = {"format", "version", "description", "provenance"}
 
@@ -125,72 +139,55 @@ class TorchScriptSpec:
         try:
             spec = cls(**{k: v for k, v in values.items() if k in known})
             spec._validate()
-        except ModelSpecError as error:
-            raise ModelSpecError(f"{where}: {error}") from None
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError) as error:  # FieldError and ModelSpecError included
             raise ModelSpecError(f"{where}: {error}") from None
         return spec
 
     def _validate(self) -> None:
-        if self.spatial_dims not in (2, 3):
-            raise ModelSpecError(f"spatial_dims must be 2 or 3, not {self.spatial_dims!r}")
-        names = self.class_names
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            raise ModelSpecError("class_names must be a list of non-empty strings")
-        if len(names) < 2 or len(set(names)) != len(names):
-            raise ModelSpecError("class_names needs at least 2 different names, background first")
-        if self.output_activation not in ("none", "softmax", "sigmoid"):
-            raise ModelSpecError(
-                f"output_activation must be none, softmax or sigmoid, not "
-                f"{self.output_activation!r}"
-            )
-        if self.output_activation == "sigmoid" and len(names) != 2:
-            raise ModelSpecError("a sigmoid output is one foreground channel: give 2 class_names")
-        try:
-            axcodes2ornt(tuple(str(self.orientation).upper()))
-            if len(self.orientation) != 3:
-                raise ValueError
-        except ValueError:
-            raise ModelSpecError(
-                f"orientation must be 3 axis codes such as RAS or LPS, not {self.orientation!r}"
-            ) from None
+        """Every field's type and range, each error naming its field (:mod:`..fields`)."""
+        self.spatial_dims = one_of(self.spatial_dims, "spatial_dims", (2, 3))
+        self.class_names = text_list(self.class_names, "class_names", min_length=2, unique=True)
+        self.name = text(self.name, "name", empty=True)
+        self.orientation = orientation_codes(self.orientation, "orientation")
         if self.spacing is not None:
-            self.spacing = _positive_triple(self.spacing, "spacing", float)
-        if self.normalization not in NORMALIZATIONS:
-            raise ModelSpecError(
-                f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
-                f"not {self.normalization!r}"
-            )
-        low, high = (float(v) for v in self.clip_percentiles)
-        if not 0 <= low < high <= 100:
-            raise ModelSpecError("clip_percentiles must be [low, high] with 0 <= low < high <= 100")
-        self.clip_percentiles = (low, high)
-        self.intensity_scale = float(self.intensity_scale)
-        self.intensity_shift = float(self.intensity_shift)
-        if self.slice_axis not in (0, 1, 2):
-            raise ModelSpecError(f"slice_axis must be 0, 1 or 2, not {self.slice_axis!r}")
+            self.spacing = spacing_mm(self.spacing, "spacing")
+        self.normalization = one_of(self.normalization, "normalization", NORMALIZATIONS)
+        self.clip_percentiles = percentile_pair(self.clip_percentiles, "clip_percentiles")
+        self.intensity_scale = real_number(self.intensity_scale, "intensity_scale")
+        self.intensity_shift = real_number(self.intensity_shift, "intensity_shift")
+        self.slice_axis = one_of(self.slice_axis, "slice_axis", (0, 1, 2))
         if self.patch_size is not None:
             if self.spatial_dims == 2:
                 raise ModelSpecError("patch_size is for 3D models; 2D models see whole slices")
-            self.patch_size = _positive_triple(self.patch_size, "patch_size", int)
-        if not 0 <= float(self.overlap) < 1:
-            raise ModelSpecError(f"overlap must be at least 0 and below 1, not {self.overlap!r}")
-        if self.window_weighting not in ("gaussian", "constant"):
-            raise ModelSpecError("window_weighting must be gaussian or constant")
-        if not isinstance(self.pad_multiple, int) or self.pad_multiple < 1:
-            raise ModelSpecError("pad_multiple must be a positive whole number")
-        if not isinstance(self.first_blocks, list) or not all(
-            isinstance(p, str) and p for p in self.first_blocks
-        ):
-            raise ModelSpecError("first_blocks must be a list of module-name prefixes")
-        if self.trainable not in ("all", "first_blocks"):
-            raise ModelSpecError(f"trainable must be all or first_blocks, not {self.trainable!r}")
+            self.patch_size = number_list(
+                self.patch_size, "patch_size", 3, whole=True, minimum=1, maximum=MAX_PATCH_SIDE
+            )
+            if math.prod(self.patch_size) > MAX_PATCH_VOXELS:
+                raise ModelSpecError(
+                    f"patch_size {list(self.patch_size)} is too large (at most "
+                    f"{MAX_PATCH_VOXELS:,} voxels per patch)"
+                )
+        self.overlap = real_number(self.overlap, "overlap", minimum=0.0, below=1.0)
+        self.window_weighting = one_of(
+            self.window_weighting, "window_weighting", ("gaussian", "constant")
+        )
+        self.pad_multiple = whole_number(
+            self.pad_multiple, "pad_multiple", minimum=1, maximum=MAX_PATCH_SIDE
+        )
+        self.output_activation = one_of(
+            self.output_activation, "output_activation", ("none", "softmax", "sigmoid")
+        )
+        if self.output_activation == "sigmoid" and len(self.class_names) != 2:
+            raise ModelSpecError("a sigmoid output is one foreground channel: give 2 class_names")
+        self.first_blocks = text_list(self.first_blocks, "first_blocks")
+        self.trainable = one_of(self.trainable, "trainable", ("all", "first_blocks"))
         if self.trainable == "first_blocks" and not self.first_blocks:
             raise ModelSpecError("trainable is first_blocks but first_blocks lists no prefix")
-        if self.batch_size is not None and (
-            not isinstance(self.batch_size, int) or self.batch_size < 1
-        ):
-            raise ModelSpecError("batch_size must be a positive whole number")
+        if self.batch_size is not None:
+            self.batch_size = whole_number(self.batch_size, "batch_size", minimum=1, maximum=4096)
+        self.adapter = text(self.adapter, "adapter")
+        if self.file is not None:
+            self.file = text(self.file, "file")
 
     @property
     def inference_batch_size(self) -> int:
@@ -204,18 +201,16 @@ class TorchScriptSpec:
         return values
 
 
-def _positive_triple(values, key: str, kind: type) -> tuple:
-    if not isinstance(values, (list, tuple)) or len(values) != 3:
-        raise ModelSpecError(f"{key} must be a list of 3 numbers")
-    try:
-        triple = tuple(kind(v) for v in values)
-    except (TypeError, ValueError):
-        raise ModelSpecError(f"{key} must be a list of 3 numbers") from None
-    if kind is int and any(float(v) != int(v) for v in values):
-        raise ModelSpecError(f"{key} must be whole numbers")
-    if any(v <= 0 for v in triple):
-        raise ModelSpecError(f"{key} must be positive")
-    return triple
+def orientation_codes(value: Any, field: str) -> str:
+    """Three axis codes, one per axis and each axis once, e.g. ``"RAS"`` or ``"LPI"``."""
+    codes = text(value, field).upper()
+    pairs = ("LR", "PA", "IS")
+    axes = sorted(next((i for i, pair in enumerate(pairs) if c in pair), -1) for c in codes)
+    if len(codes) != 3 or axes != [0, 1, 2]:
+        raise FieldError(
+            field, f"must be 3 axis codes, one of L/R, P/A and I/S each (RAS, LPS), not {value!r}"
+        )
+    return codes
 
 
 class TorchScriptAdapter(ScriptedAdapterMixin, ModelAdapter):
@@ -313,20 +308,59 @@ class TorchScriptAdapter(ScriptedAdapterMixin, ModelAdapter):
         return save_scripted(self.scripted, spec, path)
 
 
-def _spec_and_file(path: Path) -> tuple[Path, Path]:
-    if path.suffix.lower() == ".json":
-        spec_path = path
+def spec_model_file(spec_path: Path, spec: dict[str, Any]) -> Path:
+    """The model file a spec names (its ``"file"``, else the one file ``<spec stem>.pt`` /
+    ``.pth`` / ... next to it), kept inside the spec's folder.
+
+    A model file is data from someone else: an absolute path, a ``..`` escape, or a symlink
+    that resolves outside the spec's folder is refused, as is a choice between several files.
+
+    Raises:
+        ModelSpecError: one line naming the spec.
+    """
+    named = spec.get("file")
+    if named is None:
+        candidates = [spec_path.with_suffix(suffix) for suffix in TORCHSCRIPT_SUFFIXES]
+        found = [path for path in candidates if path.exists()]
+        if len(found) > 1:
+            raise ModelSpecError(
+                f"{spec_path}: several model files fit this spec ("
+                f"{', '.join(p.name for p in found)}); open the one you mean, or name it in "
+                'the spec\'s "file"'
+            )
+        file = found[0] if found else candidates[0]
+    else:
         try:
-            named = json.loads(path.read_text()).get("file")
-        except (OSError, ValueError, AttributeError):
-            named = None
-        if named:
-            return spec_path, path.parent / named
-        for suffix in TORCHSCRIPT_SUFFIXES:
-            if path.with_suffix(suffix).exists():
-                return spec_path, path.with_suffix(suffix)
-        return spec_path, path.with_suffix(".pt")
-    return path.with_suffix(".json"), path
+            named = text(named, "file")
+        except FieldError as error:
+            raise ModelSpecError(f"{spec_path}: {error}") from None
+        file = spec_path.parent / named
+    folder = spec_path.parent.resolve()
+    if Path(str(named or "")).is_absolute() or folder not in file.resolve().parents:
+        raise ModelSpecError(
+            f"{spec_path}: the model file {str(named or file.name)!r} is outside the spec's "
+            "folder; a model file must sit next to its spec (absolute paths, '..' and links "
+            "out of the folder are refused)"
+        )
+    return file
+
+
+def with_model_file(spec_path: Path, spec: dict[str, Any], named: Path | None) -> dict[str, Any]:
+    """``spec`` with ``"file"`` set to the model file that will run: ``named`` (the file the
+    user opened, if not the spec itself) or the spec's own choice (:func:`spec_model_file`).
+
+    Raises:
+        ModelSpecError: the user named one file and the spec another (one line saying which).
+    """
+    if named is not None and named.resolve() != spec_path.resolve():
+        if "file" in spec and spec_model_file(spec_path, spec).resolve() != named.resolve():
+            raise ModelSpecError(
+                f"{named}: its spec {spec_path.name} is for another model file, "
+                f"{spec['file']!r}; open {spec_path.name} to run that one"
+            )
+        spec = dict(spec, file=named.name)
+    file = spec_model_file(spec_path, spec)
+    return dict(spec, file=str(file.relative_to(spec_path.parent)))
 
 
 def read_spec(spec_path: Path) -> dict[str, Any]:
@@ -351,12 +385,24 @@ def load_torchscript(
 ) -> TorchScriptAdapter:
     """Open ``model.pt`` + ``model.json`` (either path may be given) as a TorchScript adapter.
 
+    The file that runs is the one given (a ``.pt`` / ``.pth`` / ...), or the one its spec names
+    inside the spec's folder (:func:`spec_model_file`); anything else is refused.
+
     Args:
         trainable: overrides the spec's ``trainable`` (``"all"`` or ``"first_blocks"``).
     """
-    spec_path, file = _spec_and_file(Path(path))
-    values = read_spec(spec_path)
+    path = Path(path)
+    spec_path = path if path.suffix.lower() == ".json" else path.with_suffix(".json")
+    values = with_model_file(spec_path, read_spec(spec_path), path)
+    return open_torchscript(spec_path, values, trainable=trainable)
+
+
+def open_torchscript(
+    spec_path: Path, values: dict[str, Any], *, trainable: str | None = None
+) -> TorchScriptAdapter:
+    """The adapter for a spec already read (``values["file"]`` set by :func:`with_model_file`)."""
     spec = TorchScriptSpec.from_dict(values, where=str(spec_path))
+    file = spec_model_file(spec_path, values)
     network = load_scripted_network(file)
     adapter = TorchScriptAdapter(network, spec, name=file.name, path=file, spec_path=spec_path)
     if spec.first_blocks and not adapter.first_block_params():

@@ -12,13 +12,17 @@ logits and bottleneck features in one pass.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
+from ..fields import known_keys, mapping, one_of, real_number, whole_number
+
 NormType = Literal["batch", "group", "instance"]
+#: The deepest U-Net (slices are padded to a multiple of 2**depth: 256 pixels at 8).
+MAX_DEPTH = 8
 
 
 @dataclass
@@ -52,13 +56,29 @@ class UNetConfig:
     early_head: bool = True
     early_head_layers: int = 3
 
+    def __post_init__(self) -> None:
+        """Every field's type and range (a bundle header is data from someone else); a bad
+        one raises :class:`~napari_uda.core.fields.FieldError` naming it."""
+        self.in_channels = whole_number(self.in_channels, "in_channels", minimum=1, maximum=64)
+        self.num_classes = whole_number(self.num_classes, "num_classes", minimum=2, maximum=1000)
+        self.base_channels = whole_number(
+            self.base_channels, "base_channels", minimum=1, maximum=1024
+        )
+        self.depth = whole_number(self.depth, "depth", minimum=1, maximum=MAX_DEPTH)
+        self.norm = one_of(self.norm, "norm", ("batch", "group", "instance"))
+        self.groups = whole_number(self.groups, "groups", minimum=1, maximum=1024)
+        self.dropout = real_number(self.dropout, "dropout", minimum=0.0, below=1.0)
+        self.early_head = one_of(self.early_head, "early_head", (True, False))
+        self.early_head_layers = one_of(self.early_head_layers, "early_head_layers", (1, 3))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> UNetConfig:
-        values = dict(values)
+        values = mapping(values, "architecture")
         values.setdefault("early_head_layers", 1)  # bundles made before the option existed
+        known_keys(values, "architecture", {f.name for f in fields(cls)})
         return cls(**values)
 
 
