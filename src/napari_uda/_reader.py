@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.volume import Volume, is_nifti_path, load_volume, looks_like_labels
+from .core.volume import Volume, is_nifti_path, label_dtype, load_volume, looks_like_labels
 
 #: Columns of the direction matrix may deviate this much from a scanner axis before a scan
 #: counts as oblique (about 0.06 degrees).
@@ -98,7 +98,7 @@ def volume_layer_data(volume: Volume, name: str | None = None) -> tuple:
     data = volume.data
     if looks_like_labels(data):
         if not np.issubdtype(data.dtype, np.integer):
-            data = data.astype(np.uint8 if data.max() < 256 else np.int32)
+            data = data.astype(label_dtype(data, name))
         return np.asarray(data), kwargs, "labels"
     if data.dtype == np.float64:
         data = data.astype(np.float32)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from napari_uda._reader import napari_get_reader, placement_from_affine, read_nifti
-from napari_uda._writer import write_image, write_labels
+from napari_uda._writer import LayerWriteError, write_image, write_labels
 
 
 def _save(path, data, affine, **header_fields):
@@ -153,7 +154,7 @@ def test_layer_without_metadata_is_written_from_scale_and_translate(tmp_path):
 
 
 def test_writers_reject_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="3D"):
+    with pytest.raises(LayerWriteError, match="3D"):
         write_image(str(tmp_path / "flat.nii.gz"), np.zeros((4, 4)), {"metadata": {}})
     with pytest.raises(ValueError, match=r"\.nii"):
         write_labels(str(tmp_path / "mask.tif"), np.zeros((2, 2, 2), np.uint8), {"metadata": {}})
@@ -179,3 +180,72 @@ def test_napari_opens_and_saves_through_the_plugin(make_napari_viewer, image_pat
     [reopened] = viewer.open(str(out), plugin="napari-uda")
     assert reopened.__class__.__name__ == "Labels"
     np.testing.assert_array_equal(reopened.data, mask.data)
+
+
+def test_writer_never_replaces_the_layers_own_file(make_napari_viewer, image_path):
+    """Saving a layer (or a mask made from the scan, which carries its source_path) over the
+    file it came from is refused; the scan stays as it was."""
+    before = image_path.read_bytes()
+    [(data, kwargs, _)] = read_nifti(str(image_path))
+    meta = {"metadata": kwargs["metadata"], "scale": kwargs["scale"]}
+    with pytest.raises(LayerWriteError, match="is the file this layer was read from"):
+        write_image(str(image_path), data, meta)
+    with pytest.raises(LayerWriteError, match="is the file this layer was read from"):
+        write_labels(str(image_path), (data > 100).astype(np.uint8), meta)
+    assert image_path.read_bytes() == before
+    mask_path = _save(image_path.parent / "mask.nii.gz", (data > 100).astype(np.uint8), np.eye(4))
+    mask_before = mask_path.read_bytes()
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(mask_path), plugin="napari-uda")
+    layer.data[0, 0, 0] = 1 - layer.data[0, 0, 0]  # an edit the user might save in place
+    viewer.layers.selection = {layer}
+    with pytest.raises(Exception, match="is the file this layer was read from"):
+        viewer.layers.save(str(mask_path), selected=True, plugin="napari-uda")
+    assert mask_path.read_bytes() == mask_before
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "dtype"),
+    [(0, 255, np.uint8), (-5, 300, np.int16), (0, 60000, np.uint16), (0, 2**31 - 1, np.int32)],
+)
+def test_labels_are_written_in_a_type_that_holds_them(tmp_path, low, high, dtype):
+    data = np.zeros((3, 3, 3), np.int64)
+    data[0, 0, 0], data[1, 1, 1] = low, high
+    out = tmp_path / "labels.nii.gz"
+    write_labels(str(out), data, {"metadata": {}})
+    saved = nib.load(str(out))
+    assert saved.get_data_dtype() == dtype
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), data)
+
+
+@pytest.mark.parametrize("label", [2**31, -(2**31) - 1, 2**40])
+def test_labels_beyond_32_bits_are_refused_not_written_as_zero(tmp_path, label):
+    data = np.zeros((3, 3, 3), np.int64)
+    data[1, 1, 1] = label
+    out = tmp_path / "labels.nii.gz"
+    with pytest.raises(LayerWriteError, match="do not fit in a 32-bit label map"):
+        write_labels(str(out), data, {"metadata": {}})
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("broken", ["zero column", "singular"])
+def test_broken_affines_are_one_line_in_the_reader_and_the_writer(tmp_path, broken):
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    if broken == "zero column":
+        affine[:3, 2] = 0
+    else:
+        affine[:3, 2] = affine[:3, 1]
+    image = nib.Nifti1Image(np.random.default_rng(0).random((6, 6, 6)).astype(np.float32), None)
+    image.header.set_sform(affine, code=1)  # as a broken file has it (nibabel would not make it)
+    path = tmp_path / "broken.nii"
+    nib.save(image, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "oblique 90°" warning on the way to the error
+        with pytest.raises(ValueError) as caught:
+            read_nifti(str(path))
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    assert ("zero size" if broken == "zero column" else "singular") in message
+    with pytest.raises(LayerWriteError, match="zero size"):
+        meta = {"metadata": {}, "scale": (1, 0, 1)}
+        write_image(str(tmp_path / "out.nii.gz"), np.ones((4, 4, 4)), meta)

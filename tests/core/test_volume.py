@@ -245,3 +245,18 @@ def test_looks_like_labels():
     assert not looks_like_labels(np.array([0.5, 1.0]))
     assert not looks_like_labels(np.arange(100))
     assert not looks_like_labels(np.array([-1, 0, 1]))
+
+
+def test_a_volume_larger_than_the_available_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    from napari_uda.core import volume as volume_module
+
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), str(path))
+    monkeypatch.setattr(volume_module, "available_memory", lambda: 10_000)
+
+    def must_not_read(*_args, **_kwargs):
+        raise AssertionError("the data was read before the size check")
+
+    monkeypatch.setattr(volume_module.np, "asanyarray", must_not_read)
+    with pytest.raises(VolumeError, match=r"needs 32\.0 kB of memory but only 10\.0 kB"):
+        load_volume(path)

@@ -20,6 +20,7 @@ from ..core.models import load_model
 from ..core.outputs import OutputSet
 from ..core.volume import is_nifti_path, load_volume, save_volume
 from . import CLIError, add_settings_option
+from .checks import check_reference, load_scan
 from .expected_volume import add_expected_volume_option, expected_volumes, warn_lines
 
 
@@ -151,13 +152,10 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
     if args.save_model:
         _check_model_output(args, model, outputs)
     expected = expected_volumes(args, model)
-    volumes = [load_volume(path) for path in args.image]
+    volumes = [load_scan(path) for path in args.image]
     reference = load_volume(args.reference) if args.reference else None
-    if reference is not None and reference.shape != volumes[0].shape:
-        raise CLIError(
-            f"{args.reference}: shape {reference.shape} does not match the first image's "
-            f"{volumes[0].shape}"
-        )
+    if reference is not None:  # same grid, and only labels the model has
+        check_reference(reference, volumes[0], model.class_names)
 
     last_event = None
     class_names = list(model.class_names)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from ..core.metrics import METRIC_NAMES, compute_metrics
-from ..core.volume import Volume, load_volume
+from ..core.volume import load_volume
 from . import CLIError
+from .checks import MAX_LABEL, label_array, same_grid
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,38 +35,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def label_array(volume: Volume) -> np.ndarray:
-    """The volume's data as non-negative integer labels, or a one-line error."""
-    data = np.asarray(volume.data)
-    name = volume.path.name if volume.path is not None else "labels"
-    if data.dtype.kind == "f" and not np.all(np.mod(data, 1) == 0):
-        raise CLIError(f"{name}: is not a label map (non-integer values)")
-    if data.min() < 0:
-        raise CLIError(f"{name}: is not a label map (negative values)")
-    return data.astype(np.int64)
-
-
-def same_grid(first: Volume, second: Volume) -> bool:
-    return first.shape == second.shape and np.allclose(first.affine, second.affine, atol=1e-3)
-
-
 def _json_number(value: float) -> float | None:
     """``nan`` (e.g. HD95 when one mask is empty) becomes JSON ``null``."""
     return None if value is None or not np.isfinite(value) else float(value)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tolerance_mm < 0:
-        raise CLIError("--tolerance-mm must not be negative")
+    if not math.isfinite(args.tolerance_mm) or args.tolerance_mm < 0:
+        raise CLIError(f"--tolerance-mm must be 0 mm or more, not {args.tolerance_mm}")
+    if args.num_classes is not None and not 2 <= args.num_classes <= MAX_LABEL + 1:
+        raise CLIError(
+            f"--num-classes must be from 2 (background and one class) to {MAX_LABEL + 1}, "
+            f"not {args.num_classes}"
+        )
     prediction, reference = load_volume(args.pred), load_volume(args.ref)
     if not same_grid(prediction, reference):
         raise CLIError(
             f"{args.pred.name} ({prediction.shape}) and {args.ref.name} ({reference.shape}) "
             "are not on the same grid (shape and affine must match)"
         )
+    largest, why = MAX_LABEL, ""
+    if args.num_classes is not None:
+        largest, why = args.num_classes - 1, f" with --num-classes {args.num_classes}"
     metrics = compute_metrics(
-        label_array(prediction),
-        label_array(reference),
+        label_array(prediction, largest, why),
+        label_array(reference, largest, why),
         reference.spacing,
         num_classes=args.num_classes,
         tolerance_mm=args.tolerance_mm,
@@ -80,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                 for label, values in metrics.items()
             },
         }
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2, allow_nan=False))  # standard JSON only
         return 0
     print(f"{'class':>5}  " + "  ".join(f"{name:>12}" for name in METRIC_NAMES))
     for label, values in metrics.items():

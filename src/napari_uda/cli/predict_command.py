@@ -11,8 +11,9 @@ import numpy as np
 from ..core.inference import Prediction, predict_volume
 from ..core.models import ModelAdapter, load_model
 from ..core.outputs import OutputSet
-from ..core.volume import Volume, is_nifti_path, load_volume, save_volume
+from ..core.volume import Volume, is_nifti_path, save_volume
 from . import CLIError
+from .checks import load_scan
 from .expected_volume import add_expected_volume_option, check_prediction, expected_volumes
 
 
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     requested["probabilities"] = args.probabilities_out
     requested = {key: path for key, path in requested.items() if path is not None}
     with check_outputs([args.model, args.image], list(requested.values())) as outputs:
-        image = load_volume(args.image)
+        image = load_scan(args.image)
         model = load_model(args.model)
         check_compatible(model, image, args.model)
         expected = expected_volumes(args, model)

@@ -168,8 +168,15 @@ def load_volume(path: str | os.PathLike, *, allow_4d_singleton: bool = True) -> 
         raise VolumeError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
     try:
         image = nib.load(str(path), mmap=False)  # read into memory: nothing ties us to the file
-        data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many kinds for foreign or corrupt files
+        raise VolumeError(f"{path}: cannot be read as NIfTI ({one_line(error)})") from error
+    check_declared_size(path, image.header)  # before a single voxel is read
+    problem = affine_problem(image.affine)
+    if problem:
+        raise VolumeError(f"{path}: {problem}")
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:
         raise VolumeError(f"{path}: cannot be read as NIfTI ({one_line(error)})") from error
     while data.ndim > 3 and allow_4d_singleton and data.shape[-1] == 1:
         data = data[..., 0]
@@ -183,6 +190,142 @@ def load_volume(path: str | os.PathLike, *, allow_4d_singleton: bool = True) -> 
         raise VolumeError(f"{path}: holds NaN or infinite values")
     header = image.header.copy()
     return Volume(np.asarray(data), image.affine.copy(), header, path)
+
+
+#: The most a gzip stream can shrink data (deflate's limit is about 1032:1).
+MAX_GZIP_RATIO = 1100
+#: Voxel axes shorter than this (mm) count as zero length.
+MIN_AXIS_MM = 1e-6
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return ""  # pragma: no cover
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable`` on Linux), or ``None``
+    when the system does not say."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_declared_size(path: Path, header: nib.Nifti1Header) -> None:
+    """Refuse a file whose header declares more voxels than the file can hold, or more than
+    fits in the available memory, *before* anything is allocated (a 1.4 kB file may declare
+    gigabytes).
+
+    An uncompressed file must hold ``vox_offset`` + the declared bytes; a ``.gz`` file cannot
+    unpack to more than :data:`MAX_GZIP_RATIO` times its size. In memory, scaled data
+    (``scl_slope``) becomes float64.
+
+    Raises:
+        VolumeError: one line with the declared shape and the sizes.
+    """
+    shape = tuple(int(n) for n in header.get_data_shape())
+    dtype = np.dtype(header.get_data_dtype())
+    voxels = int(np.prod(shape, dtype=object)) if shape else 0
+    declared = voxels * dtype.itemsize
+    file_size = path.stat().st_size
+    what = f"the header declares {'x'.join(map(str, shape))} {dtype} voxels ({_size(declared)})"
+    if str(path).lower().endswith(".gz"):
+        if declared > MAX_GZIP_RATIO * file_size:
+            raise VolumeError(
+                f"{path}: {what}, more than a {_size(file_size)} compressed file can hold; "
+                "the file is truncated or its header is wrong"
+            )
+    else:
+        offset = int(header.get_data_offset() or 0)
+        if offset + declared > file_size:
+            raise VolumeError(
+                f"{path}: {what} but the file holds {_size(max(file_size - offset, 0))} of data; "
+                "the file is truncated or its header is wrong"
+            )
+    slope, intercept = header.get_slope_inter()
+    scaled = (slope not in (None, 1.0)) or (intercept not in (None, 0.0))
+    in_memory = voxels * (8 if scaled else dtype.itemsize)
+    available = available_memory()
+    if available is not None and in_memory > available:
+        raise VolumeError(
+            f"{path}: reading it needs {_size(in_memory)} of memory but only "
+            f"{_size(available)} is available"
+        )
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why a voxel-to-world affine is unusable (non-finite, a voxel axis of zero length, two
+    axes in the same direction), in the user's words; ``None`` if it is fine."""
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        return "the affine (voxel to world matrix) holds NaN or infinite values"
+    lengths = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    for axis, length in enumerate(lengths):
+        if length < MIN_AXIS_MM:
+            return (
+                f"voxel axis {axis} has zero size in the affine (voxel to world matrix); the "
+                "header's pixdim or sform/qform is broken"
+            )
+    directions = affine[:3, :3] / lengths
+    if abs(np.linalg.det(directions)) < 1e-6:
+        return (
+            "the affine (voxel to world matrix) is singular: two voxel axes point the same "
+            "way; the header's sform/qform is broken"
+        )
+    return None
+
+
+def require_contrast(volume: Volume, name: str | None = None) -> Volume:
+    """``volume`` if its intensities vary; a blank or constant scan has nothing to segment
+    (a model would call most of it foreground with full confidence).
+
+    Raises:
+        VolumeError: one line naming the scan and its one value.
+    """
+    data = np.asarray(volume.data)
+    low, high = data.min(), data.max()
+    if low == high:
+        name = name or (str(volume.path) if volume.path else "the scan")
+        raise VolumeError(
+            f"{name}: every voxel is {float(low):g}; a blank or constant scan has nothing to "
+            "segment"
+        )
+    return volume
+
+
+#: Integer types a label map is stored as, smallest first (NIfTI readers handle these well).
+LABEL_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)
+
+
+def label_dtype(data: np.ndarray, name: str = "labels") -> np.dtype:
+    """The smallest integer type that holds every label (``uint8`` for most masks).
+
+    Raises:
+        VolumeError: a label does not fit in 32 bits (it would be stored wrongly, e.g. as 0).
+    """
+    low, high = (int(np.min(data)), int(np.max(data))) if np.size(data) else (0, 0)
+    for dtype in LABEL_DTYPES:
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return np.dtype(dtype)
+    raise VolumeError(
+        f"{name}: labels from {low} to {high} do not fit in a 32-bit label map; "
+        "renumber them (each label is a whole number from -2^31 to 2^31-1)"
+    )
 
 
 def output_dtype(data: np.ndarray) -> np.dtype:
@@ -223,6 +366,9 @@ def save_volume(
     path = Path(path)
     if not is_nifti_path(path):
         raise VolumeError(f"{path}: output must end in .nii or .nii.gz")
+    problem = affine_problem(volume.affine)
+    if problem:
+        raise VolumeError(f"{path}: cannot be written: {problem}")
     if path.exists() and not overwrite:
         raise VolumeError(f"{path}: exists already; choose another name or allow overwriting")
     data = np.asarray(volume.data)
