@@ -17,16 +17,6 @@ from napari_uda.core.volume import save_volume
 QUICK = ["--set", "epochs=2", "--set", "batch_size=8"]
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_model, tiny_target, tiny_reference):
-    """The tiny model as a bundle file, the target and its reference as NIfTI files."""
-    folder = tmp_path_factory.mktemp("cli_adapt")
-    model = tiny_model.bundle.save(folder / "model.safetensors")
-    image = save_volume(tiny_target, folder / "target.nii.gz")
-    reference = save_volume(tiny_reference, folder / "reference.nii.gz")
-    return {"model": str(model), "image": str(image), "reference": str(reference)}
-
-
 def test_adapt_writes_mask_entropy_model_and_report(files, tmp_path, capsys):
     out, entropy = tmp_path / "seg.nii.gz", tmp_path / "ent.nii.gz"
     adapted, report = tmp_path / "adapted.safetensors", tmp_path / "report.json"

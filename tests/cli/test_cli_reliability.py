@@ -14,15 +14,6 @@ from napari_uda.core.volume import save_volume
 QUICK = ["--method", "tent", "--set", "epochs=1", "--set", "batch_size=8", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_model, tiny_target, tiny_reference):
-    folder = tmp_path_factory.mktemp("cli_reliability")
-    model = tiny_model.bundle.save(folder / "model.safetensors")
-    image = save_volume(tiny_target, folder / "target.nii.gz")
-    reference = save_volume(tiny_reference, folder / "reference.nii.gz")
-    return {"model": str(model), "image": str(image), "reference": str(reference)}
-
-
 def run_cli(capsys, *argv) -> tuple[int, list[str]]:
     code = main([str(a) for a in argv])
     err = capsys.readouterr().err
