@@ -94,7 +94,7 @@ def _bad(files, tmp_path, **change):
         ({"--set": "epochs=0"}, "below the minimum"),
         ({"--out": "seg.png"}, "must end in .nii"),
         ({"--out": ["a.nii.gz", "b.nii.gz"]}, "one path per --image"),
-        ({"--reference": "WRONG_SHAPE"}, "does not match"),
+        ({"--reference": "WRONG_SHAPE"}, "not on the grid of"),
         ({"--out": "INPUT"}, "inputs are never overwritten"),
     ],
 )
