@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from napari_uda.batch.case_task import process_case
-from napari_uda.batch.cases import CaseError, choose_site_cases, plan_cases
+from napari_uda.batch.cases import Case, CaseError, choose_site_cases, plan_cases
 from napari_uda.batch.commit import remove_stale_staging, staged_folder
 from napari_uda.batch.job import BatchJob
 from napari_uda.batch.manifest import Manifest, ManifestError, read_manifest
 from napari_uda.batch.report import case_flags, report_rows, write_report
+from napari_uda.core.corrections import NOT_CORRECTED
+from napari_uda.core.volume import load_volume, save_volume
 
 
 def job_for(tmp_path, model="model.safetensors", **changes) -> BatchJob:
@@ -121,10 +124,27 @@ def test_a_case_runs_and_commits_its_outputs(tiny_model_path, scans_csv, tmp_pat
     ]
     metrics = record["metrics"]
     assert 0 <= metrics["dice_before"] <= 1 and 0 <= metrics["dice_after"] <= 1
-    assert metrics["volume_ml_before"] > 0 and record["gate"]["decision"] == "n/a"
+    assert metrics["volume_ml_before"] > 0
+    assert record["gate"]["decision"] in ("keep", "roll back") and record["gate"]["reason"]
     failed = process_case(cases[1], job)
     assert failed["state"] == "failed" and "corrupt.nii.gz" in failed["reason"]
     assert "\n" not in failed["reason"] and not job.case_dir("corrupt").exists()
+
+
+def test_a_case_with_corrections_and_an_expected_volume(tiny_model_path, scans, tmp_path):
+    """The corrections reach the engine; a brain of a few ml is out of a 1000-1800 ml range and
+    the report flags it."""
+    reference = load_volume(scans[0].parent / "ref_a.nii.gz")
+    corrections = np.full(reference.shape, NOT_CORRECTED, dtype=np.int16)
+    corrections[:, :, 10] = reference.data[:, :, 10]  # one corrected axial slice
+    save_volume(reference.with_data(corrections), tmp_path / "corr_a.nii.gz")
+    case = Case("scan_a", str(scans[0]), corrections=str(tmp_path / "corr_a.nii.gz"))
+    job = job_for(tmp_path, tiny_model_path, torch_threads=1, expected_volume=("brain=1000:1800",))
+    record = process_case(case, job)
+    assert record["state"] == "done", record
+    assert record["corrections"]["voxels"] == corrections[:, :, 10].size
+    assert record["gate"]["volume_check"].startswith("out of range: brain")
+    assert "volume out of range" in case_flags(record)
 
 
 # -- report --------------------------------------------------------------------------------------

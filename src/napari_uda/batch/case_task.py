@@ -30,7 +30,7 @@ from .cases import Case
 from .commit import staged_folder
 from .job import BatchJob
 from .manifest import CASE_RECORD
-from .quality import case_metrics, gate_decision, keeps_adapted
+from .quality import case_metrics, gate_record
 from .threads import set_torch_threads
 
 #: Files of a finished case, inside ``cases/<id>/``.
@@ -92,24 +92,52 @@ def _read_inputs(case: Case) -> tuple[Volume, np.ndarray | None]:
     return volume, reference
 
 
-def _predictions(case: Case, job: BatchJob, volume: Volume) -> tuple[Any, Any, dict[str, Any]]:
-    """(before, after, details) for the job's mode."""
-    from ..core.inference import predict_volume
+def _gate_setup(job: BatchJob, model) -> dict[str, Any]:
+    """The gate's expected volumes (the model's, with the job's ranges replacing them), its
+    options and the resolved device."""
+    from ..adaptation.gate import GateOptions
+    from ..core.device import resolve_device
+    from ..core.plausibility import merge_expected, parse_expected_volumes
 
-    model = load_model_cached(job.model)
-    if job.mode == "site":
-        site_model = load_model_cached(job.site_model)
-        before = predict_volume(model, volume, device=job.device)
-        return before, predict_volume(site_model, volume, device=job.device), {}
+    user = parse_expected_volumes(job.expected_volume, model.class_names, where="--expected-volume")
+    return {
+        "expected": merge_expected(model.expected_volumes(), user),
+        "options": GateOptions(gate=job.gate),
+        "device": resolve_device(job.device),
+        "seed": job.seed,
+    }
+
+
+def _per_scan(case: Case, job: BatchJob, volume: Volume, model, gating: dict):
+    """Adapt a copy of ``model`` one-shot to the scan (with its corrections, if any), then gate
+    the run as ``napari-uda adapt`` does (unless the engine already gated it)."""
     from ..adaptation.engine import adapt
+    from ..adaptation.gate import apply_gate
 
-    result = adapt(model, volume, job.method, list(job.settings), seed=job.seed, device=job.device)
+    corrections = load_volume(case.corrections) if case.corrections else None
+    run = {"seed": job.seed, "device": gating["device"], "corrections": corrections}
+    result = adapt(model, volume, job.method, list(job.settings), **run)
+    decision = result.gate or apply_gate(result, model, [volume], **gating)
     details = {
         "stop_reason": result.stop_reason,
         "kept_step": result.checkpoint.step,
         "kept_reason": result.checkpoint.reason,
     }
-    return result.initial_prediction, result.prediction, details
+    if corrections is not None:
+        details["corrections"] = result.extra.get("corrections")
+    return result.initial_prediction, result.prediction, decision, details
+
+
+def _predictions(case: Case, job: BatchJob, volume: Volume):
+    """(before, kept, gate decision, details) for the job's mode."""
+    from .quality import gate_site_case
+
+    model = load_model_cached(job.model)
+    gating = _gate_setup(job, model)
+    if job.mode == "site":
+        site_model = load_model_cached(job.site_model)
+        return (*gate_site_case(model, site_model, volume, **gating), {})
+    return _per_scan(case, job, volume, model, gating)
 
 
 def _commit(case: Case, job: BatchJob, volume: Volume, final, before, record: dict) -> dict:
@@ -137,20 +165,17 @@ def process_case(case: Case, job: BatchJob) -> dict[str, Any]:
     record: dict[str, Any] = {"worker": f"{socket.gethostname()}:{os.getpid()}"}
     try:
         volume, reference = _read_inputs(case)
-        before, after, details = _predictions(case, job, volume)
+        before, final, decision, details = _predictions(case, job, volume)
     except ValueError as error:  # VolumeError, AdaptationError, model errors: the input's fault
         reason = one_line(error)
         name = Path(case.image).name
-        reason = (
-            reason if name in reason or (case.reference or "\0") in reason else f"{name}: {reason}"
-        )
+        named = any(path and Path(path).name in reason for path in case.as_dict().values())
+        reason = reason if named else f"{name}: {reason}"
         return {**record, "state": "failed", "reason": reason, "seconds": _since(started)}
     model = load_model_cached(job.model)
-    gate = gate_decision(before, after, model)
-    final = after if keeps_adapted(gate) else before
     record.update(details)
-    record["gate"] = gate
-    record["metrics"] = case_metrics(before, after, model.num_classes, reference)
+    record["gate"] = gate_record(decision)
+    record["metrics"] = case_metrics(before, final, model.num_classes, reference)
     record.update(state="done", seconds=_since(started), peak_memory_mb=peak_memory_mb())
     return _commit(case, job, volume, final, before, record)
 
@@ -172,7 +197,10 @@ def adapt_site_model(job: BatchJob, site_cases: list[Case]) -> dict[str, Any]:
     if not model.can_save:
         raise CaseInputError(f"{job.model}: this kind of model cannot be saved as a site model")
     volumes = [load_volume(case.image) for case in site_cases]
-    result = adapt(model, volumes, job.method, list(job.settings), seed=job.seed, device=job.device)
+    first = site_cases[0].corrections  # the engine takes corrections on the first volume
+    corrections = load_volume(first) if first else None
+    result = adapt(model, volumes, job.method, list(job.settings), seed=job.seed,
+                   device=job.device, corrections=corrections)  # fmt: skip
     name = f"site_model{model.save_suffix}"
     provenance = {"method": job.method, "settings": result.settings, "seed": job.seed}
     provenance.update({"from": job.model, "scans": [case.image for case in site_cases]})

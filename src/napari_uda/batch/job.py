@@ -26,6 +26,10 @@ class BatchJob:
         torch_threads: PyTorch intra-op threads per worker (None: leave the worker's choice).
         site_model: the adapted site model (set by the driver in ``site`` mode).
         write_entropy: also write each case's entropy map (default True).
+        site_scans: ``site`` mode: the case ids the site model adapts on.
+        expected_volume: ``CLASS=LOW:HIGH`` ml ranges replacing the model's own (the gate's
+            expected-volume check).
+        gate: keep-or-roll-back gate on (default True); off, the adapted mask is always kept.
     """
 
     model: str
@@ -39,6 +43,8 @@ class BatchJob:
     site_model: str | None = None
     write_entropy: bool = True
     site_scans: tuple[str, ...] = field(default=())
+    expected_volume: tuple[str, ...] = ()
+    gate: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -54,12 +60,14 @@ class BatchJob:
     def identity(self) -> dict[str, Any]:
         """What must match for a rerun to resume this batch (not threads, device or paths of
         the outputs, which may change between runs)."""
-        keys = ("model", "method", "mode", "settings", "seed", "site_scans")
+        keys = ("model", "method", "mode", "settings", "seed", "site_scans", "expected_volume")
+        keys += ("gate",)
         values = asdict(self)
         identity = {key: values[key] for key in keys}
         identity["model"] = str(Path(self.model).resolve())
         identity["settings"] = sorted(self.settings)
         identity["site_scans"] = list(self.site_scans)
+        identity["expected_volume"] = list(self.expected_volume)
         return identity
 
 

@@ -87,6 +87,7 @@ class Manifest:
                 try:
                     record.update(json.loads(committed.read_text(encoding="utf-8")))
                     record["state"] = "done"
+                    record.pop("reason", None)
                 except (OSError, ValueError):
                     record.update(state="pending", reason="its outputs were unreadable")
             elif record.get("state") == "done" and not committed.is_file():

@@ -3,9 +3,10 @@
 :func:`case_metrics` gives the report's per-case numbers (foreground volume in ml, mean entropy,
 Dice against a reference where one exists, before and after, and how much the mask changed).
 
-:func:`gate_decision` is the one seam to the keep-or-roll-back gate. Until the gate module exists
-every case keeps the adapted result and records ``n/a`` (the engine's collapse guard has already
-kept a healthy checkpoint, so "after" is never a collapsed model).
+The keep-or-roll-back gate is :mod:`napari_uda.adaptation.gate`: ``per-scan`` cases gate their
+finished run (``apply_gate``, as ``napari-uda adapt`` does); ``site`` cases gate the site model
+against the source on each scan (:func:`gate_site_case`). :func:`gate_record` is what the
+manifest and the report keep of a decision.
 """
 
 from __future__ import annotations
@@ -49,11 +50,60 @@ def case_metrics(
     return metrics
 
 
-def gate_decision(before: Prediction, after: Prediction, model) -> dict[str, Any]:
-    """Keep the adapted mask or roll back to the source model's: ``{"decision", "reason",
-    "volume_check"}``. No gate yet: always ``n/a`` (the adapted mask is kept)."""
-    return {"decision": NOT_AVAILABLE, "reason": "no gate", "volume_check": NOT_AVAILABLE}
+def gate_record(decision) -> dict[str, Any]:
+    """The report's summary of a :class:`~napari_uda.adaptation.gate.GateDecision`:
+    ``decision`` (keep / roll back), ``reason``, ``volume_check`` (``ok``, ``out of range: ...``
+    or ``n/a`` without an expected range) and the gate's ``warnings``."""
+    if decision is None:
+        return {"decision": NOT_AVAILABLE, "reason": "not gated", "volume_check": NOT_AVAILABLE}
+    flags = [
+        f"{f['class_name']} {f['volume_ml']:.0f} ml outside {f['low']:g}-{f['high']:g}"
+        for f in decision.flags
+    ]
+    if flags:
+        check = "out of range: " + "; ".join(flags)
+    else:
+        check = "ok" if decision.expected_ml else NOT_AVAILABLE
+    return {
+        "decision": ROLL_BACK if decision.rolled_back else KEEP,
+        "reason": decision.summary,
+        "volume_check": check,
+        "warnings": list(decision.warnings),
+    }
 
 
-def keeps_adapted(gate: dict[str, Any]) -> bool:
-    return gate.get("decision") != ROLL_BACK
+def gate_site_case(source_model, site_model, volume, *, expected, options, device, seed):
+    """Predict ``volume`` with the source and the site model and gate them; (before, kept,
+    the decision). Each model predicts once, on the model grid, for the gate and the masks."""
+    from ..adaptation.gate import gate, left_right_dim
+    from ..adaptation.targets import TargetSet
+    from ..core.inference import predict_batches
+    from ..core.plausibility import class_volumes
+
+    targets = TargetSet.prepare(source_model, [volume])
+    run = {"device": device, "batch_size": 16}
+    source_probabilities = predict_batches(source_model, targets.inputs, **run)
+    site_probabilities = predict_batches(site_model, targets.inputs, **run)
+    before, after = targets.prediction(source_probabilities), targets.prediction(site_probabilities)
+    names = list(source_model.class_names)
+    volumes_ml = [
+        {
+            "source": class_volumes(before.labels, before.source.spacing, names),
+            "adapted": class_volumes(after.labels, after.source.spacing, names),
+        }
+    ]
+    decision = gate(
+        source_model,
+        site_model,
+        targets.inputs,
+        source_probabilities,
+        site_probabilities,
+        volumes_ml,
+        expected=expected,
+        valid=None if targets.valid_mask is None else targets.valid,
+        lr_dim=left_right_dim(targets.prepared[0]),
+        options=options,
+        device=device,
+        seed=seed,
+    )
+    return before, (before if decision.rolled_back else after), decision

@@ -14,6 +14,8 @@ rerun with the same settings resumes.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import uuid
 import warnings
@@ -28,7 +30,7 @@ from .case_task import adapt_site_model, process_case
 from .cases import Case, choose_site_cases
 from .commit import remove_stale_staging
 from .job import BatchJob
-from .manifest import Manifest, now
+from .manifest import MANIFEST_NAME, Manifest, now
 from .threads import threads_for_cluster, threads_per_worker, usable_cores
 
 #: Dask retries of a case whose task raised an unexpected error (bad input is not retried).
@@ -96,7 +98,8 @@ def open_client(
         with Client(scheduler) as client:
             yield client
         return
-    with warnings.catch_warnings():  # "port 8787 in use, using another": the link says which
+    with warnings.catch_warnings(), _children_ignore_ctrl_c():
+        # "port 8787 in use, using another": the printed link says which
         warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
         cluster = LocalCluster(
             n_workers=workers,
@@ -107,6 +110,22 @@ def open_client(
         )
     with cluster, Client(cluster) as client:
         yield client
+
+
+@contextmanager
+def _children_ignore_ctrl_c() -> Iterator[None]:
+    """Start worker processes with Ctrl-C ignored (they inherit it): Ctrl-C in a terminal goes
+    to the whole process group, and the driver alone should handle it (cancel, record, close
+    the cluster, which ends the workers) instead of every worker printing a traceback. Only
+    possible from the main thread; elsewhere (napari's thread worker) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cluster_torch_threads(client: Any, local_workers: int | None) -> int:
@@ -250,6 +269,8 @@ def run_archive(
         if not scheduler:  # the local workers are gone: nothing writes into the folder now
             remove_stale_staging(job.cases_dir)
             remove_stale_staging(job.out_dir)
+            if (Path(job.out_dir) / MANIFEST_NAME).is_file():  # a case that finished while
+                Manifest.open(job, cases).save()  # the cluster closed is done, not pending
         report = write_report(job.out_dir)
     outcome.report = report
     return outcome

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import CLIError, add_settings_option
+from .expected_volume import add_expected_volume_option, expected_volumes
 
 
 def add_parser(subparsers) -> None:
@@ -68,6 +69,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--retries", type=int, default=1, help="Dask retries of a case that raised (default 1)"
     )
+    add_expected_volume_option(parser)
+    parser.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="keep every adapted mask (no keep-or-roll-back check against the source model)",
+    )
     parser.add_argument("--no-entropy", action="store_true", help="do not write entropy maps")
     parser.add_argument(
         "--no-dashboard", action="store_true", help="no Dask dashboard (it needs bokeh)"
@@ -101,6 +108,7 @@ def _check_model(args) -> None:
     resolve_settings(method, args.settings, model)
     if args.mode == "site" and not model.can_save:
         raise CLIError(f"{args.model}: site mode saves the site model; this model cannot be saved")
+    expected_volumes(args, model)  # checked against the model's classes now
 
 
 def _check_out(args, cases) -> None:
@@ -141,6 +149,8 @@ def build_job(args, cases):
         torch_threads=args.torch_threads,
         write_entropy=not args.no_entropy,
         site_scans=site_scans,
+        expected_volume=tuple(args.expected_volume),
+        gate=not args.no_gate,
     )
 
 
