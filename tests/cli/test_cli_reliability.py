@@ -181,6 +181,7 @@ def bad_commands(files, bad, out: Path) -> list[tuple[list, str]]:
           "--base-channels", "0"], "--base-channels: must be a whole number from 1"),
         ([*predict, "--image", image, "--out", bad["zeros"] / "x.nii.gz"], "is a file"),
         ([*adapt, "--image", image, "--method", "tent", "--set", "epochs=-1"], "epochs"),
+        (["demo", "--out-dir", bad["zeros"] / "out", "--device", "cpu"], "is a file"),
     ]  # fmt: skip
 
 

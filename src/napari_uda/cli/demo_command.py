@@ -19,6 +19,7 @@ import numpy as np
 from ..core.inference import Prediction, predict_volume
 from ..core.metrics import dice_per_class
 from ..core.models import load_model
+from ..core.outputs import OutputSet
 from ..core.volume import Volume, load_volume
 from ..data import demo_files
 from . import CLIError, add_settings_option
@@ -75,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(error)) from error
     if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
         raise CLIError(f"{args.out_dir}: exists and is not a folder")
+    if args.out_dir is not None:  # writable? found out now, not after the adaptation
+        with OutputSet() as probe:
+            probe.add(args.out_dir / "target_before_labels.nii.gz", "--out-dir")
     adapt_now = not args.no_adapt and engine_available()
     if adapt_now:
         from ..adaptation import get_method
