@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..core.inference import Prediction
 from ..core.models.adapter import ModelAdapter
 from ..core.preprocessing import PreparedInputs
-from ..core.volume import Volume
+from ..core.volume import Volume, require_contrast
 from .plan import AdaptationError
 
 
@@ -65,9 +65,10 @@ class TargetSet:
 
     @classmethod
     def prepare(cls, model: ModelAdapter, volumes: Volume | Sequence[Volume]) -> TargetSet:
-        """Prepare ``volumes`` (one or several) as ``model`` expects and stack them."""
+        """Prepare ``volumes`` (one or several) as ``model`` expects and stack them. A blank
+        or constant scan is refused (:func:`~napari_uda.core.volume.require_contrast`)."""
         volumes = [volumes] if isinstance(volumes, Volume) else list(volumes)
-        return cls([model.prepare(volume) for volume in volumes])
+        return cls([model.prepare(require_contrast(volume)) for volume in volumes])
 
     def _pad(self, tensor: torch.Tensor, value) -> torch.Tensor:
         pad = far_end_padding(tensor.shape[2:], self.spatial_shape)
