@@ -142,6 +142,7 @@ def corrections_views(viewer, adapt, dock, app, out: Path) -> str:
         app.processEvents()
         time.sleep(0.01)
     summary += f"; {adapt.status.text()}"
+    adapt.tabs.setCurrentWidget(adapt.corrections)  # the round ends on its plots
     adapt.corrections.list.item(0).setSelected(True)
     adapt.corrections.go_button.click()
     dock.raise_()

@@ -57,34 +57,17 @@ def correct_two_slices(viewer, panel, qtbot):
     return refs
 
 
-def test_a_new_run_keeps_the_corrected_slices(first_run, qtbot, wait_for_run):
-    viewer, widgets = first_run
-    adapt = widgets["Adapt"]
-    state = get_state(viewer)
-    assert len(state.rounds) == 1 and state.rounds.current.number == 0
-    assert not adapt.corrections.back_button.isEnabled()
-    assert not adapt.corrections.adapt_button.isEnabled()  # nothing corrected yet
-    refs = correct_two_slices(viewer, adapt.corrections, qtbot)
-    assert adapt.corrections.adapt_button.isEnabled()
-    layer = viewer.layers[SEGMENTATION_AFTER]
-    corrected = state.corrections.corrections(layer.data)
-
-    adapt.run_button.click()  # a new start from the loaded model: round 0 again
-    wait_for_run(adapt)
-    mask = state.corrections.mask(layer.data.shape)
-    np.testing.assert_array_equal(layer.data[mask], corrected[mask])  # exactly the user's
-    np.testing.assert_array_equal(layer.data, state.result.prediction.labels)
-    assert state.corrections.slices == sorted(refs)
-    assert set(state.corrections.origins.values()) == {KEPT}
-    assert len(state.rounds) == 1
-
-
 def test_a_round_learns_from_the_corrections_and_going_back_restores(
     first_run, qtbot, wait_for_run, notifications
 ):
     viewer, widgets = first_run
     adapt, state = widgets["Adapt"], get_state(viewer)
+    assert len(state.rounds) == 1 and state.rounds.current.number == 0
+    assert not adapt.corrections.back_button.isEnabled()
+    assert not adapt.corrections.adapt_button.isEnabled()  # nothing corrected yet
     refs = correct_two_slices(viewer, adapt.corrections, qtbot)
+    assert adapt.corrections.adapt_button.isEnabled()
+    assert adapt.tabs.currentWidget() is adapt.corrections  # editing shows the list
     layer, entropy = viewer.layers[SEGMENTATION_AFTER], viewer.layers[ENTROPY_AFTER]
     start_labels, start_entropy = layer.data.copy(), entropy.data.copy()
     corrected = state.corrections.corrections(layer.data)
@@ -95,6 +78,7 @@ def test_a_round_learns_from_the_corrections_and_going_back_restores(
     assert not adapt.run_button.isEnabled()  # Corrections only needs corrected slices
     assert "your corrections only" in adapt.corrections.round_method.text()
     adapt.corrections.adapt_button.click()
+    assert adapt.tabs.currentWidget() is adapt.plots  # live plots as for Run
     wait_for_run(adapt)
     assert state.status == FINISHED and not notifications["error"]
     assert len(state.rounds) == 2 and state.rounds.current.number == 1
@@ -115,6 +99,15 @@ def test_a_round_learns_from_the_corrections_and_going_back_restores(
     assert state.corrections.slices == sorted(refs)
     assert not adapt.corrections.back_button.isEnabled()
 
+    choose_method(adapt, "tent", epochs=1, batch_size=64)
+    adapt.run_button.click()  # a new start from the loaded model: round 0 again
+    wait_for_run(adapt)
+    np.testing.assert_array_equal(layer.data[mask], corrected[mask])  # kept exactly
+    np.testing.assert_array_equal(layer.data, state.result.prediction.labels)
+    assert state.corrections.slices == sorted(refs)
+    assert set(state.corrections.origins.values()) == {KEPT}
+    assert len(state.rounds) == 1
+
 
 def test_demo_gui_opens_ready_to_correct(make_napari_viewer, qtbot, wait_for_run):
     from napari_uda._qt.demo_gui import open_demo
@@ -130,6 +123,7 @@ def test_demo_gui_opens_ready_to_correct(make_napari_viewer, qtbot, wait_for_run
     qtbot.waitUntil(lambda: viewer.layers.selection.active is not None, timeout=5000)
     layer = viewer.layers.selection.active
     assert layer.name == SEGMENTATION_AFTER and layer.mode == "paint"
+    assert adapt.method_combo.currentData() == "corrections"  # ready for a round
     assert ENTROPY_AFTER in viewer.layers
     assert adapt.corrections.layer is getattr(layer, "__wrapped__", layer)
 

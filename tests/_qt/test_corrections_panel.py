@@ -48,7 +48,7 @@ def test_painted_slices_count_on_the_viewed_axis_and_undo_takes_them_out(after_l
     assert panel.slices.slices == [SliceRef(0, 30), SliceRef(2, 12)]
     texts = [panel.list.item(i).text() for i in range(panel.list.count())]
     assert texts[0].startswith("sagittal 30 (axis 0)") and texts[1].startswith("axial 12")
-    assert panel.title() == "Corrections: 2 slices"
+    assert panel.heading == "Corrections (2)"
 
     corrections = panel.slices.corrections(layer.data)
     assert (corrections[30] == 1).all()  # the whole slice, as the user left it

@@ -13,10 +13,13 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QScrollArea,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -49,6 +52,32 @@ from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
 REFRESH_MS = 1000
 #: Methods offered first when the model allows them.
 PREFERRED_METHODS = ("tent", "adaent", "udas")
+
+
+#: Tallest the settings form gets before it scrolls (pixels).
+SETTINGS_MAX_HEIGHT = 190
+
+
+def settings_scroll(box: QGroupBox) -> QScrollArea:
+    """A frameless scroll area filling ``box``, for a settings form of any length."""
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    inner = QWidget()
+    inner.setLayout(QVBoxLayout())
+    inner.layout().setContentsMargins(0, 0, 0, 0)
+    scroll.setWidget(inner)
+    box.setLayout(QVBoxLayout())
+    box.layout().addWidget(scroll)
+    return scroll
+
+
+def fit_height(scroll: QScrollArea, content: QWidget) -> None:
+    """``scroll`` as tall as ``content`` up to :data:`SETTINGS_MAX_HEIGHT`, then it scrolls."""
+    height = min(content.sizeHint().height() + 2, SETTINGS_MAX_HEIGHT)
+    scroll.setMinimumHeight(height)
+    scroll.setMaximumHeight(height)
 
 
 def _clock(seconds: float) -> str:
@@ -107,7 +136,7 @@ class AdaptWidget(QWidget):
         top.addRow("Method", self.method_combo)
         top.addRow(self.method_summary)
         self.settings_box = QGroupBox("Settings")
-        self.settings_box.setLayout(QVBoxLayout())
+        self.settings_scroll = settings_scroll(self.settings_box)
         bottom = QFormLayout()
         bottom.addRow("Reference (QA)", self.reference.native)
         bottom.addRow("Refresh every (steps)", self.preview_every.native)
@@ -133,8 +162,10 @@ class AdaptWidget(QWidget):
         layout.addLayout(bottom)
         layout.addLayout(buttons)
         layout.addWidget(self.status)
-        layout.addWidget(self.plots, 1)
-        layout.addWidget(self.corrections)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.plots, "Plots")
+        self.tabs.addTab(self.corrections, self.corrections.heading)
+        layout.addWidget(self.tabs, 1)
 
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self.reset_choices)
@@ -151,6 +182,14 @@ class AdaptWidget(QWidget):
         panel.back_button.clicked.connect(self.back_one_round)
         panel.apply_button.clicked.connect(self.other_scans.start)
         panel.changed.connect(self._update_buttons)
+        panel.edited.connect(lambda: self.tabs.setCurrentWidget(self.corrections))
+        self.state.events.status.connect(self._show_plots)
+
+    def _show_plots(self, status) -> None:
+        """The plots come to the front when a run starts (the corrections when the user edits
+        the segmentation)."""
+        if status == RUNNING:
+            self.tabs.setCurrentWidget(self.plots)
 
     def _theme_changed(self, event) -> None:
         self.plots.set_theme(str(event.value))
@@ -213,12 +252,13 @@ class AdaptWidget(QWidget):
         self.method_summary.setText(method.summary)
         self.method_summary.setToolTip(method.reference)
         if self.form is not None:
-            self.settings_box.layout().removeWidget(self.form.native)
+            self.settings_scroll.widget().layout().removeWidget(self.form.native)
             self.form.native.deleteLater()
         self.form = SettingsForm(method.Settings)
         if recommended:  # e.g. deepbet trains its first blocks: the model's measured choice
             self.form.recommend(recommended)
-        self.settings_box.layout().addWidget(self.form.native)
+        self.settings_scroll.widget().layout().addWidget(self.form.native)
+        fit_height(self.settings_scroll, self.form.native)
         self._update_buttons()
 
     def _update_buttons(self, *_args) -> None:
@@ -236,6 +276,7 @@ class AdaptWidget(QWidget):
         if ready and getattr(method, "needs_corrections", False):
             self.run_button.setEnabled(False)
             self.run_button.setToolTip("This method learns from corrected slices only")
+        self.tabs.setTabText(self.tabs.indexOf(self.corrections), self.corrections.heading)
         problem = self._round_problem(after_segmentation(self.viewer))
         title = getattr(method, "title", "") or self.method_combo.currentText()
         only = getattr(method, "needs_corrections", False)

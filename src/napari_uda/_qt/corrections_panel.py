@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QListWidget,
@@ -35,19 +34,26 @@ RECHECK_MS = 250
 #: How each origin reads in the list.
 ORIGINS = {EDITED: "edited", MARKED: "marked as right", KEPT: "used in a round"}
 HINT = (
-    "Correct 'segmentation (after)' with napari's brush, eraser or fill bucket: every slice "
-    "you edit counts as corrected, the whole slice as you leave it."
+    "Correct 'segmentation (after)' with the brush, eraser or fill bucket: each slice you "
+    "edit counts, whole, as you leave it."
+)
+TOOLTIP = (
+    "Slices count along the axis the viewer steps through (change it with napari's transpose "
+    "or roll buttons). Undo and redo are followed. Un-mark: the slice no longer counts (its "
+    "labels stay). Mark this slice: count the slice on screen although it needs no change."
 )
 
 
-class CorrectionsPanel(QGroupBox):
+class CorrectionsPanel(QWidget):
     """The corrected slices, where the viewer is, and the correct-then-adapt buttons (which the
-    Adapt widget connects). ``changed`` is emitted when the list changes."""
+    Adapt widget connects). ``changed`` is emitted when the list is shown again, ``edited``
+    when the user's edits changed it."""
 
     changed = Signal()
+    edited = Signal()
 
     def __init__(self, viewer, state, parent: QWidget | None = None):
-        super().__init__("Corrections", parent)
+        super().__init__(parent)
         self.viewer = viewer
         self.state = state
         self.layer = None  # the segmentation (after) layer being followed
@@ -63,14 +69,20 @@ class CorrectionsPanel(QGroupBox):
     def slices(self):
         return self.state.corrections
 
+    @property
+    def heading(self) -> str:
+        """The panel's tab title: how many slices count."""
+        return f"Corrections ({len(self.slices)})"
+
     # -- building -------------------------------------------------------------------------------
     def _build(self) -> None:
         hint = QLabel(HINT)
         hint.setWordWrap(True)
+        hint.setToolTip(TOOLTIP)
         self.where = QLabel()
         self.where.setWordWrap(True)
         self.list = QListWidget()
-        self.list.setMaximumHeight(110)
+        self.list.setMaximumHeight(96)
         self.list.setToolTip("Double-click a slice to go to it")
         self.list.itemDoubleClicked.connect(self._go_to_item)
         self.list.itemSelectionChanged.connect(self._update_list_buttons)
@@ -106,19 +118,17 @@ class CorrectionsPanel(QGroupBox):
         list_buttons = QHBoxLayout()
         for button in (self.go_button, self.unmark_button, self.mark_button):
             list_buttons.addWidget(button)
-        adapt_row = QHBoxLayout()
-        adapt_row.addWidget(self.adapt_button)
-        adapt_row.addWidget(self.round_method, 1)
-        rounds_row = QHBoxLayout()
-        rounds_row.addWidget(self.rounds, 1)
-        rounds_row.addWidget(self.back_button)
+        round_buttons = QHBoxLayout()
+        for button in (self.adapt_button, self.back_button, self.apply_button):
+            round_buttons.addWidget(button)
         layout = QVBoxLayout(self)
         for widget in (hint, self.where, self.list):
             layout.addWidget(widget)
         layout.addLayout(list_buttons)
-        layout.addLayout(adapt_row)
-        layout.addLayout(rounds_row)
-        layout.addWidget(self.apply_button)
+        layout.addLayout(round_buttons)
+        layout.addWidget(self.round_method)
+        layout.addWidget(self.rounds)
+        layout.addStretch(1)
 
     def _connect(self) -> None:
         self.viewer.layers.events.inserted.connect(self._layers_changed)
@@ -169,6 +179,7 @@ class CorrectionsPanel(QGroupBox):
         """Compare the touched slices again (after napari's undo or redo)."""
         if self._tracking() and self.slices.recheck(self.layer.data):
             self.show_slices()
+            self.edited.emit()
 
     def start_from(self, labels, *, keep: bool) -> None:
         """A run ended showing ``labels``: later edits are compared with them. ``keep``: the
@@ -198,7 +209,6 @@ class CorrectionsPanel(QGroupBox):
             self.list.addItem(item)
             if ref == selected:
                 item.setSelected(True)
-        self.setTitle(f"Corrections: {len(self.slices)} slice{'s' * (len(self.slices) != 1)}")
         self.show_where()
         self._update_list_buttons()
         self.changed.emit()
@@ -228,7 +238,7 @@ class CorrectionsPanel(QGroupBox):
         rounds = self.state.rounds
         self.adapt_button.setEnabled(not problem and not running)
         self.adapt_button.setToolTip(problem or "One round: adapt the current model to your slices")
-        self.round_method.setText(f"learns from {method_title}" if method_title else "")
+        self.round_method.setText(f"A round learns from {method_title}." if method_title else "")
         self.back_button.setEnabled(len(rounds) > 1 and not running)
         self.apply_button.setEnabled(rounds.current is not None and not running)
         current = rounds.current
@@ -278,6 +288,7 @@ class CorrectionsPanel(QGroupBox):
         if self._tracking():
             self.slices.mark(self.current_slice())
             self.show_slices()
+            self.edited.emit()
 
 
 def _button(text: str, tooltip: str, slot=None) -> QPushButton:

@@ -4,8 +4,8 @@
 Opens the demo session (the new-scanner head, its reference mask for QA, the demo model, the
 Model and Adapt widgets), shows an axial slice, and presses **Run** in the Adapt widget with
 TENT (label-free, a few seconds on the demo). When the run ends, ``segmentation (after)`` is
-selected with napari's brush, and a notification says what to do next: correct a few slices,
-then press **Adapt with corrections**.
+selected with napari's brush, the method becomes *Corrections only*, and a notification says
+what to do next: correct a few slices, then press **Adapt with corrections**.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+#: The method chosen for rounds once the first run has ended.
+ROUND_METHOD = "corrections"
 #: What the user reads when the first run has ended.
 NEXT_STEP = (
     "Correct 'segmentation (after)' on a few slices (brush, eraser, fill bucket; each slice "
-    "you edit counts), then press 'Adapt with corrections' in the Adapt widget."
+    "you edit counts), then press 'Adapt with corrections' in the Adapt widget (method: "
+    "Corrections only)."
 )
 TARGET, REFERENCE = "head (new scanner)", "brain mask (new scanner)"
 
@@ -56,6 +59,9 @@ def _ready_to_correct(viewer, adapt) -> bool:
         return False
     viewer.layers.selection.active = layer
     layer.mode = "paint"
+    index = adapt.method_combo.findData(ROUND_METHOD)
+    if index >= 0:
+        adapt.method_combo.setCurrentIndex(index)
     show_info(NEXT_STEP)
     return True
 
