@@ -5,7 +5,7 @@ adaptation (in a separate process by default, relayed by a napari thread worker;
 from __future__ import annotations
 
 import numpy as np
-from magicgui.widgets import ComboBox, SpinBox
+from magicgui.widgets import ComboBox, LineEdit, SpinBox
 from napari.layers import Image, Labels
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -26,7 +26,8 @@ from qtpy.QtWidgets import (
 
 from ..adaptation.base import available_methods
 from ..adaptation.events import AdaptationEvent, AdaptationResult
-from ..settings import SettingsError
+from ..core.plausibility import PlausibilitySettings, parse_expected_volumes
+from ..settings import SettingsError, describe
 from .corrections_panel import CorrectionsPanel
 from .forms import SettingsForm
 from .gui_queue import GuiQueue
@@ -130,6 +131,9 @@ class AdaptWidget(QWidget):
             "collapse guard and the 'after' layers (0: once per epoch, as the CLI does).",
         )
         self.seed = SpinBox(value=0, min=0, max=2**31 - 1, tooltip="Random seed of the run")
+        [volume_spec] = describe(PlausibilitySettings)
+        self.expected_volume = LineEdit(value="", tooltip=volume_spec.help)
+        self.expected_volume.native.setPlaceholderText("e.g. brain=1000:1800 (model's range)")
 
         top = QFormLayout()
         top.addRow("Target image", self.target.native)
@@ -141,6 +145,7 @@ class AdaptWidget(QWidget):
         bottom.addRow("Reference (QA)", self.reference.native)
         bottom.addRow("Refresh every (steps)", self.preview_every.native)
         bottom.addRow("Seed", self.seed.native)
+        bottom.addRow("Expected volume (ml)", self.expected_volume.native)
 
         self.run_button = QPushButton("Run")
         self.run_button.clicked.connect(self.run)
@@ -267,7 +272,13 @@ class AdaptWidget(QWidget):
         self.run_button.setEnabled(ready and not running)
         self.run_button.setToolTip("" if ready else "Open a model and an image first")
         self.stop_button.setEnabled(self.state.status == RUNNING)
-        for widget in (self.target, self.reference, self.preview_every, self.seed):
+        for widget in (
+            self.target,
+            self.reference,
+            self.preview_every,
+            self.seed,
+            self.expected_volume,
+        ):
             widget.enabled = not running
         self.method_combo.setEnabled(not running)
         if self.form is not None:
@@ -336,6 +347,9 @@ class AdaptWidget(QWidget):
             settings = self.form.values()
             volume = layer_volume(target)
             reference = layer_volume(self.reference.value) if self.reference.value else None
+            expected = parse_expected_volumes(
+                self.expected_volume.value, model.class_names, where="Expected volume"
+            )
         except (SettingsError, ValueError) as error:
             show_error(str(error))
             return False
@@ -358,6 +372,7 @@ class AdaptWidget(QWidget):
             self.separate_process,
             None if corrections is None else volume.with_data(corrections),
             self._keep,  # the after layers keep the corrected slices exactly (in the worker)
+            expected,
         )
         self.state.result = None
         self.state.target_layer = target.name
@@ -507,9 +522,23 @@ class AdaptWidget(QWidget):
             )
         if self.state.run_info.get("round"):
             summary = f"Round {self.state.run_info['round']}: {summary}"
-        self.status.setText(summary)
-        show_info(summary)
+        self._say_gate(outcome, summary)
         self.corrections.show_slices()
+
+    def _say_gate(self, outcome: AdaptationResult, summary: str) -> None:
+        """The run's summary with the gate's decision in the status; a napari warning for a
+        roll-back and for every loud line (implausible volume, large change of volume)."""
+        gate = outcome.gate
+        if gate is not None:
+            summary += f". Gate: {gate.summary}"
+        lines = list(gate.warnings) if gate is not None else []
+        self.status.setText("\n".join([summary, *(f"⚠ {line}" for line in lines)]))
+        if gate is not None and gate.rolled_back:
+            show_warning(f"Adaptation did not look better: {gate.summary}")
+        else:
+            show_info(summary)
+        for line in lines:
+            show_warning(line)
 
     def _record_round(self, outcome: AdaptationResult) -> None:
         """Keep the run as a round; edits from now on are compared with what it showed."""

@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -97,6 +97,9 @@ class RunRequest:
     #: Corrections (int16, -1 elsewhere) that every *after* segmentation of the run keeps
     #: exactly (pasted in the worker), or None.
     keep: np.ndarray | None = None
+    #: The user's expected volume per class in ml (replacing the model's own ranges), for the
+    #: keep-or-roll-back gate at the end of the run.
+    expected_volume: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def readable(error: BaseException) -> str:
@@ -116,6 +119,18 @@ def warm_up() -> None:
         from vispy.visuals.line.dash_atlas import DashAtlas
 
         DashAtlas()
+
+
+def gated(result, request: RunRequest):
+    """``result`` after the keep-or-roll-back gate (:func:`~napari_uda.adaptation.gate.
+    apply_gate`, off the GUI thread) with the model's and the user's expected volumes."""
+    from ..adaptation.gate import apply_gate
+    from ..core.plausibility import merge_expected
+
+    if result.gate is None:  # not gated by the engine
+        expected = merge_expected(request.model.expected_volumes(), request.expected_volume)
+        apply_gate(result, request.model, [request.target], expected=expected)
+    return result
 
 
 def adaptation_job(
@@ -149,7 +164,7 @@ def adaptation_job(
             try:
                 event = next(events)
             except StopIteration as end:
-                return _kept_in_result(end.value, request.keep)
+                return _kept_in_result(gated(end.value, request), request.keep)
             if event.step == 0 and event.preview is not None:
                 before = event.preview
                 after = Prediction(
