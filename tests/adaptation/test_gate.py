@@ -114,11 +114,26 @@ def test_the_gate_rolls_back_a_run_that_painted_the_whole_head(
     assert result.extra["gate"]["keep"] == "source" and result.gate is decision
 
 
-def test_the_gate_keeps_a_run_that_raised_dice(adapt_demo, demo_model, demo_target_slab):
-    result, before, after = adapt_demo("tent", {"epochs": 3})
+def test_the_engine_gates_a_run_that_raised_dice_and_keeps_it(
+    demo_model, demo_target_slab, demo_reference_slab
+):
+    from napari_uda.adaptation.engine import adapt
+
+    result = adapt(
+        demo_model,
+        demo_target_slab,
+        "tent",
+        {"epochs": 3},
+        reference=demo_reference_slab,
+        device="cpu",
+        gate=GateOptions(),
+        expected_volumes={"brain": (1.0, 2.0)},  # no brain is this small: flagged, not decisive
+    )
+    before, after = result.reference_dice_before[0], result.reference_dice_after[0]
     assert after > before + 0.1, (before, after)  # TENT fixes the demo scanner shift
-    decision = apply_gate(result, demo_model, [demo_target_slab])
+    decision = result.gate
     assert decision.keep == "adapted", decision.summary
-    assert result.reference_dice_after[0] == after
+    assert result.extra["gate"]["keep"] == "adapted" and decision.seconds > 0
     assert decision.adapted.tta_agreement is not None and decision.adapted.dropout_agreement
-    assert decision.seconds > 0
+    assert decision.expected_ml == {"brain": [1.0, 2.0]}
+    assert any("implausible volume in the kept mask: brain" in w for w in decision.warnings)

@@ -121,18 +121,6 @@ def warm_up() -> None:
         DashAtlas()
 
 
-def gated(result, request: RunRequest):
-    """``result`` after the keep-or-roll-back gate (:func:`~napari_uda.adaptation.gate.
-    apply_gate`, off the GUI thread) with the model's and the user's expected volumes."""
-    from ..adaptation.gate import apply_gate
-    from ..core.plausibility import merge_expected
-
-    if result.gate is None:  # not gated by the engine
-        expected = merge_expected(request.model.expected_volumes(), request.expected_volume)
-        apply_gate(result, request.model, [request.target], expected=expected)
-    return result
-
-
 def adaptation_job(
     request: RunRequest,
     should_stop: Callable[[], bool],
@@ -141,6 +129,7 @@ def adaptation_job(
 ) -> Iterator[Any]:
     """The worker's generator (runs off the GUI thread); see the module docstring."""
     from ..adaptation.engine import EngineOptions, run_adaptation
+    from ..adaptation.gate import GateOptions
     from ..adaptation.worker_process import run_adaptation_in_process
 
     engine = run_adaptation_in_process if request.separate_process else run_adaptation
@@ -158,13 +147,15 @@ def adaptation_job(
             preview_every=request.preview_every,
             should_stop=should_stop,
             options=EngineOptions(evaluate_every=request.preview_every),
+            gate=GateOptions(),  # keep or roll back, with the model's and the user's ranges
+            expected_volumes=request.expected_volume,
             **extra,
         )
         while True:
             try:
                 event = next(events)
             except StopIteration as end:
-                return _kept_in_result(gated(end.value, request), request.keep)
+                return _kept_in_result(end.value, request.keep)
             if event.step == 0 and event.preview is not None:
                 before = event.preview
                 after = Prediction(

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +43,14 @@ from ..core.corrections import NOT_CORRECTED
 from ..core.device import resolve_device
 from ..core.inference import predict_batches
 from ..core.models.adapter import ModelAdapter
+from ..core.plausibility import merge_expected
 from ..core.volume import Volume
 from ..settings import setting, settings_to_dict
 from .base import AdaptationContext, AdaptationMethod, StepOutput
 from .checkpoints import CheckpointKeeper
 from .evaluation import Evaluator, reference_dice
 from .events import AdaptationEvent, AdaptationResult, CheckpointChoice
+from .gate import GateOptions, apply_gate, left_right_dim
 from .guard import CollapseGuard, GuardOptions, Signals
 from .plan import AdaptationError, RunPlan, SettingsInput, plan_run, resolve_settings
 from .targets import TargetSet
@@ -238,6 +240,8 @@ def run_adaptation(
     should_stop: Callable[[], bool] | None = None,
     options: EngineOptions | None = None,
     corrections: Volume | np.ndarray | None = None,
+    gate: GateOptions | None = None,
+    expected_volumes: Mapping[str, tuple[float, float]] | None = None,
 ) -> Generator[AdaptationEvent, None, AdaptationResult]:
     """Adapt a copy of ``model`` to ``volumes`` with ``method``; yield events, return the result.
 
@@ -257,6 +261,12 @@ def run_adaptation(
         corrections: a label map on the first volume's grid: the user's label where they
             corrected it, :data:`~napari_uda.core.corrections.NOT_CORRECTED` (-1) elsewhere.
             Methods see it as ``AdaptationContext.corrections``; None (default): none.
+        gate: :class:`~napari_uda.adaptation.gate.GateOptions`: at the end, compare the
+            adapted and the unadapted model with label-free signals and roll back when
+            adaptation does not look better (``result.gate`` says what and why). None
+            (default): not gated; the CLI and the napari widgets always gate.
+        expected_volumes: the user's expected volume per class in ml (``{"brain": (1000,
+            1800)}``), replacing the model's own ranges, for the gate's volume rules and flags.
 
     Raises:
         AdaptationError: the model lacks what the method needs, bad settings, reference or
@@ -316,7 +326,36 @@ def run_adaptation(
     run.method.finish()
     if step > last_evaluated:
         run.evaluate(step, epoch)
-    return _result(run, history, step, stopped, stop_reason, reference, seed, device)
+    result = _result(run, history, step, stopped, stop_reason, reference, seed, device)
+    if gate is not None:
+        _gate_result(run, result, gate, expected_volumes, device, seed)
+    return result
+
+
+def _gate_result(
+    run: _Run,
+    result: AdaptationResult,
+    options: GateOptions,
+    expected: Mapping[str, tuple[float, float]] | None,
+    device: torch.device,
+    seed: int | None,
+) -> None:
+    """The keep-or-roll-back gate on the finished run, reusing its prepared inputs and both
+    models' probabilities (:func:`~napari_uda.adaptation.gate.apply_gate`)."""
+    kept, _ = run.keeper.final()
+    apply_gate(
+        result,
+        run.context.source_model,
+        expected=merge_expected(run.model.expected_volumes(), dict(expected or {})),
+        options=options,
+        device=device,
+        inputs=run.targets.inputs,
+        valid=run.targets.valid,
+        source_probabilities=run.context.initial_probabilities,
+        adapted_probabilities=kept.probabilities,
+        lr_dim=left_right_dim(run.targets.prepared[0]),
+        seed=seed or 0,
+    )
 
 
 def _result(

@@ -499,6 +499,7 @@ def _roll_back(result, source_model: ModelAdapter, decision: GateDecision) -> No
     from .events import CheckpointChoice
 
     model = source_model.clone()
+    model.network.requires_grad_(True)  # as an adapted model (a later round may train it)
     model.network.eval().to("cpu")
     result.model = model
     result.prediction = result.initial_prediction

@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
 def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
     from ..adaptation.base import get_method
     from ..adaptation.engine import AdaptationError, adapt, resolve_settings
+    from ..adaptation.gate import GateOptions
 
     method = get_method(args.method)
     settings = resolve_settings(method, args.settings)
@@ -183,10 +184,12 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
         seed=args.seed,
         device=str(device),
         on_event=on_event,
+        gate=GateOptions(gate=not args.no_gate),
+        expected_volumes=expected,
     )
     if last_event is not None and not args.quiet:
         print(_progress_line(last_event, class_names), file=sys.stderr, flush=True)
-    decision = _gate(result, model, volumes, expected, args, device)
+    decision = result.gate
 
     for index, prediction in enumerate(result.predictions):
         outputs.write(args.out[index], partial(save_volume, prediction.label_volume()))
@@ -223,13 +226,3 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
     print(f"napari-uda adapt: gate: {decision.summary}", file=sys.stderr, flush=True)
     warn_lines("adapt", decision.warnings)
     return 0
-
-
-def _gate(result, model, volumes, expected, args, device):
-    """The keep-or-roll-back decision on the finished run (rolled back unless --no-gate)."""
-    from ..adaptation.gate import GateOptions, apply_gate
-
-    if result.gate is not None:  # the engine gated the run
-        return result.gate
-    options = GateOptions(gate=not args.no_gate)
-    return apply_gate(result, model, volumes, expected=expected, options=options, device=device)
