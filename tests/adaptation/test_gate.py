@@ -27,32 +27,32 @@ def volumes(before: float, after: float) -> list[dict]:
 
 # -- the rules, on given signals -------------------------------------------------------------------
 def test_a_volume_leaving_its_expected_range_rolls_back():
-    decision = decide(signals(0.9), signals(0.95), volumes(1200, 1900), {"brain": (1000, 1800)})
+    decision = decide(signals(0.95), signals(0.97), volumes(1200, 1900), {"brain": (1000, 1800)})
     assert decision.rolled_back and "outside the expected range" in decision.reasons[0]
     assert decision.warnings == []  # the kept (source) mask is plausible
     assert decision.summary.startswith("kept the unadapted model: adaptation did not look better")
 
 
 def test_a_volume_entering_its_expected_range_is_kept_even_when_it_changes_much():
-    decision = decide(signals(0.9), signals(0.9), volumes(400, 1300), {"brain": (1000, 1800)})
+    decision = decide(signals(0.95), signals(0.95), volumes(400, 1300), {"brain": (1000, 1800)})
     assert not decision.rolled_back and "into the expected range" in decision.reasons[-1]
     assert any("changed brain from 400 to 1300 ml" in w for w in decision.warnings)
 
 
 def test_a_large_volume_change_rolls_back_without_a_range():
-    decision = decide(signals(0.9), signals(0.99), volumes(307, 2261))
+    decision = decide(signals(0.95), signals(0.99), volumes(307, 2261))
     assert decision.rolled_back and "brain 307 -> 2261 ml" in decision.reasons[0]
 
 
 def test_lower_agreement_rolls_back_and_similar_agreement_keeps():
     worse = decide(signals(0.95), signals(0.85), volumes(1200, 1250))
     assert worse.rolled_back and "less consistent" in worse.reasons[0]
-    same = decide(signals(0.95), signals(0.94), volumes(1200, 1250))
+    same = decide(signals(0.95), signals(0.948), volumes(1200, 1250))
     assert not same.rolled_back
 
 
 def test_both_outside_the_range_keeps_by_the_other_rules_and_warns():
-    decision = decide(signals(0.9), signals(0.9), volumes(500, 600), {"brain": (1000, 1800)})
+    decision = decide(signals(0.95), signals(0.95), volumes(500, 600), {"brain": (1000, 1800)})
     assert not decision.rolled_back
     assert decision.warnings == [
         "implausible volume in the kept mask: brain: 600 ml is below the expected 1000-1800 ml"
@@ -65,6 +65,15 @@ def test_with_the_gate_off_the_adapted_model_stays_and_the_decision_says_so():
     )
     assert not decision.rolled_back and decision.reasons[0].startswith("gate off")
     assert any("+636%" in w or "+636 %" in w for w in decision.warnings)
+
+
+def test_a_model_unsure_of_the_scan_is_flagged():
+    decision = decide(signals(0.85), signals(0.86), volumes(1200, 1210))
+    assert not decision.rolled_back
+    assert decision.warnings == [
+        "the kept model is unsure of this scan: its mask agrees with itself under test-time "
+        "augmentation only 0.86 (Dice); check the mask"
+    ]
 
 
 def test_options_are_validated():
