@@ -234,3 +234,4 @@ def test_a_failed_export_leaves_nothing_and_a_blocked_folder_is_refused_first(
     export.folder.value = blocker / "out"
     assert export.export() is None
     assert f"{blocker} is a file" in notifications["error"][-1]
+    assert f"{blocker} is a file" in export.plan.text()  # stays after the notification goes

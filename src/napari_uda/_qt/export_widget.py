@@ -222,16 +222,14 @@ class ExportWidget(QWidget):
             try:  # the model's own files are never replaced, whatever the check box says
                 result.model.check_save_path(plan["model"][0])
             except ValueError as error:
-                show_error(f"Not exported: {error}")
-                return None
+                return self._refuse(f"Not exported: {error}")
         existing = [p.name for paths in plan.values() for p in paths if p.exists()]
         if existing and not self.replace.value:
-            show_error(
+            return self._refuse(
                 f"Not exported: {', '.join(existing)} already exist(s) in "
                 f"{self.folder.value}. Choose another name or tick 'Replace existing "
                 "files'."
             )
-            return None
         outputs = self._check_locations(result, plan)
         if outputs is None:
             return None
@@ -257,9 +255,13 @@ class ExportWidget(QWidget):
                     outputs.add(path, path.name)
         except OutputError as error:
             outputs.discard()
-            show_error(f"Not exported: {error}")
-            return None
+            return self._refuse(f"Not exported: {error}")
         return outputs
+
+    def _refuse(self, message: str) -> None:
+        """Say why nothing was exported: a notification, and under the button (it stays)."""
+        show_error(message)
+        self.plan.setText(message)
 
     def _jobs(self, result, plan: dict[str, list[Path]], staged=Path) -> list[tuple]:
         """The writes, each to ``staged(path)`` (default the path itself)."""
