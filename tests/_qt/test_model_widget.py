@@ -82,6 +82,21 @@ def test_device_choice(docked, tiny_bundle_path):
     assert load_model(tiny_bundle_path).info().norm_type == "batch"
 
 
+def test_threads_choice(docked):
+    from napari_uda.core.threads import usable_cores
+
+    viewer, widgets = docked
+    combo = widgets["Model"].threads_combo
+    items = [combo.itemText(index) for index in range(combo.count())]
+    assert items == ["auto", *(str(n) for n in range(1, usable_cores() + 1))]
+    state = get_state(viewer)
+    assert state.threads == "auto"
+    combo.setCurrentText("1")
+    assert state.threads == "1"
+    state.status = "running"
+    assert not combo.isEnabled()
+
+
 def test_named_model_menu_opens_deepbet_and_adapt_disables_what_cannot_apply(docked):
     from napari_uda.adaptation import available_methods
     from napari_uda.core.models.registry import named_models

@@ -133,3 +133,18 @@ def test_torchscript_models_cross_the_process_boundary(tiny_target):
         torch.testing.assert_close(value, here.model.scripted.state_dict()[name])
     trainable = [p.requires_grad for p in here.model.network.parameters()]
     assert [p.requires_grad for p in there.model.network.parameters()] == trainable
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_child_computes_with_the_threads_asked_for_and_quiet_openmp(
+    tiny_model, tiny_target, threads, monkeypatch
+):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.delenv("OMP_WAIT_POLICY")  # restored (unset) after the test
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    run = run_adaptation_in_process(
+        tiny_model, tiny_target, "tent", {"epochs": 1}, device="cpu", threads=threads
+    )
+    _, result = drain(run)
+    assert result.extra["cpu_threads"] == threads
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # what the child inherited

@@ -373,6 +373,7 @@ class AdaptWidget(QWidget):
             None if corrections is None else volume.with_data(corrections),
             self._keep,  # the after layers keep the corrected slices exactly (in the worker)
             expected,
+            threads=self.state.threads,
         )
         self.state.result = None
         self.state.target_layer = target.name
@@ -382,6 +383,7 @@ class AdaptWidget(QWidget):
             "settings": settings,
             "seed": self.seed.value,
             "device": self.state.device_in_use,
+            "threads": self.state.threads,
             "preview_every": self.preview_every.value,
             "round": len(self.state.rounds) if corrections is not None else 0,
         }

@@ -1,5 +1,5 @@
 """The *Model* dock widget: open a model (file dialog or the shipped demo model), show what it
-is, and choose the device."""
+is, and choose the device and the number of CPU threads."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
 from ..core.device import available_devices, resolve_device
 from ..core.models import load_model
 from ..core.models.registry import named_models
+from ..core.threads import AUTO, usable_cores
 from .state import get_state
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -94,6 +95,7 @@ class ModelWidget(QWidget):
         device_row.addWidget(self.device_combo)
         device_row.addWidget(self.device_in_use, 1)
         form.addRow("Device", device_row)
+        form.addRow("CPU threads", self._threads_combo())
 
         layout = QVBoxLayout(self)
         layout.addLayout(buttons)
@@ -104,6 +106,21 @@ class ModelWidget(QWidget):
         self.state.events.status.connect(self._show_status)
         self._set_device(self.state.device)
         self._show_model(self.state.model)
+
+    def _threads_combo(self) -> QComboBox:
+        """``auto`` (the cores free when a run starts, or OMP_NUM_THREADS) or 1 .. cores."""
+        self.threads_combo = QComboBox()
+        self.threads_combo.addItems([AUTO, *(str(n) for n in range(1, usable_cores() + 1))])
+        self.threads_combo.setToolTip(
+            "PyTorch threads on the CPU. auto: OMP_NUM_THREADS if set, else the cores free when "
+            "a run starts (on a busy workstation fewer threads are faster)."
+        )
+        self.threads_combo.setCurrentText(str(self.state.threads))
+        self.threads_combo.currentTextChanged.connect(self._set_threads)
+        return self.threads_combo
+
+    def _set_threads(self, choice: str) -> None:
+        self.state.threads = choice
 
     # -- actions ---------------------------------------------------------------------------
     def _named_models_menu(self) -> QMenu:
@@ -188,5 +205,6 @@ class ModelWidget(QWidget):
 
     def _show_status(self, status: str) -> None:
         busy = self.state.running
-        for widget in (self.open_button, self.demo_button, self.named_button, self.device_combo):
+        widgets = (self.open_button, self.demo_button, self.named_button, self.device_combo)
+        for widget in (*widgets, self.threads_combo):
             widget.setEnabled(not busy)

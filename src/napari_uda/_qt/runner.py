@@ -100,6 +100,9 @@ class RunRequest:
     #: The user's expected volume per class in ml (replacing the model's own ranges), for the
     #: keep-or-roll-back gate at the end of the run.
     expected_volume: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: PyTorch CPU threads: ``"auto"`` (OMP_NUM_THREADS if set, else the cores free when the
+    #: run starts; :mod:`napari_uda.core.threads`) or a number.
+    threads: str = "auto"
 
 
 def readable(error: BaseException) -> str:
@@ -131,11 +134,17 @@ def adaptation_job(
     from ..adaptation.engine import EngineOptions, run_adaptation
     from ..adaptation.gate import GateOptions
     from ..adaptation.worker_process import run_adaptation_in_process
+    from ..core.threads import apply_threads
 
-    engine = run_adaptation_in_process if request.separate_process else run_adaptation
+    if request.separate_process:
+        engine = functools.partial(run_adaptation_in_process, threads=request.threads)
+    else:
+        engine = run_adaptation
     extra = {} if request.corrections is None else {"corrections": request.corrections}
     try:
         warm_up()
+        if not request.separate_process:
+            apply_threads(request.threads)
         events = engine(
             request.model,
             [request.target],

@@ -46,6 +46,8 @@ class SessionState:
         model_source: where it came from (a path, or ``"demo model"``).
         device: the user's device choice: ``auto`` (default), ``cpu``, ``cuda`` or ``mps``.
         device_in_use: the device ``device`` resolves to here.
+        threads: PyTorch CPU threads: ``auto`` (default: OMP_NUM_THREADS if set, else the
+            cores free when a run starts) or a number.
         status: ``idle``, ``running``, ``stopping``, ``finished``, ``stopped`` or ``failed``.
         target_layer: name of the image layer of the last run.
         reference_layer: name of the reference labels layer of the last run, if any.
@@ -60,6 +62,7 @@ class SessionState:
     model_source: str = ""
     device: str = "auto"
     device_in_use: str = "cpu"
+    threads: str = "auto"
     status: str = IDLE
     target_layer: str | None = None
     reference_layer: str | None = None

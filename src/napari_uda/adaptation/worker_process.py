@@ -33,6 +33,9 @@ import traceback
 from collections.abc import Callable, Generator
 from typing import Any
 
+import torch
+
+from ..core.threads import choose_threads, quiet_openmp_waiting
 from .engine import run_adaptation
 from .events import AdaptationEvent, AdaptationResult
 
@@ -50,10 +53,20 @@ class AdaptationProcessError(RuntimeError):
 
 
 def run_adaptation_in_process(
-    *args: Any, should_stop: Callable[[], bool] | None = None, **kwargs: Any
+    *args: Any,
+    should_stop: Callable[[], bool] | None = None,
+    threads: str | int | None = "auto",
+    **kwargs: Any,
 ) -> Generator[AdaptationEvent, None, AdaptationResult]:
     """:func:`~napari_uda.adaptation.engine.run_adaptation` in a child process (see the module
-    docstring); same arguments, events and result."""
+    docstring); same arguments, events and result.
+
+    ``threads`` (default ``"auto"``) is the child's number of PyTorch threads, chosen here, just
+    before the start, by :func:`~napari_uda.core.threads.choose_threads` (a number wins, then
+    ``OMP_NUM_THREADS``, then the cores free now); the child's OpenMP does not spin while it
+    waits (:func:`~napari_uda.core.threads.quiet_openmp_waiting`, inherited environment)."""
+    choice = choose_threads(threads)
+    quiet_openmp_waiting()
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     stop, resume = context.Event(), context.Event()
@@ -62,7 +75,7 @@ def run_adaptation_in_process(
     payload = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
     child = context.Process(
         target=_serve,
-        args=(payload, sender, stop, resume),
+        args=(payload, sender, stop, resume, choice.threads),
         name="napari-uda adaptation",
         daemon=True,
     )
@@ -109,15 +122,19 @@ def _receive(receiver, child, stop, should_stop: Callable[[], bool] | None) -> t
     )
 
 
-def _serve(payload: bytes, sender, stop, resume) -> None:
-    """The child: run the engine, send ``(kind, value)`` messages, never raise."""
+def _serve(payload: bytes, sender, stop, resume, threads: int = 0) -> None:
+    """The child: run the engine with ``threads`` PyTorch threads (0: torch's default), send
+    ``(kind, value)`` messages, never raise."""
     try:
+        if threads:
+            torch.set_num_threads(threads)
         args, kwargs = pickle.loads(payload)
         events = run_adaptation(*args, should_stop=stop.is_set, **kwargs)
         while True:
             try:
                 event = next(events)
             except StopIteration as finished:
+                finished.value.extra["cpu_threads"] = torch.get_num_threads()
                 _send(sender, "result", finished.value)
                 return
             _send(sender, "event", event)

@@ -50,6 +50,19 @@ def error_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N|auto`` for subcommands that compute (applied by :func:`main`)."""
+    parser.add_argument(
+        "--threads",
+        default="auto",
+        metavar="N|auto",
+        help=(
+            "PyTorch CPU threads (default auto: OMP_NUM_THREADS if set, else the cores free "
+            "now; on a busy machine fewer threads are faster)"
+        ),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="napari-uda",
@@ -77,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     argv = [word for word in argv if word != DEBUG_FLAG]
+
+    from ..core.threads import apply_threads, quiet_openmp_waiting
+
+    quiet_openmp_waiting()  # before the subcommands import torch (and with it OpenMP)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # --help (0) or an option error (2, one line already printed)
         return exit.code if isinstance(exit.code, int) else 2
     try:
+        if hasattr(args, "threads"):
+            args.thread_choice = apply_threads(args.threads)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print(f"napari-uda {args.command}: interrupted; nothing was written", file=sys.stderr)

@@ -19,7 +19,7 @@ from ..core.device import resolve_device
 from ..core.models import load_model
 from ..core.outputs import OutputSet
 from ..core.volume import is_nifti_path, load_volume, save_volume
-from . import CLIError, add_settings_option
+from . import CLIError, add_settings_option, add_threads_option
 from .checks import check_reference, load_scan
 from .expected_volume import add_expected_volume_option, expected_volumes, warn_lines
 
@@ -69,6 +69,7 @@ def add_parser(subparsers) -> None:
         "unadapted one (the decision and volume warnings are still reported)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_threads_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -170,8 +171,10 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
         last_event = event
 
     if not args.quiet:
+        threads = getattr(args, "thread_choice", None)  # set by cli.main
+        on = f", threads {threads.reason}" if threads and device.type == "cpu" else ""
         print(
-            f"napari-uda adapt: {method.name} on {len(volumes)} volume(s), device {device}",
+            f"napari-uda adapt: {method.name} on {len(volumes)} volume(s), device {device}{on}",
             file=sys.stderr,
             flush=True,
         )

@@ -22,7 +22,7 @@ from ..core.models import load_model
 from ..core.outputs import OutputSet
 from ..core.volume import Volume, load_volume
 from ..data import demo_files
-from . import CLIError, add_settings_option
+from . import CLIError, add_settings_option, add_threads_option
 
 #: Adaptation method the demo uses unless ``--method`` says otherwise.
 DEFAULT_METHOD = "adabn"
@@ -54,6 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default auto"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_threads_option(parser)
     parser.set_defaults(run=run)
     return parser
 

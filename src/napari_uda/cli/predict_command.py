@@ -12,7 +12,7 @@ from ..core.inference import Prediction, predict_volume
 from ..core.models import ModelAdapter, load_model
 from ..core.outputs import OutputSet
 from ..core.volume import Volume, is_nifti_path, save_volume
-from . import CLIError
+from . import CLIError, add_threads_option
 from .checks import load_scan
 from .expected_volume import add_expected_volume_option, check_prediction, expected_volumes
 
@@ -39,6 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default auto"
     )
     add_expected_volume_option(parser)
+    add_threads_option(parser)
     parser.set_defaults(run=run)
     return parser
 

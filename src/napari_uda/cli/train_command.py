@@ -17,7 +17,7 @@ from ..core.preprocessing import PreprocessingConfig
 from ..core.training import TrainingProgress, TrainingSettings, train_bundle
 from ..core.volume import load_volume
 from ..settings import apply_overrides, describe
-from . import CLIError, add_settings_option
+from . import CLIError, add_settings_option, add_threads_option
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -79,6 +79,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="percentile_zscore",
     )
     parser.add_argument("--quiet", action="store_true", help="print no progress")
+    add_threads_option(parser)
     parser.set_defaults(run=run)
     return parser
 
