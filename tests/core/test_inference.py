@@ -15,6 +15,7 @@ from volume_factory import ANISOTROPIC, ORIENTATIONS, affine_for, head_like
 from napari_uda.core.device import DeviceError, available_devices, resolve_device
 from napari_uda.core.inference import (
     Prediction,
+    class_labels,
     normalized_entropy,
     predict_batches,
     predict_prepared,
@@ -205,3 +206,40 @@ def test_unknown_device_names_are_refused():
         with pytest.raises(DeviceError, match="unknown device"):
             resolve_device(choice)
     assert issubclass(DeviceError, ValueError)
+
+
+def _reference_probabilities(adapter, inputs: torch.Tensor) -> torch.Tensor:
+    """The plain way: eval mode, no_grad, default memory layout, one batch."""
+    network = adapter.network.eval()
+    with torch.no_grad():
+        return torch.softmax(network(inputs.contiguous()).float(), dim=1)
+
+
+def test_inference_mode_channels_last_pass_equals_a_plain_no_grad_pass():
+    torch.manual_seed(0)
+    network = UNet2D(UNetConfig(base_channels=8, depth=2))
+    bundle = ModelBundle.from_model(network, ["background", "fg"], PreprocessingConfig())
+    inputs = torch.randn(5, 1, 32, 24)
+    expected = _reference_probabilities(UNetBundleAdapter(bundle), inputs)
+    adapter = UNetBundleAdapter(bundle)
+    got = predict_batches(adapter, inputs, device="cpu", batch_size=2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    # an ordinary tensor: methods may use it in a loss that is back-propagated
+    assert not got.is_inference() and got.is_contiguous()
+    weights = torch.ones_like(got, requires_grad=True)
+    (weights * got).sum().backward()
+    # the network computed channels-last on the CPU, and still saves as a contiguous bundle
+    conv = adapter.network.encoders[1][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    saved = adapter.to_bundle().state_dict
+    assert all(t.is_contiguous() for t in saved.values())
+    for name, value in network.state_dict().items():
+        assert torch.equal(saved[name], value)
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 6, 5), (3, 4, 2, 3, 3), (2, 3, 7)])
+def test_class_labels_equal_argmax_including_ties(shape):
+    generator = torch.Generator().manual_seed(1)
+    probabilities = torch.randint(0, 3, shape, generator=generator).float()  # many ties
+    assert torch.equal(class_labels(probabilities), probabilities.argmax(1))

@@ -133,3 +133,11 @@ def test_the_cli_applies_threads_and_quiet_openmp():
     environ["OMP_NUM_THREADS"] = "1"
     environ["OMP_WAIT_POLICY"] = "ACTIVE"
     assert _cli_threads("--threads", "2", environ=environ) == "2 ACTIVE"
+
+
+def test_background_imports_load_the_module_and_swallow_failures():
+    sys.modules.pop("json.tool", None)
+    thread = policy.import_in_background(("no_such_module_here", "json.tool"))
+    thread.join(60)
+    assert not thread.is_alive() and thread.daemon
+    assert "json.tool" in sys.modules

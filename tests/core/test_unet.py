@@ -103,3 +103,17 @@ def test_config_round_trip():
     config = tiny(norm="instance", num_classes=3, early_head=False)
     assert UNetConfig.from_dict(config.to_dict()) == config
     assert UNet2D().config == UNetConfig()
+
+
+def test_forward_skips_the_early_head_and_equals_forward_features():
+    torch.manual_seed(0)
+    model = UNet2D(UNetConfig(base_channels=8, depth=2)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    calls = []
+    model.early_head.register_forward_hook(lambda *args: calls.append(1))
+    logits = model(x)
+    assert not calls
+    full = model.forward_features(x)
+    assert calls and full.early_logits is not None
+    assert torch.equal(logits, full.logits)
+    assert model.forward_features(x, early=False).early_logits is None

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..core.inference import normalized_entropy
+from ..core.inference import class_labels, normalized_entropy
 from ..core.metrics import dice_per_class
 from ..settings import check_value, describe, setting
 from .base import fraction_setting
@@ -117,7 +117,7 @@ def compute_signals(
 ) -> Signals:
     """Label-free signals of (N, C, ...) probabilities; ``valid`` is (N, ...) boolean."""
     num_classes = probabilities.shape[1]
-    labels = probabilities.argmax(1)
+    labels = class_labels(probabilities)
     entropy = normalized_entropy(probabilities, axis=1)
     counts = torch.bincount(labels[valid].flatten(), minlength=num_classes).double()
     total = max(float(counts.sum()), 1.0)

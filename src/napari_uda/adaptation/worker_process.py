@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..core.threads import choose_threads, quiet_openmp_waiting
+from ..core.threads import choose_threads, import_in_background, quiet_openmp_waiting
 from .engine import run_adaptation
 from .events import AdaptationEvent, AdaptationResult
 
@@ -128,6 +128,7 @@ def _serve(payload: bytes, sender, stop, resume, threads: int = 0) -> None:
     try:
         if threads:
             torch.set_num_threads(threads)
+        import_in_background()  # torch's optimiser imports, while the engine prepares
         args, kwargs = pickle.loads(payload)
         events = run_adaptation(*args, should_stop=stop.is_set, **kwargs)
         while True:

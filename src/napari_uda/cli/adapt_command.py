@@ -18,6 +18,7 @@ from ..adaptation.report import jsonable, run_metrics, run_report, write_json
 from ..core.device import resolve_device
 from ..core.models import load_model
 from ..core.outputs import OutputSet
+from ..core.threads import import_in_background
 from ..core.volume import is_nifti_path, load_volume, save_volume
 from . import CLIError, add_settings_option, add_threads_option
 from .checks import check_reference, load_scan
@@ -145,6 +146,7 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
     method = get_method(args.method)
     settings = resolve_settings(method, args.settings)
     _check_outputs(args, outputs)
+    import_in_background()  # torch's optimiser imports, while the scans are read and prepared
     device = resolve_device(args.device)
     model = load_model(args.model)
     unmet = method.unmet_needs(model.capabilities)

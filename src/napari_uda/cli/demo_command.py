@@ -20,6 +20,7 @@ from ..core.inference import Prediction, predict_volume
 from ..core.metrics import dice_per_class
 from ..core.models import load_model
 from ..core.outputs import OutputSet
+from ..core.threads import import_in_background
 from ..core.volume import Volume, load_volume
 from ..data import demo_files
 from . import CLIError, add_settings_option, add_threads_option
@@ -81,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         with OutputSet() as probe:
             probe.add(args.out_dir / "target_before_labels.nii.gz", "--out-dir")
     adapt_now = not args.no_adapt and engine_available()
+    if adapt_now:
+        import_in_background()  # torch's optimiser imports, while the demo predicts
     if adapt_now:
         from ..adaptation import get_method
         from ..adaptation.engine import resolve_settings

@@ -65,7 +65,15 @@ def normalized_entropy(probabilities, axis: int = 0):
     return (-(p * np.log(p)).sum(axis) / math.log(num_classes)).astype(np.float32)
 
 
-@torch.no_grad()
+def class_labels(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """The arg-max class along ``dim`` (first maximum on ties, as ``argmax``).
+
+    ``Tensor.max(dim).indices`` gives the same labels as ``Tensor.argmax(dim)``, 5-10x faster
+    on the CPU for a class axis that is not the last one (PyTorch's arg-max takes a slow path
+    there: about a second for 90 slices of 96 x 112 on one core)."""
+    return probabilities.max(dim).indices
+
+
 def predict_batches(
     adapter: ModelAdapter,
     inputs: torch.Tensor,
@@ -79,7 +87,9 @@ def predict_batches(
 
     The network runs in eval mode on ``device`` (default ``"auto"``: CUDA, MPS or CPU, with
     float16 mixed precision on CUDA) in batches of ``batch_size`` (default 32; the result does
-    not depend on it); afterwards it is back in its previous mode on its previous device.
+    not depend on it), under :func:`torch.inference_mode` (no autograd bookkeeping at all);
+    afterwards it is back in its previous mode on its previous device. The result is an
+    ordinary tensor (made outside inference mode), so methods may use it in losses.
     ``progress(done, total)`` is called after each batch; ``should_stop()`` returning True
     raises :class:`InterruptedError` before the next batch.
     """
@@ -98,16 +108,16 @@ def predict_batches(
             if should_stop is not None and should_stop():
                 raise InterruptedError("prediction stopped")
             batch = inputs[start : start + batch_size].to(device)
-            with autocast(device):
+            with torch.inference_mode(), autocast(device):
                 logits = adapter.forward(batch).logits
-            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+                outputs.append(torch.softmax(logits.float(), dim=1).cpu())
             if progress is not None:
                 progress(min(start + batch_size, total), total)
     finally:
         network.train(was_training).to(original)
     if not outputs:
         raise ValueError("nothing to predict: the input holds no slices")
-    return torch.cat(outputs)
+    return torch.cat(outputs)  # outside inference mode: an ordinary tensor
 
 
 def predict_prepared(adapter: ModelAdapter, prepared: PreparedVolume, **kwargs) -> Prediction:

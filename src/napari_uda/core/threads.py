@@ -22,9 +22,11 @@ Nothing here imports torch at module level, so importing it never starts OpenMP.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -220,3 +222,27 @@ def openmp_environment(threads: int | None = None) -> dict[str, str]:
     if threads is not None:
         environment["OMP_NUM_THREADS"] = environment["MKL_NUM_THREADS"] = str(int(threads))
     return environment
+
+
+#: Modules PyTorch imports the first time an optimiser is made (``torch.optim`` wraps its
+#: methods with ``torch._disable_dynamo``, which imports ``torch._dynamo``): about 1.3 s of CPU
+#: and, on a loaded machine, tens of seconds of waiting.
+OPTIMISER_IMPORTS = ("torch._dynamo",)
+
+
+def import_in_background(modules: tuple[str, ...] = OPTIMISER_IMPORTS) -> threading.Thread:
+    """Import ``modules`` (default :data:`OPTIMISER_IMPORTS`) in a daemon thread, so that the
+    import overlaps reading and preparing the scans and the first prediction (which release
+    the GIL) instead of delaying the first optimiser step. A failure is left for the import
+    that needs the module to report."""
+
+    def target() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # the real import will raise it again
+                logger.debug("background import of %s failed", name, exc_info=True)
+
+    thread = threading.Thread(target=target, name="napari-uda imports", daemon=True)
+    thread.start()
+    return thread

@@ -130,7 +130,12 @@ class ModelBundle:
 
     @classmethod
     def from_model(cls, model: UNet2D, class_names, preprocessing, **extra) -> ModelBundle:
-        state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+        # contiguous: safetensors stores only contiguous tensors (a network computing on the
+        # CPU keeps its weights channels-last, see UNetBundleAdapter.forward)
+        state = {
+            key: value.detach().cpu().contiguous().clone()
+            for key, value in model.state_dict().items()
+        }
         return cls(model.config, list(class_names), preprocessing, state, **extra)
 
     def build_model(self) -> UNet2D:

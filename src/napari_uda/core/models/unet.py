@@ -170,7 +170,9 @@ class UNet2D(nn.Module):
         """Parameters of the early block shared by both heads (what UDAS updates)."""
         return list(self.encoders[0].parameters())
 
-    def forward_features(self, x: torch.Tensor) -> UNetOutputs:
+    def forward_features(self, x: torch.Tensor, early: bool = True) -> UNetOutputs:
+        """Logits, early logits (None without an early head, or when ``early`` is False: it
+        costs about 5 % of a pass) and the bottleneck features, in one pass."""
         multiple = 2**self.config.depth
         if x.shape[-1] % multiple or x.shape[-2] % multiple:
             raise ValueError(
@@ -186,8 +188,9 @@ class UNet2D(nn.Module):
         x = bottleneck
         for upsample, decoder, skip in zip(self.upsamples, self.decoders, reversed(skips)):
             x = decoder(torch.cat([upsample(x), skip], dim=1))
-        early = self.early_head(skips[0]) if self.early_head is not None else None
-        return UNetOutputs(self.head(x), early, bottleneck)
+        early_logits = self.early_head(skips[0]) if early and self.early_head is not None else None
+        return UNetOutputs(self.head(x), early_logits, bottleneck)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x).logits
+        """Logits only (the early head is not computed)."""
+        return self.forward_features(x, early=False).logits
