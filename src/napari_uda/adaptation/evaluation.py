@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.inference import Prediction, predict_batches
+from ..core.inference import Prediction, class_labels, predict_batches
 from ..core.metrics import dice_per_class
 from ..core.volume import Volume
 from .base import AdaptationContext, preserved_modes
@@ -41,7 +41,7 @@ class Evaluator:
     ):
         self.context, self.targets = context, targets
         self.reference_labels = reference_labels
-        self.initial_labels = context.initial_probabilities.argmax(1)
+        self.initial_labels = class_labels(context.initial_probabilities)
         context.remember_prediction(context.initial_probabilities)
         self.start = self.latest = self.signals_of(context.initial_probabilities)
 
