@@ -232,6 +232,8 @@ def test_inference_mode_channels_last_pass_equals_a_plain_no_grad_pass():
     # the network computed channels-last on the CPU, and still saves as a contiguous bundle
     conv = adapter.network.encoders[1][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not any(p.is_inference() for p in adapter.network.parameters())
+    adapter.network.requires_grad_(True)  # still trainable after the first pass
     saved = adapter.to_bundle().state_dict
     assert all(t.is_contiguous() for t in saved.values())
     for name, value in network.state_dict().items():

@@ -219,7 +219,8 @@ def channels_last_on_cpu(network: nn.Module, inputs: torch.Tensor) -> torch.Tens
     oneDNN's channels-last convolutions are about twice as fast on the CPU as the default
     layout for the small channel counts of these U-Nets (benchmarks/compute_benchmark.py). A
     network's weights are converted once, in place (values unchanged; saving makes them
-    contiguous again); on other devices nothing changes."""
+    contiguous again), also when the first call comes under :func:`torch.inference_mode`; on
+    other devices nothing changes."""
     if inputs.device.type != "cpu" or inputs.dim() != 4:
         return inputs
     weights = (p for p in network.parameters() if p.dim() == 4 and min(p.shape[1:]) > 1)
@@ -227,7 +228,8 @@ def channels_last_on_cpu(network: nn.Module, inputs: torch.Tensor) -> torch.Tens
     if probe is None or probe.device.type != "cpu":
         return inputs
     if not probe.is_contiguous(memory_format=torch.channels_last):
-        network.to(memory_format=torch.channels_last)
+        with torch.inference_mode(False):  # the weights stay ordinary (trainable) tensors
+            network.to(memory_format=torch.channels_last)
     return inputs.contiguous(memory_format=torch.channels_last)
 
 
