@@ -86,3 +86,11 @@ def case_table(rows: list[dict]) -> str:
             f"{row['seconds']:.1f} | {row['peak_memory_mb']:.0f} | {row['kept_checkpoint']} |"
         )
     return "\n".join(lines)
+
+
+def publish(results: Path, payload: dict, doc: Path, marker: str, body: str) -> None:
+    """Write ``payload`` to ``results``, ``body`` between ``marker``'s markers in ``doc``
+    (a new doc is titled "Performance"), and print ``body``."""
+    write_json(results, payload)
+    replace_marked_block(doc, marker, body, title="Performance")
+    print(body)

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 
-from _report import ROOT, machine, replace_marked_block, write_json
+from _report import ROOT, machine, publish
 
 RESULTS = ROOT / "benchmarks" / "results" / "compute.json"
 DOCS = ROOT / "docs" / "performance.md"
@@ -237,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo_model": demo_model(args.repeats),
     }
     payload["load_after"] = os.getloadavg()[0]
-    write_json(RESULTS, payload)
-    replace_marked_block(DOCS, "compute-table", table(payload), title="Performance")
-    print(table(payload))
+    publish(RESULTS, payload, DOCS, "compute-table", table(payload))
     return 0
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import ROOT, machine, replace_marked_block, write_json
+from _report import ROOT, machine, publish
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu.json"
 DOCS = ROOT / "docs" / "performance.md"
@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "cases": results,
     }
-    write_json(RESULTS, payload)
-    replace_marked_block(DOCS, "gpu-table", table(payload), title="Performance")
-    print(table(payload))
+    publish(RESULTS, payload, DOCS, "gpu-table", table(payload))
     return 0
 
 

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import ROOT, machine, replace_marked_block, write_json
+from _report import ROOT, machine, publish
 
 RESULTS = ROOT / "benchmarks" / "results" / "threads.json"
 DOCS = ROOT / "docs" / "performance.md"
@@ -197,9 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--conditions", nargs="+", default=["idle", "loaded"])
+    parser.add_argument(
+        "--from-log",
+        type=Path,
+        help="summarise the runs printed (one JSON line each) by an interrupted run instead",
+    )
     args = parser.parse_args(argv)
     runs = []
-    for repeat in range(args.repeats):
+    if args.from_log:
+        lines = args.from_log.read_text().splitlines()
+        runs = [json.loads(line) for line in lines if line.startswith('{"config"')]
+    for repeat in range(0 if args.from_log else args.repeats):
         for condition in args.conditions:
             configs = ("default", "policy") if repeat % 2 == 0 else ("policy", "default")
             for config in configs:
@@ -213,11 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     payload["summary"] = summarise(runs)
-    write_json(RESULTS, payload)
-    replace_marked_block(
-        DOCS, "threads-table", table(payload["summary"], payload), title="Performance"
-    )
-    print(table(payload["summary"], payload))
+    publish(RESULTS, payload, DOCS, "threads-table", table(payload["summary"], payload))
     return 0
 
 
