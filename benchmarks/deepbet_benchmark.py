@@ -34,6 +34,7 @@ import concurrent.futures
 import importlib.util
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import tarfile
@@ -115,12 +116,15 @@ def run_case(
     seed: int,
     overrides: dict | None = None,
     trainable: str | None = None,
+    precision: str = "auto",
 ) -> dict:
     """deepbet on one shifted head, adapted with ``method`` (None: prediction only).
 
     Settings are deepbet's recommended ones for the method (``recommended_settings``: six
     steps at learning rate 5e-4), changed by ``overrides``; ``trainable`` is deepbet's parameter
-    subset (None: its default, the first blocks).
+    subset (None: its default, the first blocks); ``precision`` is deepbet's ``bfloat16``
+    option (``auto``: the adapter's default, float32; ``float32``; ``bfloat16``).
+    Recorded with the wall time: this process's CPU seconds and the 1-minute load average.
     The reference mask is given to the engine for QA only (never trained on), which records
     the Dice after every step in the model's grid (``dice_per_step``).
     """
@@ -141,8 +145,14 @@ def run_case(
         image = simulate_scanner(image, custom_profile(base, **changes), seed=seed)
     elif profile != "clean":
         image = simulate_scanner(image, profile, seed=seed)
-    model = load_model("deepbet", **({"trainable": trainable} if trainable else {}))
+    options = {"trainable": trainable} if trainable else {}
+    if precision != "auto":
+        options["bfloat16"] = precision == "bfloat16"
+    model = load_model("deepbet", **options)
     row = {"head": head, "profile": profile, "method": method or "none", "seed": seed}
+    row["precision"] = "bfloat16" if model.network.cpu_bfloat16 else "float32"
+    row["load_1min_before"] = round(os.getloadavg()[0], 2)
+    cpu_started = time.process_time()
     row["shape"], row["spacing_mm"] = list(image.shape), [round(s, 2) for s in image.spacing]
     started = time.perf_counter()
     if method is None:
@@ -168,6 +178,8 @@ def run_case(
         )
     row.update(
         seconds=time.perf_counter() - started,
+        cpu_seconds=time.process_time() - cpu_started,
+        load_1min_after=round(os.getloadavg()[0], 2),
         **case_scores(before, after, reference, image.spacing),
     )
     return row
@@ -201,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("all", "first_blocks"),
         help="deepbet's parameter subset (default: the adapter's, first_blocks)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="deepbet's CPU precision (default auto: the adapter's default, float32)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-docs", action="store_true", help="do not update the docs table")
     parser.add_argument(
@@ -230,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
                 ) as pool:
                     try:
                         row = pool.submit(
-                            run_case, head, profile, method, args.seed, overrides, args.trainable
+                            run_case,
+                            head,
+                            profile,
+                            method,
+                            args.seed,
+                            overrides,
+                            args.trainable,
+                            args.precision,
                         ).result()
                     except Exception as error:  # report and go on with the next case
                         row = {"head": head, "profile": profile, "method": method or "none"}

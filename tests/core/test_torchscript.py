@@ -427,3 +427,37 @@ def test_whole_volumes_of_different_shapes_adapt_together(tmp_path):
     assert result.reference_dice_after[0] == pytest.approx(
         dice(result.predictions[0].labels, small_mask.data), abs=1e-6
     )
+
+
+def test_cpu_bfloat16_runs_the_network_in_bfloat16_and_survives_copies(tmp_path):
+    import copy
+    import pickle
+
+    from napari_uda.core.models.scripted import LogitsNetwork
+
+    class Probe(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.conv3d(x, torch.ones(2, 1, 1, 1, 1))
+            return y + (y.dtype == torch.bfloat16)  # marks a bfloat16 computation with +1
+
+    scripted = torch.jit.script(Probe())
+    inputs = torch.full((1, 1, 2, 2, 2), 0.5)
+    plain = LogitsNetwork(scripted, "none", 2)
+    fast = LogitsNetwork(scripted, "none", 2, cpu_bfloat16=True)
+    assert torch.equal(plain(inputs), torch.full((1, 2, 2, 2, 2), 0.5))
+    logits = fast(inputs)
+    assert logits.dtype == torch.float32 and torch.equal(logits, torch.full_like(logits, 1.5))
+    for twin in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert twin.cpu_bfloat16 and torch.equal(twin(inputs), logits)
+
+
+def test_deepbet_bfloat16_is_opt_in():
+    from napari_uda.core.device import cpu_bfloat16_supported
+    from napari_uda.core.models.deepbet import deepbet_missing_reason
+
+    if deepbet_missing_reason():
+        pytest.skip(deepbet_missing_reason())
+    assert not load_model("deepbet").network.cpu_bfloat16  # float32: deepbet's own result
+    assert load_model("deepbet", bfloat16=True).network.cpu_bfloat16
+    supported = cpu_bfloat16_supported()
+    assert load_model("deepbet", bfloat16=None).network.cpu_bfloat16 == supported

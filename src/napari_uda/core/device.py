@@ -58,3 +58,13 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast(
         device_type=device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda"
     )
+
+
+def cpu_bfloat16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN: AVX-512 BF16 or AMX); without it
+    bfloat16 autocast is emulated and slower than float32."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
