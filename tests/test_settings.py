@@ -50,6 +50,8 @@ def test_overrides_parse_each_type():
         ("loss=dice", "not one of"),
         ("unknown=1", "unknown setting"),
         ("epochs", "expected key=value"),
+        ("rate=nan", "not a finite number"),
+        ("rate=inf", "not a finite number"),
     ],
 )
 def test_bad_overrides_give_one_readable_line(override, message):

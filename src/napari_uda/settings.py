@@ -13,6 +13,7 @@ Use :func:`setting` to declare a field, :func:`describe` to list the fields, and
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -233,6 +234,8 @@ def check_value(spec: SettingSpec, value: Any) -> None:
 
 
 def _check_number(spec: SettingSpec, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+        raise SettingsError(f"setting {spec.name!r}: {value} is not a finite number")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if spec.min is not None and value < spec.min:
             raise SettingsError(f"setting {spec.name!r}: {value} is below the minimum {spec.min}")
