@@ -95,7 +95,7 @@ class ModelWidget(QWidget):
         device_row.addWidget(self.device_combo)
         device_row.addWidget(self.device_in_use, 1)
         form.addRow("Device", device_row)
-        form.addRow("CPU threads", self._threads_combo())
+        form.addRow("CPU threads", self._threads_row())
 
         layout = QVBoxLayout(self)
         layout.addLayout(buttons)
@@ -107,7 +107,7 @@ class ModelWidget(QWidget):
         self._set_device(self.state.device)
         self._show_model(self.state.model)
 
-    def _threads_combo(self) -> QComboBox:
+    def _threads_row(self) -> QHBoxLayout:
         """``auto`` (the cores free when a run starts, or OMP_NUM_THREADS) or 1 .. cores."""
         self.threads_combo = QComboBox()
         self.threads_combo.addItems([AUTO, *(str(n) for n in range(1, usable_cores() + 1))])
@@ -117,7 +117,10 @@ class ModelWidget(QWidget):
         )
         self.threads_combo.setCurrentText(str(self.state.threads))
         self.threads_combo.currentTextChanged.connect(self._set_threads)
-        return self.threads_combo
+        row = QHBoxLayout()
+        row.addWidget(self.threads_combo)
+        row.addWidget(QLabel("auto: the cores free when a run starts"), 1)
+        return row
 
     def _set_threads(self, choice: str) -> None:
         self.state.threads = choice
