@@ -34,7 +34,11 @@ def add_parser(subparsers) -> None:
             "the adapted segmentation. See `napari-uda methods` for methods and settings."
         ),
     )
-    parser.add_argument("--model", required=True, help="model bundle (.safetensors)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model: bundle (.safetensors), TorchScript (.pt + .json), nnU-Net v2 folder, deepbet",
+    )
     parser.add_argument(
         "--image", required=True, nargs="+", help="target NIfTI volume(s) from the new scanner"
     )
@@ -48,7 +52,8 @@ def add_parser(subparsers) -> None:
         "--save-model",
         help=(
             "write the adapted model: a bundle (.safetensors) for bundles, a TorchScript file "
-            "(.pt) with its .json spec next to it for TorchScript models and deepbet"
+            "(.pt) with its .json spec next to it for TorchScript models and deepbet, a new "
+            "folder for nnU-Net models"
         ),
     )
     parser.add_argument("--report", help="write a JSON report (settings, history, checkpoint)")

@@ -24,7 +24,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Segment a NIfTI scan. Every output keeps the input's grid (affine and "
         "header), so it overlays the scan in any viewer. Nothing is written if anything fails.",
     )
-    parser.add_argument("--model", required=True, type=Path, help="model bundle (.safetensors)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="model: bundle (.safetensors), TorchScript (.pt + .json), nnU-Net v2 folder, deepbet",
+    )
     parser.add_argument("--image", required=True, type=Path, help="input scan (.nii / .nii.gz)")
     parser.add_argument("--out", required=True, type=Path, help="label map to write (uint8)")
     parser.add_argument(

@@ -6,7 +6,9 @@
 2. ``torchscript``: a TorchScript file with its JSON spec next to it (``model.pt`` +
    ``model.json``), or the spec itself (see :mod:`napari_uda.core.models.torchscript`);
 3. ``deepbet``: the name ``"deepbet"`` (needs the optional extra ``napari-uda[deepbet]``);
-4. loaders registered by other packages under the entry-point group
+4. ``nnunet``: an nnU-Net v2 trained-model folder (see :mod:`napari_uda.core.models.nnunet`;
+   needs ``napari-uda[nnunet]``);
+5. loaders registered by other packages under the entry-point group
    ``napari_uda.model_adapters`` (each entry point names a :class:`ModelLoader` subclass or
    instance), in the order the entry points are found.
 
@@ -144,7 +146,29 @@ class DeepbetLoader(ModelLoader):
         ]
 
 
-BUILTIN_LOADERS: tuple[type[ModelLoader], ...] = (BundleLoader, TorchScriptLoader, DeepbetLoader)
+class NnUNetLoader(ModelLoader):
+    name = "nnunet"
+    description = (
+        "nnU-Net v2 trained-model folder (dataset.json, plans.json, fold_<k>/checkpoint_*.pth)"
+    )
+
+    def can_open(self, source: str) -> bool:
+        from .nnunet import is_nnunet_folder
+
+        return is_nnunet_folder(Path(source))
+
+    def open(self, source: str, **options: Any) -> ModelAdapter:
+        from .nnunet import NnUNetAdapter
+
+        return NnUNetAdapter.open(source, **options)
+
+
+BUILTIN_LOADERS: tuple[type[ModelLoader], ...] = (
+    BundleLoader,
+    TorchScriptLoader,
+    DeepbetLoader,
+    NnUNetLoader,
+)
 
 
 @lru_cache(maxsize=1)
@@ -188,9 +212,10 @@ def load_model(path: str | os.PathLike, **options: Any) -> ModelAdapter:
 
     Args:
         path: a bundle (``.safetensors``), a TorchScript file with its spec (``.pt`` +
-            ``.json``) or the spec, a model name (``"deepbet"``), or anything a plugin loader
-            claims.
-        options: adapter settings, e.g. ``trainable="first_blocks"`` for TorchScript and deepbet.
+            ``.json``) or the spec, a model name (``"deepbet"``), an nnU-Net v2 trained-model
+            folder, or anything a plugin loader claims.
+        options: adapter settings, e.g. ``trainable="first_blocks"`` for TorchScript and
+            deepbet, ``folds=[0]`` or ``mirroring=False`` for nnU-Net.
 
     Raises:
         ModelLoadError: (a :class:`BundleError`) with one readable line.
@@ -204,7 +229,13 @@ def load_model(path: str | os.PathLike, **options: Any) -> ModelAdapter:
     if not file.exists():
         raise ModelLoadError(f"{source}: no such file or model name (named models: {_names()})")
     if file.is_dir():
-        raise ModelLoadError(f"{source}: is a folder; choose the model file")
+        for loader in loaders:
+            if loader.can_open(source):
+                return loader.open(source, **options)
+        raise ModelLoadError(
+            f"{source}: is a folder but not an nnU-Net v2 trained-model folder (no plans.json "
+            "and dataset.json); choose the model file"
+        )
     spec_path = _spec_for(file)
     if spec_path is not None and file.suffix.lower() != ".safetensors":
         from .torchscript import read_spec, with_model_file

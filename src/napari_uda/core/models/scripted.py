@@ -313,34 +313,46 @@ class LogitsNetwork(nn.Module):
         return outputs_to_logits(outputs, self.activation)
 
     def chunk_size(self, inputs: torch.Tensor, training: bool) -> int:
-        """How many of ``inputs`` go through one forward pass: with gradients at most
-        :data:`TRAINING_VOXELS`, without at most :data:`INFERENCE_VOXELS` voxels and the spec's
-        batch size; never less than one input."""
-        voxels = max(1, math.prod(inputs.shape[2:]))
-        if training:
-            return max(1, TRAINING_VOXELS // voxels)
-        return max(1, min(self.inference_batch_size, INFERENCE_VOXELS // voxels))
+        """See :func:`chunk_size`, with the spec's batch size."""
+        return chunk_size(inputs, training, self.inference_batch_size)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         training = torch.is_grad_enabled() and (
             inputs.requires_grad or any(p.requires_grad for p in self.scripted.parameters())
         )
-        chunk = self.chunk_size(inputs, training)
-        if inputs.shape[0] <= chunk:
-            return self._run(inputs)
-        parts = range(0, len(inputs), chunk)
-        if not training:
-            return torch.cat([self._run(inputs[i : i + chunk]) for i in parts])
-        # Gradient checkpointing: each chunk's activations are recomputed during the backward
-        # pass instead of kept, so memory is one chunk's. BatchNorm in training mode normalises
-        # each chunk with its own statistics and sees it again in the backward pass (the same
-        # statistics: re-estimated averages, CumulativeBatchNorm's or momentum None, keep them).
-        # (Early stop off: it stops the recomputation with an exception, which the TorchScript
-        # interpreter turns into an error.)
-        with set_checkpoint_early_stop(False):
-            return torch.cat(
-                [checkpoint(self._run, inputs[i : i + chunk], use_reentrant=False) for i in parts]
-            )
+        return forward_in_chunks(self._run, inputs, self.chunk_size(inputs, training), training)
+
+
+def chunk_size(inputs: torch.Tensor, training: bool, inference_batch_size: int = 1) -> int:
+    """How many of ``inputs`` go through one forward pass: with gradients at most
+    :data:`TRAINING_VOXELS`, without at most :data:`INFERENCE_VOXELS` voxels and
+    ``inference_batch_size``; never less than one input."""
+    voxels = max(1, math.prod(inputs.shape[2:]))
+    if training:
+        return max(1, TRAINING_VOXELS // voxels)
+    return max(1, min(inference_batch_size, INFERENCE_VOXELS // voxels))
+
+
+def forward_in_chunks(run, inputs: torch.Tensor, chunk: int, training: bool) -> torch.Tensor:
+    """``run`` on ``inputs`` at most ``chunk`` at a time (the memory clamp of networks brought
+    by users; :func:`chunk_size`), the outputs concatenated.
+
+    With gradients (``training``), each chunk goes through gradient checkpointing: its
+    activations are recomputed during the backward pass instead of kept, so memory is one
+    chunk's. BatchNorm in training mode normalises each chunk with its own statistics and sees
+    it again in the backward pass (the same statistics: re-estimated averages,
+    CumulativeBatchNorm's or momentum None, keep them). (Early stop off: it stops the
+    recomputation with an exception, which the TorchScript interpreter turns into an error.)
+    """
+    if inputs.shape[0] <= chunk:
+        return run(inputs)
+    parts = range(0, len(inputs), chunk)
+    if not training:
+        return torch.cat([run(inputs[i : i + chunk]) for i in parts])
+    with set_checkpoint_early_stop(False):
+        return torch.cat(
+            [checkpoint(run, inputs[i : i + chunk], use_reentrant=False) for i in parts]
+        )
 
 
 class ScriptedAdapterMixin:
