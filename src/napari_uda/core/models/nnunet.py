@@ -68,7 +68,7 @@ from .scripted import (
     chunk_size,
     forward_in_chunks,
     norm_affine_parameters,
-    norm_kinds,
+    norm_description,
 )
 
 INSTALL_HINT = "pip install 'napari-uda[nnunet]'"
@@ -826,23 +826,13 @@ class NnUNetAdapter(ModelAdapter):
             groups["early"] = early
         return groups
 
-    def recommended_settings(self, method: str) -> dict[str, Any]:
-        return {}
-
-    def norm_description(self) -> str:
-        kinds = sorted(norm_kinds(self.network))
-        if not kinds:
-            return "none"
-        affine = "affine" if norm_affine_parameters(self.network) else "no affine"
-        return f"{'/'.join(kinds)} ({affine})"
-
     def info(self) -> ModelInfo:
         config = self.config
         return ModelInfo(
             name=self.name,
             class_names=self.class_names,
             spatial_dims=self.spatial_dims,
-            norm_type=self.norm_description(),
+            norm_type=norm_description(self.network),
             spacing=tuple(config.spacing),
             capabilities=self.capabilities,
             details={

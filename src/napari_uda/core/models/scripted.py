@@ -71,6 +71,16 @@ def norm_kinds(network: nn.Module) -> set[str]:
     return {NORM_NAMES[t] for m in network.modules() if (t := module_type(m)) in NORM_NAMES}
 
 
+def norm_description(network: nn.Module) -> str:
+    """The network's normalisation layers, e.g. ``"instance (no affine)"`` or
+    ``"batch (affine)"``; ``"none"`` without any."""
+    kinds = sorted(norm_kinds(network))
+    if not kinds:
+        return "none"
+    affine = "affine" if norm_affine_parameters(network) else "no affine"
+    return f"{'/'.join(kinds)} ({affine})"
+
+
 def batchnorm_modules(network: nn.Module) -> list[nn.Module]:
     """BatchNorm layers (eager or TorchScript) that keep running statistics."""
     return [
@@ -440,12 +450,7 @@ class ScriptedAdapterMixin:
         return [TRACED_BATCHNORM_NOTE] if traced else []
 
     def norm_description(self) -> str:
-        """For example ``"instance (no affine)"`` or ``"batch (affine)"``."""
-        kinds = sorted(norm_kinds(self.scripted))
-        if not kinds:
-            return "none"
-        affine = "affine" if norm_affine_parameters(self.scripted) else "no affine"
-        return f"{'/'.join(kinds)} ({affine})"
+        return norm_description(self.scripted)
 
     def parameter_counts(self) -> dict[str, int]:
         return {
