@@ -127,3 +127,40 @@ def test_named_model_menu_opens_deepbet_and_adapt_disables_what_cannot_apply(doc
     values = adapt.form.values()
     assert all(values[name] == value for name, value in recommended.items())
     assert "paper default" in adapt.form["parameters"].tooltip
+
+
+def test_folder_dialog_opens_an_nnunet_model(docked, tmp_path, notifications, monkeypatch):
+    """ "Open model folder…" opens an nnU-Net v2 trained-model folder and shows its classes,
+    spacing and normalisation; a folder that is not one is a one-line notification."""
+    import pytest
+
+    pytest.importorskip("dynamic_network_architectures")
+    import torch
+
+    from napari_uda.core.models.nnunet import NnUNetConfiguration, build_network
+    from nnunet_factory import plans, write_folder
+
+    plan = plans("3d_fullres", spacing=(6.0, 6.0, 6.0), patch=(24, 24, 24))
+    config = NnUNetConfiguration.from_plans(plan, "3d_fullres", 1, "test plans")
+    torch.manual_seed(0)
+    weights = {0: build_network(config, 1, 2, "test plans").state_dict()}
+    folder = write_folder(tmp_path, plan, "3d_fullres", weights)
+    viewer, widgets = docked
+    widget: ModelWidget = widgets["Model"]
+    chosen = iter([str(folder), str(tmp_path)])
+    monkeypatch.setattr(
+        "napari_uda._qt.model_widget.QFileDialog.getExistingDirectory",
+        lambda *a, **k: next(chosen),
+    )
+    widget.folder_button.click()
+    assert get_state(viewer).model_source == str(folder)
+    fields = {key: label.text() for key, label in widget.fields.items()}
+    assert fields["name"] == "Dataset901_DemoHead (nnU-Net 3d_fullres, fold 0)"
+    assert fields["classes"] == "background, brain"
+    assert fields["spacing"] == "6 × 6 × 6 mm"
+    assert fields["norm"] == "instance (affine)"
+    assert not notifications["error"]
+    widget.folder_button.click()  # tmp_path holds no plans.json
+    [message] = notifications["error"]
+    assert "not an nnU-Net v2 trained-model folder" in message and "\n" not in message
+    assert get_state(viewer).model_source == str(folder)  # the model stays

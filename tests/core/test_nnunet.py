@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nnunet_factory import DATASET, nnunet_checkpoint, train_folder, write_folder
 
 from napari_uda.adaptation.engine import AdaptationError, adapt
 from napari_uda.core.inference import predict_volume
@@ -24,6 +23,7 @@ from napari_uda.core.models.nnunet import NnUNetAdapter, region_class_logits
 from napari_uda.core.models.registry import ModelLoadError
 from napari_uda.core.volume import Volume, load_volume
 from napari_uda.data import demo_files
+from nnunet_factory import DATASET, nnunet_checkpoint, train_folder, write_folder
 
 pytest.importorskip("dynamic_network_architectures")
 
@@ -128,6 +128,7 @@ def test_opens_the_folder_and_describes_the_model(folder_3d):
     assert info.norm_type == "instance (affine)"
     assert info.capabilities == {NORM_AFFINE}
     assert info.details["folds"] == ["0", "1"] and info.details["configuration"] == "3d_fullres"
+    assert info.name == "Dataset901_DemoHead (nnU-Net 3d_fullres, folds 0, 1)"
     assert len(model.network.folds) == 2 and model.network.mirror_axes == (0, 1, 2)
     one = load_model(folder_3d, folds=[1], mirroring=False)
     assert one.info().details["folds"] == ["1"] and one.info().details["mirroring"] == []

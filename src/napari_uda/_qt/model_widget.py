@@ -47,8 +47,16 @@ class ModelWidget(QWidget):
         self.state = get_state(napari_viewer)
 
         self.open_button = QPushButton("Open model…")
-        self.open_button.setToolTip("Open a napari-uda model bundle (.safetensors)")
+        self.open_button.setToolTip(
+            "Open a model file: a napari-uda bundle (.safetensors) or TorchScript (.pt + .json)"
+        )
         self.open_button.clicked.connect(self._choose_file)
+        self.folder_button = QPushButton("Open model folder…")
+        self.folder_button.setToolTip(
+            "Open an nnU-Net v2 trained-model folder "
+            "(Dataset123_X/nnUNetTrainer__nnUNetPlans__3d_fullres)"
+        )
+        self.folder_button.clicked.connect(self._choose_folder)
         self.demo_button = QPushButton("Demo model")
         self.demo_button.setToolTip(
             "The shipped brain-extraction U-Net, trained on the demo's source scanner only"
@@ -59,8 +67,10 @@ class ModelWidget(QWidget):
         self.named_button.setMenu(self._named_models_menu())
         buttons = QHBoxLayout()
         buttons.addWidget(self.open_button)
-        buttons.addWidget(self.demo_button)
-        buttons.addWidget(self.named_button)
+        buttons.addWidget(self.folder_button)
+        more_buttons = QHBoxLayout()
+        more_buttons.addWidget(self.demo_button)
+        more_buttons.addWidget(self.named_button)
 
         self.fields: dict[str, QLabel] = {}
         form = QFormLayout()
@@ -99,6 +109,7 @@ class ModelWidget(QWidget):
 
         layout = QVBoxLayout(self)
         layout.addLayout(buttons)
+        layout.addLayout(more_buttons)
         layout.addLayout(form)
         layout.addStretch(1)
 
@@ -140,6 +151,11 @@ class ModelWidget(QWidget):
 
     def _choose_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open model", "", MODEL_FILTER)
+        if path:
+            self.load_path(path)
+
+    def _choose_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Open model folder (nnU-Net v2)", "")
         if path:
             self.load_path(path)
 
@@ -208,6 +224,12 @@ class ModelWidget(QWidget):
 
     def _show_status(self, status: str) -> None:
         busy = self.state.running
-        widgets = (self.open_button, self.demo_button, self.named_button, self.device_combo)
+        widgets = (
+            self.open_button,
+            self.folder_button,
+            self.demo_button,
+            self.named_button,
+            self.device_combo,
+        )
         for widget in (*widgets, self.threads_combo):
             widget.setEnabled(not busy)

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from torch import nn
 
 from ..plausibility import ExpectedVolumes, parse_expected_volumes
 from ..preprocessing import PreparedInputs, PreparedVolume, prepare_volume
-from ..volume import Volume
+from ..volume import Volume, _current_umask
 from .bundle import BundleError, ModelBundle, SourcePack
 from .unet import UNet2D
 
@@ -70,6 +74,49 @@ class ModelInfo:
 
 class ModelSaveError(BundleError):
     """A model that cannot be saved, or not at that path; the message is one line."""
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to write a saved model into; renamed to ``path`` when
+    the block ends, removed if it raises (Ctrl-C included), so the folder appears whole or not
+    at all. ``path`` must not exist."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        os.chmod(temporary, 0o777 & ~_current_umask())
+        yield temporary
+        os.rename(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+class FolderModelMixin:
+    """Saving for adapters whose model is a folder (nnU-Net, MONAI bundles): :meth:`save`
+    writes a new folder (``save_suffix`` is empty: any name), never the input folder or a place
+    inside or around it, never over an existing path. Subclasses set ``path`` (the input
+    folder) and write with :func:`atomic_folder`."""
+
+    path: Path
+    save_suffix = ""
+
+    @property
+    def can_save(self) -> bool:
+        return True
+
+    def input_files(self) -> list[Path]:
+        return [self.path]
+
+    def check_save_path(self, path: str | os.PathLike) -> Path:
+        """A new folder outside the input model's folder; :class:`ModelSaveError` otherwise."""
+        path = Path(path)
+        source, target = self.path.resolve(), path.resolve()
+        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+            raise ModelSaveError(f"{path}: is (inside) the input model; it is never overwritten")
+        if path.exists():
+            raise ModelSaveError(f"{path}: already exists; this model is saved as a new folder")
+        return path
 
 
 def norm_layers(module: nn.Module) -> list[nn.Module]:

@@ -37,8 +37,6 @@ import copy
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -49,8 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..volume import Volume, VolumeError, _current_umask
-from .adapter import NORM_AFFINE, ModelAdapter, ModelInfo, ModelSaveError
+from ..volume import Volume, VolumeError
+from .adapter import NORM_AFFINE, FolderModelMixin, ModelAdapter, ModelInfo, atomic_folder
 from .nnunet_pipeline import (
     NORMALIZATIONS,
     PROBABILITY_FLOOR,
@@ -718,14 +716,13 @@ def _configuration_name(folder: Path, checkpoint: dict, file: Path) -> str:
     raise ModelLoadError(f"{file}: 'init_args' names no configuration")
 
 
-class NnUNetAdapter(ModelAdapter):
+class NnUNetAdapter(FolderModelMixin, ModelAdapter):
     """An nnU-Net v2 trained model (one configuration, one or more folds).
 
     Capabilities: ``norm_affine`` (InstanceNorm with scale and shift: TENT); no BatchNorm
     statistics (AdaBN does not apply), no early head, no bottleneck.
     """
 
-    save_suffix = ""
     save_description = "nnU-Net v2 trained-model folder"
 
     def __init__(self, folder: NnUNetFolder, *, mirroring: bool = True):
@@ -759,7 +756,11 @@ class NnUNetAdapter(ModelAdapter):
             self.labels.region_labels if self.labels.regions else (),
             mirroring=mirroring,
         )
-        self.name = f"{folder.path.parent.name}/{folder.path.name}"
+        folds = ", ".join(folder.folds)
+        self.name = (
+            f"{folder.path.parent.name} (nnU-Net {self.config.name}, "
+            f"fold{'s' if len(folder.folds) > 1 else ''} {folds})"
+        )
 
     @classmethod
     def open(cls, path: str | os.PathLike, **options: Any) -> NnUNetAdapter:
@@ -853,39 +854,16 @@ class NnUNetAdapter(ModelAdapter):
         )
 
     # -- saving ----------------------------------------------------------------------------------
-    @property
-    def can_save(self) -> bool:
-        return True
-
-    def input_files(self) -> list[Path]:
-        return [self.path]
-
     def saved_files(self, path: str | os.PathLike) -> list[Path]:
         path = Path(path)
         files = [path, path / "dataset.json", path / "plans.json"]
         return files + [path / f"fold_{fold}" / CHECKPOINTS["final"] for fold in self.folder.folds]
 
-    def check_save_path(self, path: str | os.PathLike) -> Path:
-        """A new folder outside the input model's folder; :class:`ModelSaveError` otherwise."""
-        path = Path(path)
-        source = self.path.resolve()
-        target = path.resolve()
-        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
-            raise ModelSaveError(f"{path}: is (inside) the input model; it is never overwritten")
-        if path.exists():
-            raise ModelSaveError(
-                f"{path}: already exists; an nnU-Net model is saved as a new folder"
-            )
-        return path
-
     def _write(self, path: Path, provenance: dict) -> Path:
         """A new trained-model folder: the JSON files as they were, each fold's adapted weights
         in nnU-Net's checkpoint format (``checkpoint_final.pth``) with ``provenance``, written
         in a temporary folder beside ``path`` and renamed at the end."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            os.chmod(temporary, 0o777 & ~_current_umask())
+        with atomic_folder(path) as temporary:
             files = {"dataset.json": self.folder.dataset, "plans.json": self.folder.plans}
             for name, values in files.items():
                 (temporary / name).write_text(json.dumps(values, indent=2))
@@ -897,10 +875,6 @@ class NnUNetAdapter(ModelAdapter):
                     _checkpoint(network, old, self.folder, fold, provenance),
                     temporary / f"fold_{fold}" / CHECKPOINTS["final"],
                 )
-            os.rename(temporary, path)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
         return path
 
 

@@ -212,12 +212,15 @@ class WindowTiling:
             the first axis is tiled in-plane).
         padding: (before, after) per padded axis (the last ``len(patch_size)`` axes).
         windows: index tuples into the padded (C, *grid) array.
+        weights: stitching weights of one window; ``None``: nnU-Net's Gaussian
+            (:func:`gaussian_weights`). MONAI bundles give MONAI's importance map.
     """
 
     grid_shape: tuple[int, ...]
     patch_size: tuple[int, ...]
     padding: list[tuple[int, int]]
     windows: list[tuple]
+    weights: torch.Tensor | None = None
 
     @classmethod
     def build(cls, grid_shape: Sequence[int], patch_size: Sequence[int]) -> WindowTiling:
@@ -255,10 +258,15 @@ class WindowTiling:
         return torch.stack([padded[w] for w in self.windows]).contiguous()
 
     def merge(self, outputs: torch.Tensor, *, weighted: bool = True) -> torch.Tensor:
-        """(N, C, *patch) -> (C, *grid_shape): Gaussian-weighted average where windows overlap
-        (``weighted=False``: plain average), padding removed."""
+        """(N, C, *patch) -> (C, *grid_shape): weighted average where windows overlap
+        (:attr:`weights`; ``weighted=False``: plain average), padding removed."""
         outputs = torch.as_tensor(outputs).float()
-        weights = gaussian_weights(self.patch_size) if weighted else torch.ones(self.patch_size)
+        if not weighted:
+            weights = torch.ones(self.patch_size)
+        elif self.weights is not None:
+            weights = self.weights.float()
+        else:
+            weights = gaussian_weights(self.patch_size)
         merged = torch.zeros((outputs.shape[1], *self.padded_shape))
         total = torch.zeros(self.padded_shape)
         for output, window in zip(outputs, self.windows):

@@ -163,11 +163,27 @@ class NnUNetLoader(ModelLoader):
         return NnUNetAdapter.open(source, **options)
 
 
+class MonaiBundleLoader(ModelLoader):
+    name = "monai_bundle"
+    description = "MONAI bundle folder (configs/metadata.json, configs/inference.json, models/)"
+
+    def can_open(self, source: str) -> bool:
+        from .monai_bundle import is_monai_bundle
+
+        return is_monai_bundle(Path(source))
+
+    def open(self, source: str, **options: Any) -> ModelAdapter:
+        from .monai_bundle import MonaiBundleAdapter
+
+        return MonaiBundleAdapter.open(source, **options)
+
+
 BUILTIN_LOADERS: tuple[type[ModelLoader], ...] = (
     BundleLoader,
     TorchScriptLoader,
     DeepbetLoader,
     NnUNetLoader,
+    MonaiBundleLoader,
 )
 
 

@@ -40,11 +40,13 @@ ARCHITECTURE_3D = {
 }
 
 
-def architecture(spatial_dims: int) -> dict:
-    if spatial_dims == 3:
-        return json.loads(json.dumps(ARCHITECTURE_3D))
+def architecture(spatial_dims: int, features=(4, 8, 16)) -> dict:
+    """A 3-stage PlainConvUNet entry as nnU-Net's planner writes it."""
     arch = json.loads(json.dumps(ARCHITECTURE_3D))
     kwargs = arch["arch_kwargs"]
+    kwargs["features_per_stage"] = list(features)
+    if spatial_dims == 3:
+        return arch
     kwargs["conv_op"] = "torch.nn.modules.conv.Conv2d"
     kwargs["norm_op"] = "torch.nn.modules.instancenorm.InstanceNorm2d"
     kwargs["kernel_sizes"] = [[3, 3]] * 3
@@ -59,6 +61,7 @@ def plans(
     patch=(32, 32, 32),
     transpose_forward=(2, 0, 1),
     use_mask_for_norm=True,
+    features=(4, 8, 16),
 ) -> dict:
     """A plans.json with one configuration (plus a ``3d_lowres`` inheriting from 3d_fullres)."""
     dims = len(patch)
@@ -93,7 +96,7 @@ def plans(
             "order_z": 0,
             "force_separate_z": None,
         },
-        "architecture": architecture(dims),
+        "architecture": architecture(dims, features),
         "batch_dice": False,
     }
     configurations = {configuration: config}
