@@ -158,7 +158,7 @@ def test_folder_dialog_opens_an_nnunet_model(docked, tmp_path, notifications, mo
     assert fields["name"] == "Dataset901_DemoHead (nnU-Net 3d_fullres, fold 0)"
     assert fields["classes"] == "background, brain"
     assert fields["spacing"] == "6 × 6 × 6 mm"
-    assert fields["norm"] == "instance (affine)"
+    assert fields["norm"] == "InstanceNorm (affine)"
     assert not notifications["error"]
     widget.folder_button.click()  # tmp_path holds no plans.json
     [message] = notifications["error"]

@@ -3,6 +3,7 @@ is, and choose the device and the number of CPU threads."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from napari.utils.notifications import show_error, show_info
@@ -53,8 +54,8 @@ class ModelWidget(QWidget):
         self.open_button.clicked.connect(self._choose_file)
         self.folder_button = QPushButton("Open model folder…")
         self.folder_button.setToolTip(
-            "Open an nnU-Net v2 trained-model folder "
-            "(Dataset123_X/nnUNetTrainer__nnUNetPlans__3d_fullres)"
+            "Open a model folder: an nnU-Net v2 trained model "
+            "(Dataset123_X/nnUNetTrainer__nnUNetPlans__3d_fullres) or a MONAI bundle"
         )
         self.folder_button.clicked.connect(self._choose_folder)
         self.demo_button = QPushButton("Demo model")
@@ -155,7 +156,9 @@ class ModelWidget(QWidget):
             self.load_path(path)
 
     def _choose_folder(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Open model folder (nnU-Net v2)", "")
+        path = QFileDialog.getExistingDirectory(
+            self, "Open model folder (nnU-Net v2 or MONAI bundle)", ""
+        )
         if path:
             self.load_path(path)
 
@@ -215,7 +218,10 @@ class ModelWidget(QWidget):
         self.fields["name"].setToolTip(self.state.model_source)
         self.fields["classes"].setText(", ".join(info.class_names))
         self.fields["spacing"].setText(spacing)
-        self.fields["norm"].setText(NORM_NAMES.get(info.norm_type, info.norm_type))
+        norm = info.norm_type  # "batch", "group", "instance (affine)", "batch/instance (...)"
+        for kind, name in NORM_NAMES.items():
+            norm = re.sub(rf"\b{kind}\b", name, norm)
+        self.fields["norm"].setText(norm)
         self.fields["early_head"].setText(_yes_no("early_head" in caps))
         self.fields["source_pack"].setText(
             f"yes ({pack} labelled slices)" if "source_pack" in caps else "no"
