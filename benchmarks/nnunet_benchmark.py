@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import multiprocessing
 import os
 import resource
@@ -68,8 +69,12 @@ def dice(labels: np.ndarray, reference: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def run_case(folder: Path, method: str, seed: int, epochs: int) -> dict:
-    """One case in this (fresh) process: ``nnunetv2``, ``none`` or an adaptation method."""
+def measure_case(
+    folder: Path, method: str, seed: int, epochs: int, *, tool: str, tool_labels, work: Path
+) -> dict:
+    """One case in this (fresh) process on the demo's new-scanner head: ``tool`` (the model's
+    own tool, ``tool_labels(folder, image_path)``), ``none`` (napari-uda's prediction) or an
+    adaptation method; Dice, volume, seconds, load and peak memory."""
     import torch
 
     from napari_uda.core.volume import load_volume
@@ -81,39 +86,24 @@ def run_case(folder: Path, method: str, seed: int, epochs: int) -> dict:
     reference = np.asarray(mask.data) > 0
     row: dict = {"method": method, "load_before": os.getloadavg()[0]}
     started = time.perf_counter()
-    if method == "nnunetv2":
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-        predictor = nnUNetPredictor(
-            perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False
-        )
-        predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
-        data = np.asarray(image.data, np.float32).transpose(2, 1, 0)[None]
-        spacing = {"spacing": list(reversed(image.spacing))}
-        labels = predictor.predict_single_npy_array(data, spacing, None, None, False)
-        before = after = labels.transpose(2, 1, 0)
-        np.save(WORK / "nnunetv2_labels.npy", before)
+    if method == tool:
+        before = after = tool_labels(folder, files.target_image)
+        np.save(work / f"{tool}_labels.npy", before)
     elif method == "none":
         from napari_uda.core.inference import predict_volume
         from napari_uda.core.models import load_model
 
         before = after = predict_volume(load_model(folder), image, device="cpu").labels
-        theirs = WORK / "nnunetv2_labels.npy"
+        theirs = work / f"{tool}_labels.npy"
         if theirs.exists():
             row["labels_differing_from_reference"] = int((np.load(theirs) != after).sum())
     else:
         from napari_uda.adaptation.engine import adapt
         from napari_uda.core.models import load_model
 
-        result = adapt(
-            load_model(folder),
-            image,
-            method,
-            {"epochs": epochs},
-            reference=mask,
-            seed=seed,
-            device="cpu",
-        )
+        settings = {"epochs": epochs}
+        model = load_model(folder)
+        result = adapt(model, image, method, settings, reference=mask, seed=seed, device="cpu")
         before, after = result.initial_prediction.labels, result.prediction.labels
         row["kept_checkpoint"] = f"step {result.checkpoint.step}: {result.checkpoint.reason}"
     row.update(
@@ -125,6 +115,31 @@ def run_case(folder: Path, method: str, seed: int, epochs: int) -> dict:
         volume_ratio_after=float((after > 0).sum() / max(reference.sum(), 1)),
     )
     return row
+
+
+def nnunet_labels(folder: Path, image_path: Path) -> np.ndarray:
+    """nnunetv2's ``nnUNetPredictor`` on the scan (its defaults: mirroring, Gaussian)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from napari_uda.core.volume import load_volume
+
+    image = load_volume(image_path)
+    predictor = nnUNetPredictor(
+        perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False
+    )
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
+    data = np.asarray(image.data, np.float32).transpose(2, 1, 0)[None]
+    spacing = {"spacing": list(reversed(image.spacing))}
+    labels = predictor.predict_single_npy_array(data, spacing, None, None, False)
+    return labels.transpose(2, 1, 0)
+
+
+def run_case(folder: Path, method: str, seed: int, epochs: int) -> dict:
+    """One case (``nnunetv2``, ``none`` or a method) in this (fresh) process."""
+    return measure_case(
+        folder, method, seed, epochs, tool="nnunetv2", tool_labels=nnunet_labels, work=WORK
+    )
 
 
 def table(
@@ -164,18 +179,33 @@ def table(
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS))
+def arguments(
+    description: str, methods: tuple[str, ...], results: Path, argv
+) -> argparse.Namespace:
+    """The command line both folder-model benchmarks take."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--methods", nargs="*", default=list(methods))
     parser.add_argument("--steps", type=int, default=150, help="training steps of the model")
     parser.add_argument("--epochs", type=int, default=1, help="adaptation epochs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=results)
     parser.add_argument("--no-docs", action="store_true", help="do not update the docs table")
-    args = parser.parse_args(argv)
-    folder = model_folder(args.steps)
+    parser.add_argument(
+        "--only-methods",
+        action="store_true",
+        help="run only the methods and keep the tool and prediction rows already in --out",
+    )
+    return parser.parse_args(argv)
+
+
+def run_benchmark(run_case, folder: Path, cases: list[str], args, marker: str, **names) -> None:
+    """Each case in a fresh process (its own peak memory), then the results file and the docs
+    table between ``marker`` markers (``names``: :func:`table`'s wording)."""
     rows = []
-    for method in ["nnunetv2", "none", *args.methods]:
+    if args.only_methods and args.out.exists():
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if r["method"] in cases[:2]]
+        cases = cases[2:]
+    for method in cases:
         with concurrent.futures.ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn")
         ) as pool:
@@ -197,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(args.out, payload)
     if not args.no_docs:
-        replace_marked_block(DOCS, "nnunet-table", table(payload), title="Model adapters")
+        replace_marked_block(DOCS, marker, table(payload, **names), title="Model adapters")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(__doc__.splitlines()[0], DEFAULT_METHODS, RESULTS, argv)
+    folder = model_folder(args.steps)
+    run_benchmark(run_case, folder, ["nnunetv2", "none", *args.methods], args, "nnunet-table")
     return 0
 
 

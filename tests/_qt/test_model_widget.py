@@ -111,7 +111,8 @@ def test_named_model_menu_opens_deepbet_and_adapt_disables_what_cannot_apply(doc
         return
     actions["deepbet"].trigger()
     state = get_state(viewer)
-    assert state.model_source == "deepbet" and widget.fields["norm"].text().startswith("instance")
+    assert state.model_source == "deepbet"
+    assert widget.fields["norm"].text() == "InstanceNorm (no affine)"
     assert widget.fields["spacing"].text() == "not fixed (set by the model)"
     combo = widgets["Adapt"].method_combo
     for name in ("tent", "adabn"):

@@ -21,6 +21,7 @@ from napari_uda.core.models import ModelSaveError, load_model
 from napari_uda.core.models.adapter import NORM_AFFINE
 from napari_uda.core.models.nnunet import NnUNetAdapter, region_class_logits
 from napari_uda.core.models.registry import ModelLoadError
+from napari_uda.core.outputs import OutputSet
 from napari_uda.core.volume import Volume, load_volume
 from napari_uda.data import demo_files
 from nnunet_factory import DATASET, nnunet_checkpoint, train_folder, write_folder
@@ -343,6 +344,14 @@ def test_saved_folder_is_what_nnunet_predicts_with(tmp_path, folder_3d, demo, mo
     assert_equal_to_nnunet(ours, *theirs)
     with pytest.raises(ModelSaveError, match="already exists"):
         adapted.save(out)
+    # as the Export widget saves it: staged, then moved into place with the other outputs
+    outputs = OutputSet(protected=adapted.input_files())
+    exported = tmp_path / "export" / "adapted_model"
+    [target] = adapted.saved_files(exported)
+    adapted.save(outputs.add(target, "model"))
+    assert not exported.exists()
+    outputs.commit()
+    assert (exported / "fold_1" / "checkpoint_final.pth").is_file()
     with pytest.raises(ModelSaveError, match="input model"):
         adapted.save(folder_3d / "inside")
     assert not list(tmp_path.glob("Dataset901_DemoHead/.*"))  # no temporary folder left

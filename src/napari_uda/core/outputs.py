@@ -152,7 +152,7 @@ class OutputSet:
             OutputError: a file was not written, or could not be moved (one line).
         """
         for path, staged in self._files.items():
-            if not staged.is_file():
+            if not staged.exists():  # a file, or a folder (a saved nnU-Net / MONAI model)
                 self.discard()
                 raise OutputError(f"{path}: was not written; nothing was written")
         done: list[tuple[Path, Path | None]] = []

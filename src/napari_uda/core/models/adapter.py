@@ -108,6 +108,10 @@ class FolderModelMixin:
     def input_files(self) -> list[Path]:
         return [self.path]
 
+    def saved_files(self, path: str | os.PathLike) -> list[Path]:
+        """The folder: it is the one output (staged and moved into place whole)."""
+        return [Path(path)]
+
     def check_save_path(self, path: str | os.PathLike) -> Path:
         """A new folder outside the input model's folder; :class:`ModelSaveError` otherwise."""
         path = Path(path)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..preprocessing import check_labels_shape
 from ..volume import Volume
 from .adapter import (
     BATCHNORM,
@@ -53,7 +54,7 @@ from .adapter import (
     atomic_folder,
     has_batchnorm,
 )
-from .nnunet import NnUNetNetwork, _inside
+from .nnunet import NnUNetNetwork, _inside, read_json
 from .nnunet_pipeline import PROBABILITY_FLOOR, WindowTiling, centred_padding
 from .registry import ModelLoadError
 from .scripted import LogitsNetwork, load_scripted_network, norm_affine_parameters, norm_description
@@ -256,7 +257,7 @@ class MonaiBundleAdapter(FolderModelMixin, ModelAdapter):
             raise ModelLoadError(
                 f"{where}: only 3D bundles open (spatial_dims is {self.spatial_dims})"
             )
-        self.metadata = _read_metadata(self.path)
+        self.metadata = read_json(self.path, "configs/metadata.json", "a MONAI bundle")
         self.scripted_file = None
         self.network = self._network(where)
         out_channels = self._out_channels()
@@ -409,11 +410,6 @@ class MonaiBundleAdapter(FolderModelMixin, ModelAdapter):
         )
 
     # -- saving --
-    def saved_files(self, path: str | os.PathLike) -> list[Path]:
-        path = Path(path)
-        weights = "model.ts" if self.scripted_file else "model.pt"
-        return [path, path / "configs", path / "models" / weights]
-
     def _write(self, path: Path, provenance: dict) -> Path:
         """A new bundle folder: ``configs/`` (and ``docs/``) copied, the adapted weights in
         ``models/``, ``provenance`` in ``configs/napari_uda_provenance.json``."""
@@ -435,18 +431,6 @@ class MonaiBundleAdapter(FolderModelMixin, ModelAdapter):
                 json.dumps(provenance, indent=2, default=str)
             )
         return path
-
-
-def _read_metadata(folder: Path) -> dict:
-    path = folder / "configs" / "metadata.json"
-    _inside(folder, path, path.name)
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"{path}: not valid JSON ({str(error).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ModelLoadError(f"{path}: must hold a JSON object")
-    return values
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -480,8 +464,6 @@ def _monai_tiling(grid, roi, overlap: float, blend: str, sigma_scale) -> WindowT
 class MonaiPrepared:
     """A scan as the bundle prepares it, as windows, with the way back through ``Invertd``.
     Follows :class:`~napari_uda.core.models.volumetric.PreparedInputs`."""
-
-    stacked_shape = None
 
     def __init__(self, source: Volume, inputs, tiling: WindowTiling, prepared, model):
         self.source = source
@@ -531,23 +513,18 @@ class MonaiPrepared:
             back = torch.softmax(self._invert(merged, self.model.nearest_interp), 0)
         return np.ascontiguousarray(back.numpy().astype(np.float32))
 
-    def labels_to_inputs(self, labels: Volume | np.ndarray) -> torch.Tensor:
+    def labels_to_inputs(self, labels: Volume | np.ndarray, *, fill: int = 0) -> torch.Tensor:
         """A label map on the scan's grid -> int64 windows (resampled to the prepared grid,
-        nearest neighbour)."""
+        nearest neighbour, every value kept; outside the scan and on padding ``fill``)."""
         from monai.data import MetaTensor
         from monai.transforms import ResampleToMatch
 
-        data = np.asarray(labels.data if isinstance(labels, Volume) else labels)
-        if data.shape != self.source.shape:
-            raise ValueError(
-                f"labels of shape {data.shape} do not match the image of shape {self.source.shape}"
-            )
+        data = check_labels_shape(labels, self.source)
         meta = MetaTensor(
             torch.from_numpy(data.astype(np.float32)[None]),
             affine=torch.as_tensor(self.source.affine, dtype=torch.float64),
         )
-        matched = ResampleToMatch(mode="nearest")(meta, img_dst=self.prepared)
+        resample = ResampleToMatch(mode="nearest", padding_mode="zeros")
+        matched = resample(meta - fill, img_dst=self.prepared) + fill  # outside: fill
         channels = torch.as_tensor(matched).float()
-        return self.tiling.split(channels, pad_value=0.0)[:, 0].round().long()
-
-    labels_to_slices = labels_to_inputs
+        return self.tiling.split(channels, pad_value=float(fill))[:, 0].round().long()

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..preprocessing import check_labels_shape
 from ..volume import Volume, VolumeError
 from .adapter import NORM_AFFINE, FolderModelMixin, ModelAdapter, ModelInfo, atomic_folder
 from .nnunet_pipeline import (
@@ -138,10 +139,11 @@ def _inside(folder: Path, path: Path, what: str) -> Path:
     return resolved
 
 
-def _read_json(folder: Path, name: str) -> dict:
+def read_json(folder: Path, name: str, kind: str = "an nnU-Net v2 trained-model folder") -> dict:
+    """The JSON object in ``folder / name`` (a file inside the folder); one line otherwise."""
     path = folder / name
     if not path.is_file():
-        raise ModelLoadError(f"{folder}: no {name}; not an nnU-Net v2 trained-model folder")
+        raise ModelLoadError(f"{folder}: no {name}; not {kind}")
     _inside(folder, path, name)
     try:
         values = json.loads(path.read_text())
@@ -544,7 +546,6 @@ class NnUNetPrepared:
     resampled_spacing: list[float]
     original_spacing: list[float]
     config: NnUNetConfiguration
-    stacked_shape: tuple[int, ...] | None = None
 
     @property
     def num_slices(self) -> int:
@@ -553,11 +554,6 @@ class NnUNetPrepared:
     @property
     def spatial_dims(self) -> int:
         return self.config.spatial_dims
-
-    @property
-    def padded_hw(self) -> tuple[int, int] | None:
-        """2D windows: their full size (nnU-Net pads them centred; the padding is zeros)."""
-        return tuple(self.inputs.shape[-2:]) if self.spatial_dims == 2 else None
 
     @property
     def cropped_shape(self) -> tuple[int, int, int]:
@@ -605,23 +601,17 @@ class NnUNetPrepared:
         back = full.numpy().transpose(0, *[a + 1 for a in self.config.transpose_backward])
         return from_file_axes(self.source, back, self.config.reorient)
 
-    def labels_to_inputs(self, labels: Volume | np.ndarray) -> torch.Tensor:
+    def labels_to_inputs(self, labels: Volume | np.ndarray, *, fill: int = 0) -> torch.Tensor:
         """A label map on the scan's grid -> int64 (N, *patch) aligned with :attr:`inputs`
-        (nearest neighbour; padding is background)."""
-        data = np.asarray(labels.data if isinstance(labels, Volume) else labels)
-        if data.shape != self.source.shape:
-            raise ValueError(
-                f"labels of shape {data.shape} do not match the image of shape {self.source.shape}"
-            )
+        (nearest neighbour, every value kept); padding holds ``fill``."""
+        data = check_labels_shape(labels, self.source)
         arranged = file_axes(self.source.with_data(data), self.config.reorient)
         arranged = arranged.transpose(self.config.transpose_forward)[self.box]
         channels = torch.from_numpy(np.ascontiguousarray(arranged))[None]
         channels = nn.functional.interpolate(
             channels[None], size=self.tiling.grid_shape, mode="nearest-exact"
         )[0]
-        return self.tiling.split(channels, pad_value=0.0)[:, 0].round().long()
-
-    labels_to_slices = labels_to_inputs
+        return self.tiling.split(channels, pad_value=float(fill))[:, 0].round().long()
 
 
 # -- the adapter ----------------------------------------------------------------------------------
@@ -649,7 +639,7 @@ def read_folder(
         raise ModelLoadError(f"{folder}: not a folder")
     if checkpoint not in CHECKPOINTS:
         raise ModelLoadError(f"checkpoint must be final or best, not {checkpoint!r}")
-    plans, dataset = _read_json(folder, "plans.json"), _read_json(folder, "dataset.json")
+    plans, dataset = read_json(folder, "plans.json"), read_json(folder, "dataset.json")
     channel_names = _field(dataset, "channel_names", dict, str(folder / "dataset.json"))
     channels = [str(channel_names[k]) for k in sorted(channel_names, key=str)]
     if len(channels) != 1:
@@ -854,11 +844,6 @@ class NnUNetAdapter(FolderModelMixin, ModelAdapter):
         )
 
     # -- saving ----------------------------------------------------------------------------------
-    def saved_files(self, path: str | os.PathLike) -> list[Path]:
-        path = Path(path)
-        files = [path, path / "dataset.json", path / "plans.json"]
-        return files + [path / f"fold_{fold}" / CHECKPOINTS["final"] for fold in self.folder.folds]
-
     def _write(self, path: Path, provenance: dict) -> Path:
         """A new trained-model folder: the JSON files as they were, each fold's adapted weights
         in nnU-Net's checkpoint format (``checkpoint_final.pth``) with ``provenance``, written
