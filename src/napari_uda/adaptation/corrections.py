@@ -83,6 +83,13 @@ class CorrectionSettings:
         min=0,
         max=256,
     )
+    corrections_anchor_precision: float = setting(
+        0.95,
+        "The anchor holds only voxels of classes the starting model got right on the corrected "
+        "voxels at least this often (its precision there; 0: every class).",
+        min=0.0,
+        max=1.0,
+    )
     corrections_parameters: str = setting(
         "auto",
         "Parameters the corrections train: auto (the model's trainable set, 'all'), or a group "
@@ -90,6 +97,13 @@ class CorrectionSettings:
     )
     corrections_learning_rate: float = setting(
         3e-4, "Adam learning rate of the correction step.", min=1e-7, max=1.0
+    )
+    corrections_crop: int = setting(
+        0,
+        "3D models: train on a window of this many voxels per axis (a multiple of 32) around a "
+        "random corrected voxel instead of the whole input (0: whole input); faster per step.",
+        min=0,
+        max=1024,
     )
 
 
@@ -141,6 +155,20 @@ def corrected_fit(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
     return mean_foreground_dice(predicted.cpu(), labels[corrected].cpu(), logits.shape[1])
 
 
+def class_precision(corrections: torch.Tensor, probabilities: torch.Tensor) -> list[float | None]:
+    """Per class: how often the starting model's label ``c`` is the user's on corrected voxels
+    (None: the model predicts ``c`` on no corrected voxel)."""
+    corrected = corrections != NOT_CORRECTED
+    predicted = probabilities.argmax(dim=1)[corrected]
+    truth = corrections[corrected]
+    result: list[float | None] = []
+    for label in range(probabilities.shape[1]):
+        chosen = predicted == label
+        count = int(chosen.sum())
+        result.append(float((truth[chosen] == label).sum()) / count if count else None)
+    return result
+
+
 def anchor_region(
     corrections: torch.Tensor,
     probabilities: torch.Tensor,
@@ -148,14 +176,23 @@ def anchor_region(
     confidence: float,
     margin: int,
     valid: torch.Tensor | None = None,
+    precision: float = 0.0,
 ) -> torch.Tensor:
     """(N, ...) boolean: voxels the anchor holds to the starting model.
 
-    Confident (top probability >= ``confidence``), valid (not padding), and more than
-    ``margin`` voxels (a box, along every axis of the stacked inputs: for 2D models the stack of
-    slices is the volume) from every corrected voxel.
+    Confident (top probability >= ``confidence``), valid (not padding), more than ``margin``
+    voxels (a box, along every axis of the stacked inputs: for 2D models the stack of slices is
+    the volume) from every corrected voxel, and predicted as a class whose precision on the
+    corrected voxels (:func:`class_precision`) is at least ``precision``: a model that is
+    confidently wrong about one class (deepbet missing brain on a new contrast) is not held to
+    that class where nobody corrected it.
     """
-    confident = probabilities.max(dim=1).values >= confidence
+    top, labels = probabilities.max(dim=1)
+    confident = top >= confidence
+    if precision > 0:
+        scores = class_precision(corrections, probabilities)
+        trusted = torch.tensor([p is not None and p >= precision for p in scores])
+        confident &= trusted[labels]
     corrected = (corrections != NOT_CORRECTED).numpy()
     if margin > 0 and corrected.any():
         near = maximum_filter(corrected, size=2 * margin + 1, mode="constant")
@@ -180,7 +217,12 @@ class CorrectionStep:
     Built once per run from the context (which must hold corrections) and the settings.
     """
 
-    def __init__(self, context: AdaptationContext, settings: CorrectionSettings):
+    def __init__(
+        self,
+        context: AdaptationContext,
+        settings: CorrectionSettings,
+        starting_probabilities: torch.Tensor | None = None,
+    ):
         corrections = getattr(context, "corrections", None)
         if corrections is None:
             raise ValueError("no corrections given: correct at least one slice first")
@@ -191,13 +233,17 @@ class CorrectionStep:
         flat = (corrections != NOT_CORRECTED).reshape(corrections.shape[0], -1)
         self.corrected_items = torch.nonzero(flat.any(1)).flatten()
         valid = None if context.valid_mask is None else context.valid_mask[:, 0]
+        starting = context.initial_probabilities
+        self.starting = starting if starting_probabilities is None else starting_probabilities
         self.anchor = anchor_region(
             corrections,
-            context.initial_probabilities,
+            self.starting,
             confidence=settings.corrections_anchor_confidence,
             margin=settings.corrections_anchor_margin,
             valid=valid,
+            precision=settings.corrections_anchor_precision,
         )
+        self.precision = class_precision(corrections, self.starting)
         self.parameters = self._parameters()
         self.optimizer = torch.optim.Adam(self.parameters, lr=settings.corrections_learning_rate)
         self.last_fit: float | None = None  # Dice with the corrections on the latest batch
@@ -221,15 +267,39 @@ class CorrectionStep:
         others = engine_index[~torch.isin(engine_index, corrected)]
         return torch.cat([corrected, others[: max(0, batch_size - len(corrected))]])
 
-    def losses(self, logits: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The named loss terms of ``logits`` (the network's output on items ``index``)."""
+    def window(self, index: torch.Tensor) -> tuple[slice, ...]:
+        """Where to cut the inputs of items ``index`` (batch, channel, spatial...): everything,
+        or for 3D inputs with ``corrections_crop`` a window around a random corrected voxel of
+        the first item (each side a multiple of 32, at most the input's size)."""
+        full = (slice(None),) * self.context.target_inputs.dim()
+        crop = self.settings.corrections_crop
+        spatial = self.context.target_inputs.shape[2:]
+        if not crop or len(spatial) != 3:
+            return full
+        voxels = torch.nonzero(self.corrections[index[0]] != NOT_CORRECTED)
+        if not len(voxels):
+            return full
+        pick = int(torch.randint(len(voxels), (1,), generator=self.context.generator))
+        window = [slice(None), slice(None)]
+        for centre, size in zip(voxels[pick].tolist(), spatial):
+            side = min(size, max(32, crop // 32 * 32))
+            start = min(max(0, centre - side // 2), size - side)
+            window.append(slice(start, start + side))
+        return tuple(window)
+
+    def losses(
+        self, logits: torch.Tensor, index: torch.Tensor, window: tuple[slice, ...] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The named loss terms of ``logits`` (the network's output on items ``index``, cut to
+        ``window``: batch, channel, spatial slices)."""
         settings, device = self.settings, logits.device
-        labels = self.corrections[index].to(device)
+        cut = (slice(None),) if window is None else window[:1] + window[2:]
+        labels = self.corrections[index][cut].to(device)
         terms = corrected_voxel_loss(logits, labels, settings.corrections_dice_weight)
         terms["corrections_ce"] = terms["corrections_ce"] * settings.corrections_weight
         if settings.corrections_anchor_weight > 0:
-            source = self.context.initial_probabilities[index].to(device)
-            anchor = self.anchor[index].to(device)
+            source = self.starting[index][window or ()].to(device)
+            anchor = self.anchor[index][cut].to(device)
             terms["corrections_anchor"] = settings.corrections_anchor_weight * (
                 soft_cross_entropy(logits, source, anchor)
             )
@@ -250,17 +320,19 @@ class CorrectionStep:
             network.requires_grad_(False)  # gradients only where this step changes weights
             for parameter in self.parameters:
                 parameter.requires_grad_(True)
-            inputs = context.target_inputs[index].to(context.device)
+            window = self.window(index)
+            inputs = context.target_inputs[index][window].to(context.device)
             with context.autocast():
                 logits = context.model.forward(inputs).logits
-            terms = self.losses(logits, index)
+            terms = self.losses(logits, index, window)
             total = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
             for parameter, flag in requires.items():
                 parameter.requires_grad_(flag)
-        self.last_fit = corrected_fit(logits.detach(), self.corrections[index].to(logits.device))
+        labels = self.corrections[index][window[:1] + window[2:]].to(logits.device)
+        self.last_fit = corrected_fit(logits.detach(), labels)
         values = {name: float(value.detach()) for name, value in terms.items()}
         return {"corrections_total": float(total.detach()), **values}
 
@@ -272,6 +344,7 @@ class CorrectionStep:
                 "corrected_voxels_model_grid": corrected,
                 "corrected_items": len(self.corrected_items),
                 "anchor_voxels": int(self.anchor.sum()),
+                "starting_model_precision_on_corrections": self.precision,
                 "parameters": len(self.parameters),
                 **dataclasses.asdict(self.settings),
             }

@@ -1,4 +1,9 @@
-"""``napari-uda adapt``: adapt a model to new-scanner volumes without labels, write the masks.
+"""``napari-uda adapt``: adapt a model to new-scanner volumes, write the masks.
+
+Without labels (a label-free ``--method``), or with a few corrected slices of the first image
+(``--corrections``, :mod:`.corrections_option`): the model then learns from them (with the
+method, or alone when ``--method`` is left out), the written mask keeps them exactly, and the
+label-free gate only warns.
 
 Everything is checked before any work starts (files, method, settings, what the model offers,
 output paths); on bad input the command prints one line and exits 2 without writing anything.
@@ -15,6 +20,7 @@ from functools import partial
 import numpy as np
 
 from ..adaptation.report import jsonable, run_metrics, run_report, write_json
+from ..adaptation.rounds import corrected_prediction, describe_corrections
 from ..core.device import resolve_device
 from ..core.models import load_model
 from ..core.outputs import OutputSet
@@ -22,6 +28,7 @@ from ..core.threads import import_in_background
 from ..core.volume import is_nifti_path, load_volume, save_volume
 from . import CLIError, add_settings_option, add_threads_option
 from .checks import check_reference, load_scan
+from .corrections_option import add_corrections_options, load_corrections
 from .expected_volume import add_expected_volume_option, expected_volumes, warn_lines
 
 
@@ -42,8 +49,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--image", required=True, nargs="+", help="target NIfTI volume(s) from the new scanner"
     )
-    parser.add_argument("--method", required=True, help="adaptation method (see `methods`)")
-    add_settings_option(parser, "settings", "a method setting, e.g. --set epochs=5 (repeatable)")
+    parser.add_argument(
+        "--method",
+        help="adaptation method (see `methods`); default with --corrections: corrections alone",
+    )
+    add_settings_option(
+        parser,
+        "settings",
+        "a method setting, e.g. --set epochs=5, or a corrections_* setting (repeatable)",
+    )
+    add_corrections_options(parser)
     parser.add_argument(
         "--out", required=True, nargs="+", help="segmentation NIfTI, one per --image"
     )
@@ -80,7 +95,7 @@ def add_parser(subparsers) -> None:
 
 
 def _inputs(args) -> list[str]:
-    return [p for p in [args.model, *args.image, args.reference] if p]
+    return [p for p in [args.model, *args.image, args.reference, args.corrections] if p]
 
 
 def _check_outputs(args, outputs: OutputSet) -> None:
@@ -137,19 +152,32 @@ def _progress_line(event, class_names: list[str]) -> str:
     return "  ".join(parts)
 
 
+def split_settings(method, settings: list[str]) -> tuple[list[str], list[str]]:
+    """``--set`` items for the method and ``corrections_*`` items for the correction step (a
+    method that is the correction step, ``corrections``, takes them all)."""
+    if method.needs_corrections:
+        return list(settings), []
+    mine = [item for item in settings if item.strip().startswith("corrections_")]
+    return [item for item in settings if item not in mine], mine
+
+
 def run(args: argparse.Namespace) -> int:
     """Adapt and write every output together at the end, or nothing (error, Ctrl-C)."""
     with OutputSet(protected=_inputs(args)) as outputs:
         return _adapt(args, outputs)
 
 
-def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
+def _load_inputs(args, outputs: OutputSet) -> dict:
+    """Everything the run needs, checked before any work: method, settings, model, images,
+    reference, corrections (raises with one line on bad input)."""
     from ..adaptation.base import get_method
-    from ..adaptation.engine import AdaptationError, adapt, resolve_settings
-    from ..adaptation.gate import GateOptions
+    from ..adaptation.engine import AdaptationError, resolve_settings
 
-    method = get_method(args.method)
-    settings = resolve_settings(method, args.settings)
+    if args.method is None and args.corrections is None:
+        raise CLIError("--method is required (or give --corrections to adapt with them alone)")
+    method = get_method(args.method or "corrections")
+    method_settings, correction_settings = split_settings(method, args.settings)
+    settings = resolve_settings(method, method_settings)
     _check_outputs(args, outputs)
     import_in_background()  # torch's optimiser imports, while the scans are read and prepared
     device = resolve_device(args.device)
@@ -157,7 +185,7 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
     unmet = method.unmet_needs(model.capabilities)
     if unmet:
         raise AdaptationError(f"{method.name} cannot adapt {args.model}: {'; '.join(unmet)}")
-    settings = resolve_settings(method, args.settings, model)  # the model's recommendations
+    settings = resolve_settings(method, method_settings, model)  # the model's recommendations
     if args.save_model:
         _check_model_output(args, model, outputs)
     expected = expected_volumes(args, model)
@@ -165,6 +193,28 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
     reference = load_volume(args.reference) if args.reference else None
     if reference is not None:  # same grid, and only labels the model has
         check_reference(reference, volumes[0], model.class_names)
+    corrections = load_corrections(args, volumes[0], list(model.class_names))
+    return {
+        "method": method,
+        "settings": settings,
+        "correction_settings": correction_settings,
+        "device": device,
+        "model": model,
+        "expected": expected,
+        "volumes": volumes,
+        "reference": reference,
+        "corrections": corrections,
+    }
+
+
+def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
+    from ..adaptation.engine import adapt
+    from ..adaptation.gate import GateOptions
+
+    inputs = _load_inputs(args, outputs)
+    method, settings, device = inputs["method"], inputs["settings"], inputs["device"]
+    model, volumes, reference = inputs["model"], inputs["volumes"], inputs["reference"]
+    corrections, expected = inputs["corrections"], inputs["expected"]
 
     last_event = None
     class_names = list(model.class_names)
@@ -194,14 +244,20 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
         seed=args.seed,
         device=str(device),
         on_event=on_event,
-        gate=GateOptions(gate=not args.no_gate),
+        # with corrections the gate only warns: the user's labels outrank it
+        gate=GateOptions(gate=not args.no_gate and corrections is None),
         expected_volumes=expected,
+        corrections=corrections,
+        correction_settings=inputs["correction_settings"],
     )
     if last_event is not None and not args.quiet:
         print(_progress_line(last_event, class_names), file=sys.stderr, flush=True)
     decision = result.gate
 
-    for index, prediction in enumerate(result.predictions):
+    predictions = list(result.predictions)
+    if corrections is not None:  # the corrected voxels stay exactly as the user made them
+        predictions[0] = result.prediction = corrected_prediction(predictions[0], corrections)
+    for index, prediction in enumerate(predictions):
         outputs.write(args.out[index], partial(save_volume, prediction.label_volume()))
         if args.entropy_out:
             entropy = prediction.entropy_volume()
@@ -212,16 +268,7 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
         provenance = {"adapted": jsonable(adapted)}
         outputs.write(args.save_model, partial(result.model.save, provenance=provenance))
     if args.report:
-        inputs = {
-            "command": "napari-uda adapt",
-            "model": str(args.model),
-            "images": [str(p) for p in args.image],
-            "reference": args.reference,
-            "outputs": {"segmentation": args.out, "entropy": args.entropy_out},
-        }
-        truth = None if reference is None else np.rint(np.asarray(reference.data)).astype(int)
-        metrics = run_metrics(result, class_names, volumes[0].spacing, truth)
-        report = run_report(result, inputs=inputs, metrics=metrics)
+        report = _report(args, result, class_names, volumes[0], reference, corrections)
         outputs.write(args.report, partial(write_json, report))
     outputs.commit()
     summary = f"napari-uda adapt: {result.stop_reason} in {result.seconds:.1f} s; kept step "
@@ -236,3 +283,23 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
     print(f"napari-uda adapt: gate: {decision.summary}", file=sys.stderr, flush=True)
     warn_lines("adapt", decision.warnings)
     return 0
+
+
+def _report(args, result, class_names, image, reference, corrections) -> dict:
+    """The JSON report: inputs (with the corrected slices), settings, history, metrics."""
+    inputs = {
+        "command": "napari-uda adapt",
+        "model": str(args.model),
+        "images": [str(p) for p in args.image],
+        "reference": args.reference,
+        "outputs": {"segmentation": args.out, "entropy": args.entropy_out},
+    }
+    if corrections is not None:
+        inputs["corrections"] = {
+            "file": args.corrections,
+            "corrected_slices_option": args.corrected_slices,
+            **describe_corrections(corrections),
+        }
+    truth = None if reference is None else np.rint(np.asarray(reference.data)).astype(int)
+    metrics = run_metrics(result, class_names, image.spacing, truth)
+    return run_report(result, inputs=inputs, metrics=metrics)

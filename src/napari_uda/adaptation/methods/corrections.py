@@ -76,18 +76,19 @@ class CorrectionsOnly(AdaptationMethod):
     def setup(self) -> None:
         context, settings = self.context, self.settings
         network = context.model.network.to(context.device)
+        starting, self.target_statistics_used = None, False
         if settings.target_statistics:
             statistics = TargetStatistics(network)
             statistics.start()
-            if statistics.layer_count:
+            estimate = statistics.layer_count > 0
+            if estimate:
                 statistics.estimate(context, max(settings.batch_size, context.inference_batch_size))
-                statistics.finish()
-                context.initial_probabilities = context.predict_target(cached=False)
-            else:
-                statistics.finish()
+            statistics.finish()
+            network.eval()
+            if estimate:  # the anchor follows the model with the target's statistics
+                starting, self.target_statistics_used = context.predict_target(cached=False), True
         network.eval()
-        self.correction = CorrectionStep(context, settings)
-        self.target_statistics_used = settings.target_statistics and statistics.layer_count > 0
+        self.correction = CorrectionStep(context, settings, starting)
 
     def step(self, batch_index: torch.Tensor, step: int) -> StepOutput:
         losses = self.correction.step(batch_index, self.settings.batch_size)
