@@ -259,8 +259,9 @@ def run_user(case_name: str, user: str, rounds: int, method: str, threads: int) 
         corrections = next_corrections(user, corrections, labels, target.reference, axis, taken)
         load = os.getloadavg()[0]
         started = time.perf_counter()
+        given = target.image.with_data(corrections)
         result = adapt(history.model(), target.image, method, case.settings,
-                       corrections=target.image.with_data(corrections), seed=number, device="cpu")  # fmt: skip
+                       corrections=given, seed=number, device="cpu")  # fmt: skip
         seconds = time.perf_counter() - started
         history.record(result, corrections)
         labels = keep_corrections(result.prediction.labels, corrections)

@@ -17,7 +17,7 @@ from napari_uda.core.corrections import NOT_CORRECTED, corrections_from_slices
 from napari_uda.core.metrics import dice_per_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "core"))
-from scripted_factory import base_spec, save_model, synthetic_head, train_tiny  # noqa: E402
+from scripted_factory import base_spec, save_model, synthetic_head, train_tiny
 
 
 def _dice(labels, truth) -> float:
@@ -28,14 +28,23 @@ def _axial(volume) -> int:
     return int(np.argmax(np.abs(volume.affine[2, :3])))
 
 
-def test_corrections_raise_dice_on_the_demo_shift(demo_model, demo_target_slab, demo_reference_slab):
+def test_corrections_raise_dice_on_the_demo_shift(
+    demo_model, demo_target_slab, demo_reference_slab
+):
     truth = np.asarray(demo_reference_slab.data).astype(np.int16)
     axis = _axial(demo_target_slab)
     corrected = [8, 16, 24]
     corrections = corrections_from_slices(truth, axis, corrected)
     settings = {"epochs": 2, "steps_per_epoch": 5}
-    result = adapt(demo_model, demo_target_slab, "corrections", settings,
-                   reference=demo_reference_slab, corrections=corrections, device="cpu")  # fmt: skip
+    result = adapt(
+        demo_model,
+        demo_target_slab,
+        "corrections",
+        settings,
+        reference=demo_reference_slab,
+        corrections=corrections,
+        device="cpu",
+    )
     before, after = result.reference_dice_before[0], result.reference_dice_after[0]
     assert after > before + 0.1, (before, after)
     # the gain spreads beyond the corrected slices: untouched slices improve too
@@ -45,7 +54,9 @@ def test_corrections_raise_dice_on_the_demo_shift(demo_model, demo_target_slab, 
     reference = np.take(truth, others, axis=axis)
     assert _dice(untouched, reference) > _dice(unadapted, reference) + 0.1
     final = keep_corrections(result.prediction.labels, corrections)
-    assert np.array_equal(np.take(final, corrected, axis=axis), np.take(truth, corrected, axis=axis))
+    assert np.array_equal(
+        np.take(final, corrected, axis=axis), np.take(truth, corrected, axis=axis)
+    )
     assert result.extra["corrections"]["corrected_items"] == 3
 
 
@@ -64,7 +75,9 @@ def test_corrections_raise_dice_for_a_3d_torchscript_model(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(available_methods()))
-def test_every_method_combines_with_corrections_or_says_why(name, tiny_model, tiny_target, tiny_reference):
+def test_every_method_combines_with_corrections_or_says_why(
+    name, tiny_model, tiny_target, tiny_reference
+):
     method = available_methods()[name]
     if method.unmet_needs(tiny_model.capabilities):
         pytest.skip(f"{name} does not apply to the tiny model")

@@ -42,15 +42,13 @@ import torch.nn.functional as F
 from scipy.ndimage import maximum_filter
 from torch import nn
 
+from ..core.corrections import NOT_CORRECTED
 from ..core.metrics import mean_foreground_dice
 from ..settings import setting
 from .losses import soft_cross_entropy, soft_dice_loss
 
 if TYPE_CHECKING:
     from .base import AdaptationContext
-
-#: Label of a voxel the user did not correct (the same value as ``core.corrections``).
-NOT_CORRECTED = -1
 
 
 @dataclass
@@ -105,6 +103,33 @@ class CorrectionSettings:
         min=0,
         max=1024,
     )
+
+
+#: What :func:`resolve_correction_settings` takes from the caller.
+CorrectionSettingsInput = CorrectionSettings | dict | list | tuple | None
+
+
+def resolve_correction_settings(
+    method: type, method_settings: Any, given: CorrectionSettingsInput, model: Any = None
+) -> CorrectionSettings:
+    """The correction step's settings for a run.
+
+    A method that is the correction step (``needs_corrections``) holds them in its own settings.
+    Otherwise: the defaults, then the model's ``recommended_settings("corrections")`` (only its
+    ``corrections_*`` keys), then ``given`` (an instance, a dict or ``key=value`` strings).
+    """
+    from ..settings import apply_overrides
+
+    if getattr(method, "needs_corrections", False):
+        return method_settings
+    if isinstance(given, CorrectionSettings):
+        return given
+    recommended = model.recommended_settings("corrections") if model is not None else {}
+    names = set(correction_fields())
+    settings = apply_overrides(
+        CorrectionSettings(), {k: v for k, v in (recommended or {}).items() if k in names}
+    )
+    return apply_overrides(settings, list(given) if isinstance(given, tuple) else given)
 
 
 def correction_fields() -> list[str]:

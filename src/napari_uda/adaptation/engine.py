@@ -48,6 +48,7 @@ from ..core.volume import Volume
 from ..settings import setting, settings_to_dict
 from .base import AdaptationContext, AdaptationMethod, StepOutput
 from .checkpoints import CheckpointKeeper
+from .corrections import CorrectionSettingsInput, resolve_correction_settings
 from .evaluation import Evaluator, reference_dice
 from .events import AdaptationEvent, AdaptationResult, CheckpointChoice
 from .gate import GateOptions, apply_gate, left_right_dim
@@ -106,6 +107,8 @@ def _map_corrections(
             f"the corrections hold the value {wrong[0]:g}; use {NOT_CORRECTED} (not corrected) "
             f"or a class from 0 to {num_classes - 1}"
         )
+    if not (data >= 0).any():
+        raise AdaptationError("the corrections hold no corrected voxel")
     mapped = targets.labels_on_inputs(corrections, fill=NOT_CORRECTED, what="corrections")
     summary = {
         "voxels": int((data >= 0).sum()),
@@ -173,9 +176,17 @@ def _start_run(
     seed: int | None,
     device: torch.device,
     options: EngineOptions,
+    correction_settings: CorrectionSettingsInput = None,
 ) -> _Run:
-    """Copy the model, prepare the targets, predict once with the source model, set up."""
+    """Copy the model, prepare the targets, predict once with the source model, set up (and
+    attach the correction step when there are corrections)."""
     started = time.perf_counter()
+    if corrections is None and plan.method.needs_corrections:
+        raise AdaptationError(
+            f"{plan.method.name} needs corrections: correct at least one slice first"
+        )
+    if corrections is not None:  # the user's labels may move the mask far: no drift rule
+        options = dataclasses.replace(options, drift_tolerance=0.0)
     if seed is not None:
         torch.manual_seed(seed)
     generator = torch.Generator()
@@ -212,6 +223,12 @@ def _start_run(
     )
     keeper = CheckpointKeeper(working.network, initial, guard, options)  # before setup
     method.setup()  # may change buffers (AdaBN and TENT restart BatchNorm statistics)
+    if corrected is not None:
+        chosen = resolve_correction_settings(plan.method, plan.settings, correction_settings, model)
+        try:
+            method.attach_corrections(chosen)
+        except ValueError as error:
+            raise AdaptationError(str(error)) from None
     return _Run(
         model=model,
         plan=plan,
@@ -242,6 +259,7 @@ def run_adaptation(
     corrections: Volume | np.ndarray | None = None,
     gate: GateOptions | None = None,
     expected_volumes: Mapping[str, tuple[float, float]] | None = None,
+    correction_settings: CorrectionSettingsInput = None,
 ) -> Generator[AdaptationEvent, None, AdaptationResult]:
     """Adapt a copy of ``model`` to ``volumes`` with ``method``; yield events, return the result.
 
@@ -260,7 +278,13 @@ def run_adaptation(
         options: :class:`EngineOptions` (evaluation, collapse guard, batch size, precision).
         corrections: a label map on the first volume's grid: the user's label where they
             corrected it, :data:`~napari_uda.core.corrections.NOT_CORRECTED` (-1) elsewhere.
-            Methods see it as ``AdaptationContext.corrections``; None (default): none.
+            Methods see it as ``AdaptationContext.corrections``; None (default): none. With
+            corrections, one correction step follows every step of the method
+            (:mod:`~napari_uda.adaptation.corrections`), the guard's drift rule is off and
+            the gate only warns.
+        correction_settings: the correction step's settings (``CorrectionSettings``, a dict
+            or ``corrections_*=value`` strings); ignored for the ``corrections`` method, whose
+            own settings hold them. None: defaults with the model's recommendations.
         gate: :class:`~napari_uda.adaptation.gate.GateOptions`: at the end, compare the
             adapted and the unadapted model with label-free signals and roll back when
             adaptation does not look better (``result.gate`` says what and why). None
@@ -276,7 +300,9 @@ def run_adaptation(
     plan = method if isinstance(method, RunPlan) else plan_run(model, method, settings)
     device = resolve_device(device) if isinstance(device, str) else device
     preview_every = preview_every or options.preview_every
-    run = _start_run(model, volumes, plan, reference, corrections, seed, device, options)
+    run = _start_run(
+        model, volumes, plan, reference, corrections, seed, device, options, correction_settings
+    )
     keeper, context = run.keeper, run.context
     first = run.event(0, 0, None, None)  # the unadapted model, so a UI can show "before"
     first.evaluated, first.message = True, "unadapted model"
@@ -328,6 +354,8 @@ def run_adaptation(
         run.evaluate(step, epoch)
     result = _result(run, history, step, stopped, stop_reason, reference, seed, device)
     if gate is not None:
+        if corrections is not None:  # the user's labels outrank the label-free gate: it warns
+            gate = dataclasses.replace(gate, gate=False)
         _gate_result(run, result, gate, expected_volumes, device, seed)
     return result
 
@@ -381,6 +409,7 @@ def _result(
         before = reference_dice(initial_predictions[0], reference, working.num_classes)
         after = reference_dice(predictions[0], reference, working.num_classes)
     plan = run.plan
+    method_report = run.method.report()
     return AdaptationResult(
         model=working,
         prediction=predictions[0],
@@ -407,12 +436,22 @@ def _result(
             "prior_class_ratios": run.keeper.guard.prior,
             "model_recommended_settings": plan.recommended,
             "engine_options": dataclasses.asdict(run.options),
-            "corrections": run.corrections,
-            **run.method.report(),
+            **method_report,
+            "corrections": _corrections_report(run, method_report),
         },
         predictions=predictions,
         initial_predictions=initial_predictions,
     )
+
+
+def _corrections_report(run: _Run, method_report: dict[str, Any]) -> dict[str, Any] | None:
+    """The engine's summary of the corrections with the correction step's facts (reported
+    by the step the engine attached, or by a method that is the step itself), or None."""
+    if run.corrections is None:
+        return None
+    step = run.method.correction_step
+    facts = step.report() if step is not None else method_report
+    return {**run.corrections, **facts.get("corrections", {})}
 
 
 def adapt(

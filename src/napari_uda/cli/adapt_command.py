@@ -244,8 +244,7 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
         seed=args.seed,
         device=str(device),
         on_event=on_event,
-        # with corrections the gate only warns: the user's labels outrank it
-        gate=GateOptions(gate=not args.no_gate and corrections is None),
+        gate=GateOptions(gate=not args.no_gate),  # with corrections it only warns
         expected_volumes=expected,
         corrections=corrections,
         correction_settings=inputs["correction_settings"],

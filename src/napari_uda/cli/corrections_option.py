@@ -56,7 +56,9 @@ def parse_corrected_slices(text: str, image: Volume) -> tuple[int, list[int]]:
     try:
         indices = sorted({int(i) for i in indices_text.split(",") if i.strip()})
     except ValueError:
-        raise CLIError(f"--corrected-slices {text}: expected AXIS:I,J,... with whole numbers") from None
+        raise CLIError(
+            f"--corrected-slices {text}: expected AXIS:I,J,... with whole numbers"
+        ) from None
     if not indices:
         raise CLIError(f"--corrected-slices {text}: no slice given")
     size = image.shape[axis]
@@ -77,7 +79,9 @@ def load_corrections(args, image: Volume, class_names: list[str]) -> Volume | No
     path = args.corrections
     volume = load_volume(path)
     if volume.shape != image.shape:
-        raise CLIError(f"{path}: shape {volume.shape} does not match the first image's {image.shape}")
+        raise CLIError(
+            f"{path}: shape {volume.shape} does not match the first image's {image.shape}"
+        )
     if not np.allclose(volume.affine, image.affine, atol=1e-3):
         raise CLIError(f"{path}: its affine differs from the first image's (not on the same grid)")
     data = np.asarray(volume.data)
@@ -87,7 +91,9 @@ def load_corrections(args, image: Volume, class_names: list[str]) -> Volume | No
     if args.corrected_slices:
         axis, indices = parse_corrected_slices(args.corrected_slices, image)
         if (data == NOT_CORRECTED).any():
-            raise CLIError(f"{path}: already marks voxels -1 (not corrected); drop --corrected-slices")
+            raise CLIError(
+                f"{path}: already marks voxels -1 (not corrected); drop --corrected-slices"
+            )
         data = corrections_from_slices(data, axis, indices).astype(np.int64)
     elif not (data == NOT_CORRECTED).any():
         raise CLIError(
