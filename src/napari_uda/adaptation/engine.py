@@ -107,9 +107,9 @@ def _map_corrections(
             f"the corrections hold the value {wrong[0]:g}; use {NOT_CORRECTED} (not corrected) "
             f"or a class from 0 to {num_classes - 1}"
         )
+    mapped = targets.labels_on_inputs(corrections, fill=NOT_CORRECTED, what="corrections")
     if not (data >= 0).any():
         raise AdaptationError("the corrections hold no corrected voxel")
-    mapped = targets.labels_on_inputs(corrections, fill=NOT_CORRECTED, what="corrections")
     summary = {
         "voxels": int((data >= 0).sum()),
         "input_voxels": int((mapped >= 0).sum()),
