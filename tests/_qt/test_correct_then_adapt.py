@@ -144,8 +144,10 @@ def test_apply_to_other_scans_then_export(first_run, qtbot, notifications, monke
     panel = widgets["Adapt"].corrections
     assert panel.apply_button.isEnabled()
     panel.apply_button.click()
+    assert not panel.apply_button.isEnabled()  # one check at a time
     worker = widgets["Adapt"].other_scans
     qtbot.waitUntil(lambda: not worker.busy, timeout=120_000)
+    assert panel.apply_button.isEnabled()
     for scan in ("head (source scanner)", "next scan"):
         layer = viewer.layers[applied_layer_name(scan, 0)]
         assert layer.data.shape == viewer.layers[scan].data.shape

@@ -159,7 +159,7 @@ class AdaptWidget(QWidget):
         self.status.setWordWrap(True)
         self.plots = LivePlots(str(self.viewer.theme))
         self.corrections = CorrectionsPanel(self.viewer, self.state)
-        self.other_scans = OtherScans(self.viewer, self.state)
+        self.other_scans = OtherScans(self.viewer, self.state, self._update_buttons)
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
@@ -294,6 +294,7 @@ class AdaptWidget(QWidget):
         self.corrections.update_buttons(
             problem if ready else "Open a model and an image first",
             "your corrections only" if only else f"your corrections + {title}",
+            applying=self.other_scans.busy,
         )
 
     # -- running ------------------------------------------------------------------------------

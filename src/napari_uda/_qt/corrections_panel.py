@@ -231,16 +231,18 @@ class CorrectionsPanel(QWidget):
         axis = stepping_axis(self.viewer)
         return SliceRef(axis, current_index(self.viewer, self.layer, axis))
 
-    def update_buttons(self, problem: str, method_title: str = "") -> None:
+    def update_buttons(self, problem: str, method_title: str = "", applying: bool = False) -> None:
         """Enable the round buttons: ``problem`` says why a round cannot start ("" if it
-        can); ``method_title`` is the method a round would use."""
+        can); ``method_title`` is what a round learns from; ``applying``: other scans are being
+        segmented."""
         running = self.state.running
         rounds = self.state.rounds
         self.adapt_button.setEnabled(not problem and not running)
         self.adapt_button.setToolTip(problem or "One round: adapt the current model to your slices")
         self.round_method.setText(f"A round learns from {method_title}." if method_title else "")
         self.back_button.setEnabled(len(rounds) > 1 and not running)
-        self.apply_button.setEnabled(rounds.current is not None and not running)
+        self.apply_button.setEnabled(rounds.current is not None and not running and not applying)
+        self.apply_button.setText("Applying…" if applying else "Apply to other scans")
         current = rounds.current
         if current is None:
             self.rounds.setText("Rounds: none yet (Run first).")

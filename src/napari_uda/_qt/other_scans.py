@@ -36,10 +36,12 @@ def _check(adapted, source, volumes, device):
 class OtherScans:
     """Runs *Apply to other scans* for the Adapt widget (one at a time)."""
 
-    def __init__(self, viewer, state):
+    def __init__(self, viewer, state, on_change=None):
         self.viewer = viewer
         self.state = state
         self.worker = None
+        #: called when a check starts and when it ends (the Adapt widget's buttons)
+        self.on_change = on_change or (lambda: None)
 
     def scans(self) -> list[Image]:
         """The other open 3D image layers (not the target, not result layers)."""
@@ -77,10 +79,12 @@ class OtherScans:
         self.worker.returned.connect(lambda outcome: self._show(outcome, names, number))
         self.worker.finished.connect(self._finished)
         self.worker.start()
+        self.on_change()
         return self.worker
 
     def _finished(self) -> None:
         self.worker = None
+        self.on_change()
 
     def _show(self, outcome, names: list[str], number: int) -> None:
         """One layer per scan; a warning per scan where the adapted model may be worse."""
