@@ -165,3 +165,25 @@ def test_report_lists_the_cases_to_check_first(scans, tmp_path):
     assert html.index("scan_c") < html.index("scan_b") < html.index("scan_a")
     assert "2 to check" in html
     assert paths["csv"].read_text().splitlines()[1].startswith("scan_c,failed,failed")
+
+
+def test_ctrl_c_in_the_command_says_what_is_kept(
+    monkeypatch, tiny_model_path, scans, tmp_path, capsys
+):
+    """Exit 130 and one line saying finished cases are kept and how to resume (not the other
+    commands' 'nothing was written', which would be false here)."""
+    import napari_uda.batch.run as run_module
+    from napari_uda.cli import main
+
+    def interrupted(job, cases, **kwargs):
+        manifest = Manifest.open(job, cases)
+        manifest.mark(cases[0].case_id, "done")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run_archive", interrupted)
+    argv = ["batch", "--model", str(tiny_model_path), "--images", str(scans[0].parent / "scan_*")]
+    code = main([*argv, "--method", "adabn", "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "1 case(s) done are kept, 2 pending" in lines[0]
+    assert "rerun the same command" in lines[0]

@@ -189,7 +189,7 @@ class ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     from ..batch.cases import plan_cases
-    from ..batch.manifest import Manifest
+    from ..batch.manifest import Manifest, read_manifest
     from ..batch.run import dashboard_available, run_archive
 
     cases = plan_cases(args.images)
@@ -217,6 +217,18 @@ def run(args: argparse.Namespace) -> int:
             retries=args.retries,
             on_progress=bar,
         )
+    except KeyboardInterrupt:
+        bar.close()
+        try:
+            counts = read_manifest(job.out_dir)["counts"]
+        except (OSError, ValueError, KeyError):  # stopped before the manifest was written
+            counts = {"done": 0, "pending": len(cases)}
+        print(
+            f"napari-uda batch: interrupted; {counts['done']} case(s) done are kept, "
+            f"{counts['pending']} pending: rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         bar.close()
     progress = outcome.progress
