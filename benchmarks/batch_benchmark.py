@@ -70,8 +70,11 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def run_config(listing: Path, workers: int, method: str, mode: str) -> dict:
-    """One whole batch into a fresh folder; the measurements."""
+def run_config(
+    listing: Path, workers: int, method: str, mode: str, time_limit: float | None = None
+) -> dict:
+    """One batch into a fresh folder, stopped after ``time_limit`` seconds if given (the cases
+    not finished by then stay pending); the measurements."""
     from napari_uda.batch.cases import plan_cases
     from napari_uda.batch.job import BatchJob
     from napari_uda.batch.manifest import read_manifest
@@ -86,7 +89,10 @@ def run_config(listing: Path, workers: int, method: str, mode: str) -> dict:
     )
     load_before = load_average()
     started = time.perf_counter()
-    outcome = run_archive(job, cases, workers=workers)
+    limit = time_limit or float("inf")
+    outcome = run_archive(
+        job, cases, workers=workers, should_stop=lambda: time.perf_counter() - started > limit
+    )
     seconds = time.perf_counter() - started
     records = read_manifest(out)["cases"].values()
     done = [r for r in records if r["state"] == "done"]
@@ -97,6 +103,7 @@ def run_config(listing: Path, workers: int, method: str, mode: str) -> dict:
     return {
         "workers": workers,
         "scans": len(cases),
+        "time_limit": time_limit,
         "done": outcome.progress.done,
         "failed": outcome.progress.failed,
         "seconds": round(seconds, 1),
@@ -116,14 +123,15 @@ def table(payload: dict) -> str:
         f"`{payload['mode']}` with `{payload['method']}`, demo model, CPU; {payload['machine']}; "
         f"{payload['date']}.",
         "",
-        "| workers | wall time (s) | scans / min | scaling | mean s / scan (in a worker) | "
-        "mean Dice before → after | failed | load average before / after |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workers | scans done | wall time (s) | scans / min | scaling | mean s / scan (in a "
+        "worker) | mean Dice before → after | failed | load average before / after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in payload["runs"]:
         scaling = run["scans_per_minute"] / base if base else float("nan")
         lines.append(
-            f"| {run['workers']} | {run['seconds']:.0f} | {run['scans_per_minute']:.2f} | "
+            f"| {run['workers']} | {run['done']} of {run['scans']} | {run['seconds']:.0f} | "
+            f"{run['scans_per_minute']:.2f} | "
             f"{scaling:.2f}x | {run['mean_case_seconds']} | "
             f"{run['dice_before']:.3f} → {run['dice_after']:.3f} | {run['failed']} | "
             f"{run['load_before']} / {run['load_after']} |"
@@ -138,11 +146,14 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--method", default="adabn")
     parser.add_argument("--mode", default="per-scan", choices=("per-scan", "site"))
+    parser.add_argument(
+        "--time-limit", type=float, help="stop each configuration after this many seconds"
+    )
     args = parser.parse_args()
     listing = make_archive(args.scans)
     runs = []
     for workers in args.workers:
-        runs.append(run_config(listing, workers, args.method, args.mode))
+        runs.append(run_config(listing, workers, args.method, args.mode, args.time_limit))
         print(runs[-1], flush=True)
     payload = {
         "machine": machine(),
@@ -153,7 +164,8 @@ def main() -> int:
         "runs": runs,
         "note": (
             "Wall time includes starting the worker processes and writing every output and the "
-            "report. Each worker's PyTorch uses the cores divided by the workers. The load "
+            "report; with a time limit, a run stops there and scans / min counts the scans done "
+            "by then. Each worker's PyTorch uses the cores divided by the workers. The load "
             "average counts other work on the machine: above the number of cores, the workers "
             "wait for CPU and the scaling says more about that load than about the batch."
         ),

@@ -204,7 +204,7 @@ def test_apply_to_folder_runs_the_last_run_on_every_scan_in_the_background(
     assert batch.job.method == "tent" and "epochs=1" in batch.job.settings
     statuses = []
     batch.progress.connect(lambda progress: statuses.append(progress.finished))
-    qtbot.waitUntil(lambda: export.batch is None, timeout=300_000)
+    qtbot.waitUntil(lambda: export.batch is None, timeout=900_000)  # a loaded machine
     assert not notifications["error"], notifications["error"]
     out = export.folder.value / "scan_tent_batch"
     cases = read_manifest(out)["cases"]

@@ -9,6 +9,7 @@ stay ``pending`` in the manifest: applying to the same folder again resumes.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from napari.qt.threading import create_worker
@@ -45,6 +46,19 @@ def folder_job(result, model_source: str, scans: Path, out_dir: Path, device: st
     )
 
 
+class BatchCall(functools.partial):
+    """The batch's function as napari's close prompt lists it ("Executing ...")."""
+
+    def __str__(self) -> str:
+        batch = self.args[0]
+        return (
+            f"the napari-uda batch of {batch.scans}.\nClosing the window stops it: finished "
+            f"scans stay in {batch.job.out_dir}; Apply to folder again to resume."
+        )
+
+    __repr__ = __str__
+
+
 class FolderBatch(QObject):
     """One batch in the background: ``progress`` (a :class:`BatchProgress`) on each case,
     ``worker.returned`` with the :class:`BatchOutcome`, ``worker.errored`` on failure."""
@@ -60,7 +74,7 @@ class FolderBatch(QObject):
 
     def start(self, on_done, on_error):
         """Start the thread worker (returned): ``on_done(outcome)``, ``on_error(exception)``."""
-        self.worker = create_worker(self._run, _start_thread=False)
+        self.worker = create_worker(BatchCall(FolderBatch._run, self), _start_thread=False)
         self.worker.returned.connect(on_done)
         self.worker.errored.connect(on_error)
         self.worker.start()
@@ -69,13 +83,18 @@ class FolderBatch(QObject):
     def stop(self) -> None:
         self.stop_requested = True
 
+    def _should_stop(self) -> bool:
+        """Stop pressed, or napari quitting the worker (the viewer closes: napari then waits for
+        the batch to cancel its cases and close its cluster)."""
+        return self.stop_requested or bool(self.worker and self.worker.abort_requested)
+
     def _run(self) -> BatchOutcome:
         return run_archive(
             self.job,
             plan_cases(self.scans),
             workers=self.workers,
             on_progress=self._emit,
-            should_stop=lambda: self.stop_requested,
+            should_stop=self._should_stop,
         )
 
     def _emit(self, progress: BatchProgress) -> None:
