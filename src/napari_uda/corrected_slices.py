@@ -241,14 +241,15 @@ class CorrectedSlices:
 # -- rounds ------------------------------------------------------------------------------------
 @dataclass
 class Round:
-    """One run of correct-then-adapt, as the napari widgets keep it.
+    """What the napari session keeps of one run besides
+    :class:`~napari_uda.adaptation.rounds.RoundHistory`'s record of it.
 
     Attributes:
         number: 0 for the first run (no corrections), then 1, 2, ...
         result: the run's :class:`~napari_uda.adaptation.events.AdaptationResult` (its model is
-            the model the next round starts from).
+            the model the next round starts from; its prediction's entropy is shown again on
+            going back).
         info: the run's method, settings, seed and device (for reports).
-        corrections: the corrections volume the round trained on (None for round 0).
         start_labels: the segmentation as it was when the round started (the user's edits in
             it), restored by going back.
         start_slices: the corrected slices when the round started, restored by going back.
@@ -257,38 +258,19 @@ class Round:
     number: int
     result: Any
     info: dict[str, Any] = field(default_factory=dict)
-    corrections: np.ndarray | None = None
     start_labels: np.ndarray | None = None
     start_slices: CorrectedSlices | None = None
-
-    def summary(self, axcodes: str | Sequence[str] | None = None) -> dict[str, Any]:
-        """JSON-able facts for the report (no arrays)."""
-        result = self.result
-        dice = result.reference_dice_after
-        return {
-            "round": self.number,
-            "method": result.method,
-            "settings": self.info.get("settings", result.settings),
-            "seed": result.seed,
-            "seconds": round(float(result.seconds), 2),
-            "stop_reason": result.stop_reason,
-            "kept_step": result.checkpoint.step,
-            "reference_dice_after": None if dice is None else float(np.mean(dice)),
-            "corrected_slices": []
-            if self.start_slices is None
-            else self.start_slices.describe(axcodes),
-            "corrected_voxels": 0
-            if self.corrections is None
-            else int((self.corrections != NOT_CORRECTED).sum()),
-        }
 
 
 @dataclass
 class Rounds:
-    """The rounds of one scan: the first run, then each Adapt with corrections; going back
-    drops the latest round and gives back the state it started from."""
+    """The rounds of one scan in napari: the first run (round 0, whose model is the
+    :class:`~napari_uda.adaptation.rounds.RoundHistory`'s base), then each Adapt with
+    corrections, recorded in that history (weights, corrections, mask; its report) and here with
+    the state it started from; going back drops the latest round from both."""
 
     rounds: list[Round] = field(default_factory=list)
+    history: Any = None  # adaptation.rounds.RoundHistory, from the first run on
 
     def __len__(self) -> int:
         return len(self.rounds)
@@ -299,6 +281,9 @@ class Rounds:
 
     def begin(self, result: Any, info: dict[str, Any]) -> Round:
         """A first run: the rounds start again from its result (round 0)."""
+        from .adaptation.rounds import RoundHistory
+
+        self.history = RoundHistory(result.model)
         self.rounds = [Round(0, result, dict(info))]
         return self.rounds[0]
 
@@ -309,10 +294,12 @@ class Rounds:
         corrections: np.ndarray,
         start_labels: np.ndarray,
         start_slices: CorrectedSlices,
+        reference: np.ndarray | None = None,
     ) -> Round:
         """A finished round that trained on ``corrections``, started from ``start_labels`` and
         ``start_slices`` (kept as given: pass copies)."""
-        entry = Round(len(self.rounds), result, dict(info), corrections, start_labels, start_slices)
+        self.history.record(result, corrections, reference=reference)
+        entry = Round(len(self.rounds), result, dict(info), start_labels, start_slices)
         self.rounds.append(entry)
         return entry
 
@@ -321,7 +308,24 @@ class Rounds:
         state to restore (the new :attr:`current` is the round whose model and result count)."""
         if len(self.rounds) < 2:
             raise IndexError("there is no round to go back from")
+        self.history.undo()
         return self.rounds.pop()
 
     def report(self, axcodes: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
-        return [entry.summary(axcodes) for entry in self.rounds]
+        """The first run, then the history's report of each round with its corrected slices."""
+        if not self.rounds:
+            return []
+        first = self.rounds[0].result
+        report = [
+            {
+                "round": 0,
+                "method": first.method,
+                "settings": self.rounds[0].info.get("settings", first.settings),
+                "seconds": round(float(first.seconds), 2),
+                "stop_reason": first.stop_reason,
+            }
+        ]
+        for entry, summary in zip(self.rounds[1:], self.history.report()):
+            slices = entry.start_slices.describe(axcodes) if entry.start_slices else []
+            report.append({**summary, "corrected_slices": slices})
+        return report

@@ -82,6 +82,8 @@ def test_a_round_learns_from_the_corrections_and_going_back_restores(
     wait_for_run(adapt)
     assert state.status == FINISHED and not notifications["error"]
     assert len(state.rounds) == 2 and state.rounds.current.number == 1
+    assert len(state.rounds.history) == 1  # recorded in the headless round history too
+    np.testing.assert_array_equal(state.rounds.history.latest.labels, layer.data)
     assert state.result.method == "corrections" and state.result.model is not first_model
     assert "Round 1" in adapt.status.text()
     # the after layers changed where nobody corrected, and the corrected slices are exact
@@ -96,6 +98,7 @@ def test_a_round_learns_from_the_corrections_and_going_back_restores(
     np.testing.assert_array_equal(layer.data, start_labels)
     np.testing.assert_array_equal(entropy.data, start_entropy)
     assert len(state.rounds) == 1 and state.result.model is first_model
+    assert len(state.rounds.history) == 0
     assert state.corrections.slices == sorted(refs)
     assert not adapt.corrections.back_button.isEnabled()
 

@@ -550,11 +550,17 @@ class AdaptWidget(QWidget):
             rounds.begin(outcome, info)
         else:
             labels, slices = self._round_start
-            rounds.add(outcome, info, self._keep, labels, slices)
+            rounds.add(outcome, info, self._keep, labels, slices, self._reference_labels())
         self._round_start = None
         after = after_segmentation(self.viewer)
         if after is not None:
             self.corrections.start_from(after.data, keep=self._keep is not None)
+
+    def _reference_labels(self) -> np.ndarray | None:
+        """The run's reference mask (QA only), for the round's Dice in the report."""
+        name = self.state.reference_layer
+        layer = self.viewer.layers[name] if name and name in self.viewer.layers else None
+        return None if layer is None else np.asarray(layer.data)
 
     # -- rounds -------------------------------------------------------------------------------
     def back_one_round(self) -> None:
