@@ -18,7 +18,7 @@ from napari_uda._qt.layers import (
     SEGMENTATION_AFTER,
     SEGMENTATION_BEFORE,
 )
-from napari_uda._qt.state import FAILED, FINISHED, STOPPED, get_state
+from napari_uda._qt.state import RunStatus, get_state
 from napari_uda.adaptation import available_methods
 from napari_uda.data import demo_files
 
@@ -62,7 +62,7 @@ def test_run_shows_before_and_after_layers_on_the_target(
 
     state = get_state(viewer)
     result = state.result
-    assert state.status == FINISHED and result is not None and not notifications["error"]
+    assert state.status == RunStatus.FINISHED and result is not None and not notifications["error"]
     target = viewer.layers[TARGET]
     for name in RESULT_LAYERS:
         layer = viewer.layers[name]
@@ -121,7 +121,7 @@ def test_stop_halfway_keeps_layers_consistent(demo_session, qtbot, wait_for_run)
     wait_for_run(adapt)
 
     result = get_state(viewer).result
-    assert get_state(viewer).status == STOPPED
+    assert get_state(viewer).status == RunStatus.STOPPED
     assert result.stopped and result.stop_reason == "stopped by user"
     total = result.history[-1]["total_steps"]
     assert seen <= len(result.history) <= seen + 2 < total  # honoured within a step
@@ -199,7 +199,7 @@ def test_worker_error_reaches_the_user_as_one_line(
     adapt.run_button.click()
     wait_for_run(adapt)
     assert notifications["error"] == ["Adaptation failed: the target volume holds no head"]
-    assert get_state(viewer).status == FAILED and get_state(viewer).result is None
+    assert get_state(viewer).status == RunStatus.FAILED and get_state(viewer).result is None
     assert adapt.run_button.isEnabled()
     assert not any(name in viewer.layers for name in RESULT_LAYERS)  # nothing half-made
 
@@ -221,7 +221,7 @@ def test_an_error_in_the_adaptation_process_reaches_the_user(
     [message] = notifications["error"]
     assert message.startswith("Adaptation failed: device 'cuda' is not available here")
     assert "\n" not in message
-    assert get_state(viewer).status == FAILED and get_state(viewer).result is None
+    assert get_state(viewer).status == RunStatus.FAILED and get_state(viewer).result is None
     assert not any(name in viewer.layers for name in RESULT_LAYERS)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from napari_uda._qt.layers import SEGMENTATION_AFTER, show_prediction
-from napari_uda._qt.state import FINISHED, get_state
+from napari_uda._qt.state import RunStatus, get_state
 from napari_uda.core.inference import predict_volume
 from napari_uda.core.models import load_model
 
@@ -46,7 +46,7 @@ def _finish_run(docked, model_path, synthetic_scan, tmp_path, method="tent", set
     state.target_layer, state.reference_layer = target.name, reference.name
     state.run_info = {"method": method, "settings": result.settings}
     state.result = result
-    state.status = FINISHED
+    state.status = RunStatus.FINISHED
     export = widgets["Export"]
     export.folder.value = tmp_path / "out"
     return viewer, export, result, scan_path

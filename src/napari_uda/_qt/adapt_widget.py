@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 
 from ..adaptation.base import available_methods
 from ..adaptation.events import AdaptationEvent, AdaptationResult
+from ..adaptation.plan import plan_run
 from ..core.plausibility import PlausibilitySettings, parse_expected_volumes
 from ..settings import SettingsError, describe
 from .corrections_panel import CorrectionsPanel
@@ -44,7 +45,7 @@ from .layers import (
 from .other_scans import OtherScans
 from .plots import LivePlots
 from .runner import AdaptationRunner, RunFailure, RunRequest, StartingPoint
-from .state import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, get_state
+from .state import RunStatus, get_state
 
 #: Milliseconds between refreshes of the plots and the status line during a run. Events are
 #: gathered in between: every repaint of a widget makes Qt compose the whole window again (the
@@ -193,7 +194,7 @@ class AdaptWidget(QWidget):
     def _show_plots(self, status) -> None:
         """The plots come to the front when a run starts (the corrections when the user edits
         the segmentation)."""
-        if status == RUNNING:
+        if status == RunStatus.RUNNING:
             self.tabs.setCurrentWidget(self.plots)
 
     def _theme_changed(self, event) -> None:
@@ -271,7 +272,7 @@ class AdaptWidget(QWidget):
         ready = self.state.model is not None and self.target.value is not None
         self.run_button.setEnabled(ready and not running)
         self.run_button.setToolTip("" if ready else "Open a model and an image first")
-        self.stop_button.setEnabled(self.state.status == RUNNING)
+        self.stop_button.setEnabled(self.state.status == RunStatus.RUNNING)
         for widget in (
             self.target,
             self.reference,
@@ -338,20 +339,20 @@ class AdaptWidget(QWidget):
         method = self.method_combo.currentData()
         if model is None or target is None or method is None or self.runner.running:
             return False
-        reasons = self.methods[method].unmet_needs(model.capabilities)
         if corrections is None and getattr(self.methods[method], "needs_corrections", False):
-            reasons = ["it learns from corrected slices only: press Adapt with corrections"]
-        if reasons:
-            show_error(f"{method} cannot adapt this model: {'; '.join(reasons)}")
+            show_error(
+                f"{method} cannot adapt this model: it learns from corrected slices only: "
+                "press Adapt with corrections"
+            )
             return False
         try:
-            settings = self.form.values()
+            settings = plan_run(model, method, self.form.values()).settings
             volume = layer_volume(target)
             reference = layer_volume(self.reference.value) if self.reference.value else None
             expected = parse_expected_volumes(
                 self.expected_volume.value, model.class_names, where="Expected volume"
             )
-        except (SettingsError, ValueError) as error:
+        except (SettingsError, ValueError) as error:  # AdaptationError is a ValueError
             show_error(str(error))
             return False
         if reference is not None and reference.shape != volume.shape:
@@ -391,7 +392,7 @@ class AdaptWidget(QWidget):
         self.plots.clear()
         self._progress = progress(total=0, desc=f"Adapting with {method}")
         self.status.setText("Preparing the scan and predicting with the unadapted model…")
-        self.state.status = RUNNING
+        self.state.status = RunStatus.RUNNING
         self.runner.start(request)
         return True
 
@@ -409,7 +410,7 @@ class AdaptWidget(QWidget):
         """Ask the run to stop after the current step."""
         if self.runner.running:
             self.runner.stop()
-            self.state.status = STOPPING
+            self.state.status = RunStatus.STOPPING
             self.status.setText("Stopping after the current step…")
 
     def _target_layer(self):
@@ -432,7 +433,7 @@ class AdaptWidget(QWidget):
             self._show(item.after, after=True)
             # the worker waits for the layers before it trains (no competition for the CPU)
             self.updates.put(self.runner.layers_shown.set, key="layers shown")
-            if self.state.status == RUNNING:
+            if self.state.status == RunStatus.RUNNING:
                 self.status.setText("Adapting…")
             return
         if not isinstance(item, AdaptationEvent):
@@ -454,7 +455,7 @@ class AdaptWidget(QWidget):
             return
         self.plots.add_events(events)
         self._update_progress(events[-1])
-        if self.state.status == RUNNING:
+        if self.state.status == RunStatus.RUNNING:
             self.status.setText(self._progress_text(events[-1]))
 
     def _update_progress(self, event: AdaptationEvent) -> None:
@@ -471,10 +472,10 @@ class AdaptWidget(QWidget):
     def _progress_text(self, event: AdaptationEvent) -> str:
         elapsed = event.elapsed_seconds
         remaining = elapsed / max(event.step, 1) * max(event.total_steps - event.step, 0)
-        loss = event.losses.get("total", next(iter(event.losses.values()), float("nan")))
         return (
-            f"step {event.step}/{event.total_steps} · epoch {event.epoch} · loss {loss:.4f}"
-            f" · {_clock(elapsed)} elapsed · about {_clock(remaining)} left"
+            f"step {event.step}/{event.total_steps} · epoch {event.epoch} · "
+            f"loss {event.main_loss:.4f} · {_clock(elapsed)} elapsed · "
+            f"about {_clock(remaining)} left"
         )
 
     def _close_progress(self) -> None:
@@ -488,7 +489,7 @@ class AdaptWidget(QWidget):
         self._refresh_timer.stop()
         self._pending.clear()
         self._close_progress()
-        self.state.status = STOPPED
+        self.state.status = RunStatus.STOPPED
 
     def _on_return(self, outcome) -> None:
         self._refresh()
@@ -507,22 +508,14 @@ class AdaptWidget(QWidget):
             labels, slices = self._round_start
             self._round_start = None
             self._restore(labels, slices, self.state.rounds.current)
-        self.state.status = FAILED
+        self.state.status = RunStatus.FAILED
 
     def _finish(self, outcome: AdaptationResult) -> None:
         """Publish the result once the final layers are drawn; record the round."""
         self._record_round(outcome)
         self.state.result = outcome
-        self.state.status = STOPPED if outcome.stopped else FINISHED
-        summary = (
-            f"{outcome.method}: {outcome.stop_reason} after {_clock(outcome.seconds)}; "
-            f"kept step {outcome.checkpoint.step} ({outcome.checkpoint.reason})"
-        )
-        if outcome.reference_dice_before and outcome.reference_dice_after:
-            summary += (
-                f"; Dice vs reference {np.mean(outcome.reference_dice_before):.3f} → "
-                f"{np.mean(outcome.reference_dice_after):.3f}"
-            )
+        self.state.status = RunStatus.STOPPED if outcome.stopped else RunStatus.FINISHED
+        summary = outcome.summary()
         if self.state.run_info.get("round"):
             summary = f"Round {self.state.run_info['round']}: {summary}"
         self._say_gate(outcome, summary)

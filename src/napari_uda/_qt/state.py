@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 import weakref
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from psygnal import evented
@@ -18,15 +19,17 @@ from ..adaptation.events import AdaptationResult
 from ..core.models.adapter import ModelAdapter
 from ..corrected_slices import CorrectedSlices, Rounds
 
-#: Run status values.
-IDLE, RUNNING, STOPPING, FINISHED, STOPPED, FAILED = (
-    "idle",
-    "running",
-    "stopping",
-    "finished",
-    "stopped",
-    "failed",
-)
+
+class RunStatus(StrEnum):
+    """Where the Adapt widget's run is (as careamics-napari's ``TrainingState``); evented as
+    :attr:`SessionState.status`. A ``StrEnum``: each member equals its lower-case name."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    FAILED = "failed"
 
 
 @evented(
@@ -48,7 +51,7 @@ class SessionState:
         device_in_use: the device ``device`` resolves to here.
         threads: PyTorch CPU threads: ``auto`` (default: OMP_NUM_THREADS if set, else the
             cores free when a run starts) or a number.
-        status: ``idle``, ``running``, ``stopping``, ``finished``, ``stopped`` or ``failed``.
+        status: the run's :class:`RunStatus` (``IDLE`` until the first run).
         target_layer: name of the image layer of the last run.
         reference_layer: name of the reference labels layer of the last run, if any.
         result: the last run's :class:`~napari_uda.adaptation.events.AdaptationResult`.
@@ -63,7 +66,7 @@ class SessionState:
     device: str = "auto"
     device_in_use: str = "cpu"
     threads: str = "auto"
-    status: str = IDLE
+    status: RunStatus = RunStatus.IDLE
     target_layer: str | None = None
     reference_layer: str | None = None
     result: AdaptationResult | None = None
@@ -73,7 +76,7 @@ class SessionState:
 
     @property
     def running(self) -> bool:
-        return self.status in (RUNNING, STOPPING)
+        return self.status in (RunStatus.RUNNING, RunStatus.STOPPING)
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -51,6 +51,11 @@ class AdaptationEvent:
     preview: Prediction | None = None
     message: str = ""
 
+    @property
+    def main_loss(self) -> float:
+        """The loss to show: ``total``, else the first named loss (NaN before any step)."""
+        return self.losses.get("total", next(iter(self.losses.values()), float("nan")))
+
     def to_record(self) -> dict[str, Any]:
         """A JSON-able dict without the preview (for histories and reports)."""
         record = asdict(self)
@@ -109,3 +114,16 @@ class AdaptationResult:
     predictions: list[Prediction] = field(default_factory=list)
     initial_predictions: list[Prediction] = field(default_factory=list)
     gate: Any = None
+
+    def summary(self) -> str:
+        """One line for the user (CLI, widget status): how the run ended, which checkpoint it
+        kept, and the reference Dice per class before and after when there was a reference."""
+        text = (
+            f"{self.method}: {self.stop_reason} in {self.seconds:.1f} s; kept step "
+            f"{self.checkpoint.step} ({self.checkpoint.reason})"
+        )
+        if self.reference_dice_before is not None and self.reference_dice_after is not None:
+            before = ", ".join(f"{d:.3f}" for d in self.reference_dice_before)
+            after = ", ".join(f"{d:.3f}" for d in self.reference_dice_after)
+            text += f"; Dice vs reference {before} -> {after}"
+        return text

@@ -74,9 +74,11 @@ def plan_run(
     model: ModelAdapter,
     method: str | type[AdaptationMethod],
     settings: SettingsInput = None,
+    *,
+    model_name: str = "this model",
 ) -> RunPlan:
     """Resolve ``method`` and ``settings`` for ``model`` and check the model has what the
-    method needs.
+    method needs (``model_name``, e.g. its path, names it in the error).
 
     Raises:
         KeyError: an unknown method name (the message lists the known ones).
@@ -87,5 +89,5 @@ def plan_run(
     resolved = resolve_settings(method_class, settings, model)
     unmet = method_class.unmet_needs(model.capabilities)
     if unmet:
-        raise AdaptationError(f"{method_class.name} cannot adapt this model: {'; '.join(unmet)}")
+        raise AdaptationError(f"{method_class.name} cannot adapt {model_name}: {'; '.join(unmet)}")
     return RunPlan(method_class, resolved, dict(model.recommended_settings(method_class.name)))

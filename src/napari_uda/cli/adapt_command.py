@@ -133,9 +133,8 @@ def _progress_line(event, class_names: list[str]) -> str:
     if event.step == 0:
         parts = [f"before adaptation ({event.total_steps} steps planned)"]
     else:
-        loss = event.losses.get("total", next(iter(event.losses.values()), float("nan")))
         parts = [f"epoch {event.epoch}", f"step {event.step}/{event.total_steps}"]
-        parts.append(f"loss {loss:.4f}")
+        parts.append(f"loss {event.main_loss:.4f}")
     if event.mean_entropy is not None:
         parts.append(f"entropy {event.mean_entropy:.4f}")
     if event.agreement_dice is not None:
@@ -171,21 +170,17 @@ def _load_inputs(args, outputs: OutputSet) -> dict:
     """Everything the run needs, checked before any work: method, settings, model, images,
     reference, corrections (raises with one line on bad input)."""
     from ..adaptation.base import get_method
-    from ..adaptation.engine import AdaptationError, resolve_settings
+    from ..adaptation.plan import plan_run
 
     if args.method is None and args.corrections is None:
         raise CLIError("--method is required (or give --corrections to adapt with them alone)")
     method = get_method(args.method or "corrections")
     method_settings, correction_settings = split_settings(method, args.settings)
-    settings = resolve_settings(method, method_settings)
     _check_outputs(args, outputs)
     import_in_background()  # torch's optimiser imports, while the scans are read and prepared
     device = resolve_device(args.device)
     model = load_model(args.model)
-    unmet = method.unmet_needs(model.capabilities)
-    if unmet:
-        raise AdaptationError(f"{method.name} cannot adapt {args.model}: {'; '.join(unmet)}")
-    settings = resolve_settings(method, method_settings, model)  # the model's recommendations
+    settings = plan_run(model, method, method_settings, model_name=args.model).settings
     if args.save_model:
         _check_model_output(args, model, outputs)
     expected = expected_volumes(args, model)
@@ -270,14 +265,8 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
         report = _report(args, result, class_names, volumes[0], reference, corrections)
         outputs.write(args.report, partial(write_json, report))
     outputs.commit()
-    summary = f"napari-uda adapt: {result.stop_reason} in {result.seconds:.1f} s; kept step "
-    summary += f"{result.checkpoint.step} ({result.checkpoint.reason})"
-    if result.reference_dice_after is not None:
-        before = ", ".join(f"{d:.3f}" for d in result.reference_dice_before)
-        after = ", ".join(f"{d:.3f}" for d in result.reference_dice_after)
-        summary += f"; Dice {before} -> {after}"
     if not args.quiet:
-        print(summary, file=sys.stderr, flush=True)
+        print(f"napari-uda adapt: {result.summary()}", file=sys.stderr, flush=True)
     # one line with the decision, always (also with --quiet), then the loud warnings
     print(f"napari-uda adapt: gate: {decision.summary}", file=sys.stderr, flush=True)
     warn_lines("adapt", decision.warnings)

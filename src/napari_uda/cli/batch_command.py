@@ -96,16 +96,11 @@ def default_workers(device: str) -> int:
 
 
 def _check_model(args) -> None:
-    from ..adaptation.base import get_method
-    from ..adaptation.engine import AdaptationError, resolve_settings
+    from ..adaptation.plan import plan_run
     from ..core.models import load_model
 
-    method = get_method(args.method)
     model = load_model(args.model)
-    unmet = method.unmet_needs(model.capabilities)
-    if unmet:
-        raise AdaptationError(f"{method.name} cannot adapt {args.model}: {'; '.join(unmet)}")
-    resolve_settings(method, args.settings, model)
+    plan_run(model, args.method, args.settings, model_name=args.model)
     if args.mode == "site" and not model.can_save:
         raise CLIError(f"{args.model}: site mode saves the site model; this model cannot be saved")
     expected_volumes(args, model)  # checked against the model's classes now

@@ -84,13 +84,11 @@ def run(args: argparse.Namespace) -> int:
     adapt_now = not args.no_adapt and engine_available()
     if adapt_now:
         import_in_background()  # torch's optimiser imports, while the demo predicts
-    if adapt_now:
-        from ..adaptation import get_method
-        from ..adaptation.engine import resolve_settings
-
-        method_settings = resolve_settings(get_method(args.method), args.settings)
-
     model = load_model(files.model)
+    if adapt_now:
+        from ..adaptation.plan import plan_run
+
+        plan = plan_run(model, args.method, args.settings)
     image = load_volume(files.target_image)
     reference = load_volume(files.target_mask)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -117,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 dice = f"{np.mean(event.reference_dice):.3f}" if event.reference_dice else "-"
                 say(
                     f"  epoch {event.epoch} step {event.step}/{event.total_steps}  "
-                    f"loss {event.losses.get('total', float('nan')):.4f}  entropy {entropy}  "
+                    f"loss {event.main_loss:.4f}  entropy {entropy}  "
                     f"Dice (QA) {dice}"
                 )
 
@@ -125,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
         result = adapt(
             model,
             image,
-            args.method,
-            method_settings,
+            plan,
             reference=reference,
             seed=args.seed,
             device=args.device,
