@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from napari_uda.adaptation.engine import AdaptationError, adapt
-from napari_uda.adaptation.methods.adabn import batchnorm_layers
+from napari_uda.adaptation.target_statistics import batchnorm_layers
 from napari_uda.core.models import ModelBundle, UNet2D, UNetBundleAdapter, UNetConfig
 from napari_uda.core.models.torchscript import TorchScriptAdapter, TorchScriptSpec
 

@@ -18,7 +18,7 @@ from napari_uda.adaptation.engine import (
 )
 from napari_uda.adaptation.events import AdaptationEvent
 from napari_uda.adaptation.guard import CollapseGuard, Signals, collapse_reasons
-from napari_uda.adaptation.methods.adabn import restart_batchnorm_statistics
+from napari_uda.adaptation.target_statistics import restart_batchnorm_statistics
 from napari_uda.core.inference import predict_volume
 from napari_uda.core.models import ModelBundle, UNet2D, UNetBundleAdapter, UNetConfig
 from napari_uda.core.volume import Volume

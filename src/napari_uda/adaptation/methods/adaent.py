@@ -35,7 +35,7 @@ import torch
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, learning_rate_setting, register
 from ..losses import class_ratio, entropy_loss, kl_prior_loss
-from .adabn import TargetStatistics
+from ..target_statistics import TargetStatistics
 
 
 @register

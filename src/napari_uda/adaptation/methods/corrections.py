@@ -20,7 +20,7 @@ import torch
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, register
 from ..corrections import NOT_CORRECTED, CorrectionSettings, CorrectionStep
-from .adabn import TargetStatistics
+from ..target_statistics import TargetStatistics
 
 
 @dataclass

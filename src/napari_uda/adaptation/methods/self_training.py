@@ -54,7 +54,7 @@ from ..base import (
     register,
 )
 from ..losses import pseudo_label_cross_entropy
-from .adabn import TargetStatistics
+from ..target_statistics import TargetStatistics
 
 IGNORE = -1
 

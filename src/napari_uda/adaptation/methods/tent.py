@@ -24,7 +24,7 @@ from ...core.models.adapter import NORM_AFFINE
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, learning_rate_setting, register
 from ..losses import entropy_loss
-from .adabn import TargetStatistics
+from ..target_statistics import TargetStatistics
 
 
 @register

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 from .adapter import (
     ForwardOutputs,
     ModelAdapter,
@@ -13,7 +10,7 @@ from .adapter import (
     UNetBundleAdapter,
 )
 from .bundle import BundleError, ModelBundle, SourcePack
-from .registry import ModelLoader, ModelLoadError, NamedModel, named_models
+from .registry import ModelLoader, ModelLoadError, NamedModel, load_model, named_models
 from .unet import UNet2D, UNetConfig
 
 __all__ = [
@@ -33,18 +30,3 @@ __all__ = [
     "load_model",
     "named_models",
 ]
-
-
-def load_model(path: str | os.PathLike, **options: Any) -> ModelAdapter:
-    """Open any model the product understands and return its adapter.
-
-    ``path`` is a napari-uda bundle (``.safetensors``), a TorchScript model with its JSON spec
-    (``model.pt`` + ``model.json``; either may be given), a model name such as ``"deepbet"``
-    (optional extra ``napari-uda[deepbet]``), or anything a loader registered under the
-    entry-point group ``napari_uda.model_adapters`` opens. ``options`` go to the adapter (e.g.
-    ``trainable="first_blocks"``). Raises :class:`BundleError` (:class:`ModelLoadError`) with
-    one line. See :mod:`napari_uda.core.models.registry`.
-    """
-    from .registry import load_model as _load_model
-
-    return _load_model(path, **options)

@@ -48,7 +48,7 @@ from torch import nn
 from ..device import cpu_bfloat16_supported
 from ..volume import Volume, VolumeError
 from .adapter import ModelAdapter, ModelInfo
-from .registry import ModelLoadError
+from .errors import ModelLoadError
 from .scripted import LogitsNetwork, ScriptedAdapterMixin, load_scripted_network, save_scripted
 from .volumetric import ModelGrid, PatchTiling, VolumetricPrepared
 

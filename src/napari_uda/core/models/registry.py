@@ -26,18 +26,22 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .bundle import BundleError
+from .errors import TORCHSCRIPT_SUFFIXES, ModelLoadError
 
 if TYPE_CHECKING:
     from .adapter import ModelAdapter
 
 ENTRY_POINT_GROUP = "napari_uda.model_adapters"
-TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
-
-
-class ModelLoadError(BundleError):
-    """A model that cannot be opened; the message is one readable line."""
-
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "TORCHSCRIPT_SUFFIXES",
+    "ModelLoadError",
+    "ModelLoader",
+    "NamedModel",
+    "load_model",
+    "model_loaders",
+    "named_models",
+]
 
 @dataclass(frozen=True)
 class NamedModel:

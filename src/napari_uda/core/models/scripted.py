@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from ..volume import atomic_output
 from .adapter import BATCHNORM, NORM_AFFINE
 from .bundle import non_finite_weights
-from .registry import TORCHSCRIPT_SUFFIXES, ModelLoadError
+from .errors import TORCHSCRIPT_SUFFIXES, ModelLoadError
 
 NORM_NAMES = {
     "BatchNorm1d": "batch",

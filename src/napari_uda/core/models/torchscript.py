@@ -47,7 +47,7 @@ from ..fields import (
 from ..preprocessing import PreprocessingConfig, normalize_intensity
 from ..volume import Volume
 from .adapter import ModelAdapter, ModelInfo
-from .registry import TORCHSCRIPT_SUFFIXES, ModelLoadError
+from .errors import TORCHSCRIPT_SUFFIXES, ModelLoadError
 from .scripted import LogitsNetwork, ScriptedAdapterMixin, load_scripted_network, save_scripted
 from .volumetric import VolumetricPrepared, prepare_on_grid
 
