@@ -99,6 +99,7 @@ def test_threads_choice(docked):
 
 def test_named_model_menu_opens_deepbet_and_adapt_disables_what_cannot_apply(docked):
     from napari_uda.adaptation import available_methods
+    from napari_uda.adaptation.plan import recommended_settings
     from napari_uda.core.models.registry import named_models
 
     viewer, widgets = docked
@@ -123,7 +124,7 @@ def test_named_model_menu_opens_deepbet_and_adapt_disables_what_cannot_apply(doc
     # the form starts from deepbet's measured settings (AdaEnt trains all parameters), marked
     adapt = widgets["Adapt"]
     combo.setCurrentIndex(combo.findData("adaent"))
-    recommended = state.model.recommended_settings("adaent")
+    recommended = recommended_settings(state.model, available_methods()["adaent"])
     assert recommended["parameters"] == "all"
     values = adapt.form.values()
     assert all(values[name] == value for name, value in recommended.items())

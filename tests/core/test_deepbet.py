@@ -14,6 +14,7 @@ pytest.importorskip("deepbet", reason="optional extra: pip install 'napari-uda[d
 
 from napari_uda.adaptation.base import get_method
 from napari_uda.adaptation.engine import AdaptationError, adapt
+from napari_uda.adaptation.plan import recommended_settings
 from napari_uda.core.inference import Prediction
 from napari_uda.core.models import load_model
 from napari_uda.core.models.deepbet import DeepbetAdapter
@@ -122,13 +123,13 @@ def test_parameter_subsets(deepbet_model):
 def test_recommended_settings(deepbet_model):
     """AdaEnt's default (norm-only) does not exist in deepbet: its recommendation trains "all"
     (the trainable set), at the measured learning rate and number of steps."""
-    assert deepbet_model.recommended_settings("adaent") == {
+    assert recommended_settings(deepbet_model, get_method("adaent")) == {
         "parameters": "all",
         "learning_rate": 5e-4,
         "epochs": 6,
     }
     assert deepbet_model.recommended_settings("mean_teacher")["learning_rate"] == 5e-4
-    assert deepbet_model.recommended_settings("st") == {"parameters": "all"}
+    assert recommended_settings(deepbet_model, get_method("st")) == {}  # already "all"
 
 
 @pytest.mark.parametrize("method", ["adaent", "st", "mean_teacher", "distillation"])

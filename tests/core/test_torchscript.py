@@ -12,6 +12,7 @@ from scripted_factory import TinyNet, base_spec, dice, save_model, synthetic_hea
 
 from napari_uda.adaptation.base import get_method
 from napari_uda.adaptation.engine import AdaptationError, adapt
+from napari_uda.adaptation.plan import recommended_settings
 from napari_uda.core.inference import predict_volume
 from napari_uda.core.models import BundleError, ModelSaveError, load_model
 from napari_uda.core.models.adapter import BATCHNORM, NORM_AFFINE
@@ -230,8 +231,9 @@ def test_capabilities_follow_the_normalisation_layers(tmp_path):
     assert get_method("udas").unmet_needs(scripted_bn.capabilities)  # no early head
     assert not get_method("adaent").unmet_needs(instance.capabilities)
     # AdaEnt's default trains norm parameters, which the instance-norm model lacks
-    assert instance.recommended_settings("adaent") == {"parameters": "all"}
-    assert scripted_bn.recommended_settings("adaent") == {}
+    adaent = get_method("adaent")
+    assert recommended_settings(instance, adaent) == {"parameters": "all"}
+    assert recommended_settings(scripted_bn, adaent) == {}
 
 
 def test_first_blocks_setting_limits_what_methods_train(model_2d, shifted_case):

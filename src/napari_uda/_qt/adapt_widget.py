@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 
 from ..adaptation.base import available_methods
 from ..adaptation.events import AdaptationEvent, AdaptationResult
-from ..adaptation.plan import plan_run
+from ..adaptation.plan import plan_run, recommended_settings
 from ..core.plausibility import PlausibilitySettings, parse_expected_volumes
 from ..settings import SettingsError, describe
 from .corrections_panel import CorrectionsPanel
@@ -251,7 +251,7 @@ class AdaptWidget(QWidget):
             return
         method = self.methods[name]
         model = self.state.model
-        recommended = model.recommended_settings(name) if model is not None else {}
+        recommended = recommended_settings(model, method) if model is not None else {}
         if self.form is not None and self._form_key == (method.Settings, repr(recommended)):
             return
         self._form_key = (method.Settings, repr(recommended))

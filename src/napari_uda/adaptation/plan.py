@@ -39,6 +39,24 @@ class RunPlan:
     recommended: dict[str, Any]
 
 
+def recommended_settings(
+    model: ModelAdapter, method_class: type[AdaptationMethod]
+) -> dict[str, Any]:
+    """The changes to ``method_class``'s paper defaults that ``model`` needs or is safer with.
+
+    A ``parameters`` setting whose default group the model does not have (AdaEnt's ``norm`` on
+    a network whose normalisation layers have no affine parameters, as deepbet) becomes
+    ``all`` (what the adapter offers for training); then the adapter's own measured
+    :meth:`~ModelAdapter.recommended_settings` for the method apply. The CLI, the Adapt
+    widget's form and the engine all start from these, beneath the user's own values.
+    """
+    changes: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(method_class.Settings)}
+    if "parameters" in fields and fields["parameters"].default not in model.parameter_groups():
+        changes["parameters"] = "all"
+    return {**changes, **model.recommended_settings(method_class.name)}
+
+
 def resolve_settings(
     method_class: type[AdaptationMethod],
     settings: SettingsInput,
@@ -46,12 +64,12 @@ def resolve_settings(
 ):
     """The method's settings from None (defaults), an instance, a dict or ``key=value`` strings.
 
-    With ``model``, its :meth:`~ModelAdapter.recommended_settings` for the method replace the
-    paper defaults beneath the user's own values (e.g. deepbet, which has no normalisation
-    parameters, trains its first blocks). An instance is taken as it is (checked, copied).
+    With ``model``, :func:`recommended_settings` for the method replace the paper defaults
+    beneath the user's own values (e.g. deepbet, which has no normalisation parameters, trains
+    its first blocks). An instance is taken as it is (checked, copied).
     """
     defaults = method_class.Settings()
-    recommended = model.recommended_settings(method_class.name) if model is not None else {}
+    recommended = recommended_settings(model, method_class) if model is not None else {}
     if recommended:
         defaults = apply_overrides(defaults, dict(recommended))
     if settings is None:
@@ -90,4 +108,4 @@ def plan_run(
     unmet = method_class.unmet_needs(model.capabilities)
     if unmet:
         raise AdaptationError(f"{method_class.name} cannot adapt {model_name}: {'; '.join(unmet)}")
-    return RunPlan(method_class, resolved, dict(model.recommended_settings(method_class.name)))
+    return RunPlan(method_class, resolved, recommended_settings(model, method_class))

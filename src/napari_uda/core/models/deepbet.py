@@ -232,8 +232,8 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
         return VolumetricPrepared(volume, inputs, grid, tiling, postprocess)
 
     def recommended_settings(self, method: str) -> dict[str, Any]:
-        """:data:`RECOMMENDED_SETTINGS` for ``method`` (measured), else the generic ones."""
-        return {**super().recommended_settings(method), **RECOMMENDED_SETTINGS.get(method, {})}
+        """:data:`RECOMMENDED_SETTINGS` for ``method`` (measured; none for the others)."""
+        return dict(RECOMMENDED_SETTINGS.get(method, {}))
 
     def expected_volumes(self) -> dict[str, tuple[float, float]]:
         """:data:`EXPECTED_BRAIN_ML`: an adult brain mask (as deepbet draws it) measures

@@ -437,13 +437,6 @@ class ScriptedAdapterMixin:
             capabilities.add(BATCHNORM)
         return capabilities
 
-    def recommended_settings(self, method: str) -> dict[str, Any]:
-        """AdaEnt trains the normalisation layers' affine parameters by default; a network
-        without any (InstanceNorm without affine, as deepbet) needs ``parameters="all"``."""
-        if method in ("adaent", "st", "cbst") and not norm_affine_parameters(self.scripted):
-            return {"parameters": "all"}
-        return {}
-
     def capability_notes(self) -> list[str]:
         """Why methods that look applicable are not (shown in the model's details)."""
         traced = batchnorm_modules(self.scripted) and not batchnorm_reestimable(self.scripted)
