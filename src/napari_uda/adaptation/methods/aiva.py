@@ -25,10 +25,9 @@ Source data: source features come from the bundle's stored statistics when prese
 source image is needed), otherwise from the source pack through the frozen source model. The
 segmentation loss needs the source pack; with statistics only, the method aligns features alone.
 
-Measured on the demo shift (one scan, BatchNorm U-Net): Dice 0.61 -> 0.78 with the source pack,
-and the same from stored statistics alone; ``alignment_scale = 0`` gives the same, so on this
-case the gain comes from the BatchNorm statistics following the target while training (AdaBN
-alone: 0.76), not from the cluster alignment.
+On a BatchNorm network, part of the gain comes from the BatchNorm statistics following the
+target while training (what AdaBN does alone) rather than from the cluster alignment;
+``alignment_scale = 0`` separates the two (docs/benchmarks.md has the measured numbers).
 """
 
 from __future__ import annotations

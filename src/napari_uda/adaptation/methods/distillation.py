@@ -10,11 +10,11 @@ moves the student away from the teacher.
 
 The teacher's BatchNorm statistics: the literal teacher (the source model with its stored
 source statistics) sees the new scanner's intensities through the source normalisation, and its
-soft labels carry exactly the errors adaptation should remove; distilling them made the demo
-worse (Dice 0.61 -> 0.52 with the source pack, 0.63 without). By default the teacher therefore
-normalises each batch with that batch's own BatchNorm statistics (``teacher_batch_statistics``;
-its weights stay frozen and its stored statistics untouched), which removes most of the
-intensity shift from its answers (demo: 0.61 -> 0.78). Models without BatchNorm are unaffected.
+soft labels carry exactly the errors adaptation should remove; distilling them makes the student
+worse. By default the teacher therefore normalises each batch with that batch's own BatchNorm
+statistics (``teacher_batch_statistics``; its weights stay frozen and its stored statistics
+untouched), which removes most of the intensity shift from its answers. Models without
+BatchNorm are unaffected.
 
 What it gains without source data, honestly: the student starts as a copy of the teacher, so
 distillation on plain target slices has little to learn. What changes the student is (a) the
@@ -22,9 +22,9 @@ random spatial transform of its input (on by default): it must predict the teach
 clean-slice answer, transformed the same way, from a transformed slice, which regularises it
 like Mean Teacher with a fixed teacher; (b) BatchNorm statistics, in the teacher as above and in
 the student, which follow the target while it trains; and (c) with a source pack, the labelled
-source slices. On the demo shift the result is at the level of re-estimating BatchNorm
-statistics (AdaBN); expect the self-training methods to do better in a one-shot, source-free
-setting. It is mainly a conservative baseline.
+source slices. Expect a result near that of re-estimating BatchNorm statistics (AdaBN), and the
+self-training methods to do better in a one-shot, source-free setting: it is mainly a
+conservative baseline.
 """
 
 from __future__ import annotations

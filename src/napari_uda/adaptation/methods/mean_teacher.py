@@ -24,11 +24,10 @@ result).
 Agreement (the live label-free Dice): Dice between the student's and the teacher's labels on
 each batch.
 
-Measured on the demo shift (one scan, BatchNorm U-Net; see the benchmark for more shifts): Dice
-0.61 -> 0.78 with or without the source pack, and the same with ``consistency_weight = 0``: on
-this one-shot case the gain comes from the BatchNorm statistics following the target while the
-student trains (AdaBN alone: 0.76), not from the consistency term, which the paper ran for
-hundreds of epochs over many target images.
+On one scan with a BatchNorm network, much of the gain comes from the BatchNorm statistics
+following the target while the student trains (what AdaBN does alone) rather than from the
+consistency term, which the paper ran for hundreds of epochs over many target images;
+``consistency_weight = 0`` separates the two (measured numbers: docs/benchmarks.md).
 """
 
 from __future__ import annotations

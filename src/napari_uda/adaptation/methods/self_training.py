@@ -16,24 +16,16 @@ pseudo-labels (as AdaBN; ``target_statistics``) and then stay fixed while the we
 (evaluation-mode BatchNorm; source slices are normalised the same way). Dropout is off.
 Padding voxels are never labelled.
 
-Why these choices, measured on the demo's new-scanner head (Dice 0.613 before adaptation,
-0.762 after AdaBN alone; Dice after epoch 1 -> after epoch 5, default settings otherwise):
-
-* earlier version (pseudo-labels refreshed by the current model after every epoch, BatchNorm
-  on each training batch's statistics, Adam 1e-4, no source slices): ST 0.757 -> 0.714, CBST
-  0.754 -> 0.671, below AdaBN. ST's foreground grew from 26 % to 29 % of the voxels.
-* the same at lr 1e-5: ST 0.765 -> 0.763, CBST 0.764 -> 0.759 (frozen at the AdaBN level).
-* fixed target statistics, source pack, lr 3e-5, labels refreshed every epoch: ST 0.768 ->
-  0.775, but CBST 0.754 -> 0.693, its brain shrinking round after round (21 % -> 16 % of the
-  voxels): the model's drift is fed back into its own labels. Without the source pack (labels
-  refreshed) ST went 0.760 -> 0.723 and CBST 0.765 -> 0.717.
-* defaults (the same, labels not refreshed): ST 0.768 -> 0.777, CBST 0.754 -> 0.771.
-
-So every round selects its pseudo-labels from the first prediction (the source weights with the
-target's statistics: the paper's first round; ``refresh_every`` restores refreshing), with the
-paper's threshold or portion schedule, fixed target BatchNorm statistics, Adam at 3e-5 (the
-paper fine-tunes with a small rate) and the source pack. On one scan, self-training can mainly
-sharpen what the first pseudo-labels say: expect small gains over AdaBN.
+Why these defaults. On one scan, pseudo-labels refreshed by the model being trained feed its
+drift back into its own labels (CBST's class-balanced selection then shrinks a structure round
+after round), and BatchNorm fed each small training batch's statistics wanders with the batch.
+So by default every round selects its pseudo-labels from the first prediction (the source
+weights with the target's statistics: the paper's first round; ``refresh_every`` restores
+refreshing), with the paper's threshold (``st``: 0.9) or portion schedule (``cbst``: 20 %, +5 %
+per round, at most 50 %), fixed target BatchNorm statistics, Adam at 3e-5 (the paper
+fine-tunes with a small rate) and the source pack, which anchors the task. Self-training on one
+scan mainly sharpens what the first pseudo-labels say: expect small gains over AdaBN
+(docs/benchmarks.md has the measured numbers).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ Pseudo-labels: the *current* final prediction, computed in the same forward pass
 prediction, so it changes as the early features change. As in the reference code, the soft
 pseudo-labels are not detached: the cross-entropy's gradient reaches the early layers through
 both heads, so the early features move towards a confident final prediction that the early head
-agrees with. Detaching them (a fixed-target reading, ``detach_pseudo_labels``) lowered the demo's
-Dice (0.61 -> 0.57 over 15 epochs) where the default raised it (0.61 -> 0.82).
+agrees with. Detaching them (a fixed-target reading, ``detach_pseudo_labels``) loses that pull
+towards agreement, and on the demo it lowered the Dice where the default raised it.
 
 Stopping rule (paper): before adaptation and after every epoch the Dice between the early head's
 and the final labels over all target slices is computed; the run stops when it changes by less
@@ -26,12 +26,11 @@ BatchNorm layers of the early block, which normalise with the target batch's sta
 refining and so carry target running statistics afterwards (``early_batch_statistics``; the
 reference code trains in training mode). Nothing outside the early block changes, not even
 BatchNorm statistics. With the stored statistics kept in the early block, the early/final
-agreement collapsed on the demo (0.36 -> 0.16) and the engine's guard stopped the run.
+agreement collapsed on the demo and the engine's guard stopped the run.
 
 The early head matters: the reference code's head is three 3x3 convolutions (the default of
 ``UNetConfig.early_head_layers``); a single 1x1 convolution sees only the early block's 5x5
-neighbourhood. The shipped demo bundle predates that option and has a 1x1 head (source Dice
-0.77), on which the numbers above were measured.
+neighbourhood. The shipped demo bundle predates that option and has a 1x1 head.
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ have no affine parameters, so TENT (norm affine parameters) and AdaBN (BatchNorm
 not apply. Entropy minimisation (AdaEnt), self-training, Mean Teacher and distillation update
 either the first blocks (``trainable="first_blocks"``, default: the 7x7x7 stem and the first
 encoder stage, ``init`` and ``down0``) or every parameter (``trainable="all"``). The first
-blocks are the default because training every parameter let AdaEnt drift on a severe shift
-(Dice 0.956 -> 0.945 on the ROBEX head) where the first blocks changed it by -0.001; see
-:data:`RECOMMENDED_SETTINGS` and docs/model-adapters.md.
+blocks are the default because training every parameter of a network this size on one scan
+lets entropy minimisation drift on a severe shift, where the first blocks hold; the measured
+settings per method are :data:`RECOMMENDED_SETTINGS` (numbers in docs/model-adapters.md).
 """
 
 from __future__ import annotations
