@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -129,7 +129,8 @@ def _prior(model: ModelAdapter) -> list[float] | None:
 
 @dataclass
 class _Run:
-    """The pieces of one run, built by :func:`_start_run` before the first step."""
+    """One run: its pieces (built by :func:`_start_run` before the first step) and its
+    progress (steps done, history, why it ended)."""
 
     model: ModelAdapter
     plan: RunPlan
@@ -142,19 +143,26 @@ class _Run:
     keeper: CheckpointKeeper
     total_steps: int
     corrections: dict[str, int] | None = None
+    preview_every: int = 0
+    steps_done: int = 0
+    last_evaluated: int = 0
+    agreement: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
+    stop_reason: str = "completed"
 
-    def evaluate(self, step: int, epoch: int) -> list[str]:
-        """Evaluate after ``step`` and let the keeper judge it; the collapse reasons."""
+    def evaluate(self, epoch: int) -> list[str]:
+        """Evaluate after the steps done and let the keeper judge it; the collapse reasons."""
+        self.last_evaluated = self.steps_done
         probabilities, signals = self.evaluator.evaluate()
-        return self.keeper.review(step, epoch, probabilities, signals)
+        return self.keeper.review(self.steps_done, epoch, probabilities, signals)
 
-    def event(
-        self, step: int, epoch: int, output: StepOutput | None, agreement: float | None
-    ) -> AdaptationEvent:
-        """The event after ``step`` (step 0: the unadapted model) with the latest signals."""
+    def event(self, epoch: int, output: StepOutput | None) -> AdaptationEvent:
+        """The event after the steps done (0: the unadapted model) with the latest signals."""
         signals: Signals = self.evaluator.latest
+        agreement = self.agreement
         return AdaptationEvent(
-            step=step,
+            step=self.steps_done,
             total_steps=self.total_steps,
             epoch=epoch,
             losses={} if output is None else {k: float(v) for k, v in output.losses.items()},
@@ -165,6 +173,54 @@ class _Run:
             foreground_fraction=list(signals.foreground_fraction),
             reference_dice=signals.reference_dice,
         )
+
+    def first_event(self) -> AdaptationEvent:
+        """The unadapted model's event, with its prediction, so a UI can show "before"."""
+        event = self.event(0, None)
+        event.evaluated, event.message = True, "unadapted model"
+        event.preview = self.evaluator.preview_of(self.context.initial_probabilities)
+        return event
+
+    def epoch(
+        self, epoch: int, should_stop: Callable[[], bool] | None
+    ) -> Generator[AdaptationEvent, None, bool]:
+        """The steps of one epoch, an event after each; returns whether the run ends here
+        (a stop request, a collapse with ``stop_on_collapse``, or the method converged)."""
+        batches = self.method.epoch_batches()
+        for number, index in enumerate(batches, start=1):
+            if should_stop is not None and should_stop():
+                self.stopped, self.stop_reason = True, "stopped by user"
+                return True
+            output = self.method.run_step(index, self.steps_done + 1)
+            self.steps_done = self.context.steps_done = self.steps_done + 1
+            yield self._after_step(epoch, output, last_of_epoch=number == len(batches))
+            if self.keeper.collapse is not None and self.options.stop_on_collapse:
+                self.stop_reason = f"collapse detected at step {self.keeper.collapse['step']}"
+                return True
+        self.method.end_epoch(epoch)
+        converged = self.method.finished(epoch, self.agreement)
+        if converged:
+            self.stop_reason = f"converged: {converged}"
+        return bool(converged)
+
+    def _after_step(self, epoch: int, output: StepOutput, last_of_epoch: bool) -> AdaptationEvent:
+        """Note the step's agreement, evaluate when due, and make (and record) its event."""
+        step, every = self.steps_done, self.options.evaluate_every
+        messages = [output.message] if output.message else []
+        if output.agreement is not None:
+            self.agreement = float(output.agreement)
+            self.keeper.note_agreement(self.agreement)
+        evaluated = (step % every == 0 if every else last_of_epoch) or step == self.total_steps
+        if evaluated:
+            reasons = self.evaluate(epoch)
+            if reasons:
+                messages.append(self.keeper.collapse_message(reasons))
+        event = self.event(epoch, output)
+        event.evaluated, event.message = evaluated, "; ".join(messages)
+        if self.preview_every and step % self.preview_every == 0:
+            event.preview = self.evaluator.preview(evaluated=evaluated)
+        self.history.append(event.to_record())
+        return event
 
 
 def _start_run(
@@ -299,60 +355,18 @@ def run_adaptation(
     options = options or EngineOptions()
     plan = method if isinstance(method, RunPlan) else plan_run(model, method, settings)
     device = resolve_device(device) if isinstance(device, str) else device
-    preview_every = preview_every or options.preview_every
     run = _start_run(
         model, volumes, plan, reference, corrections, seed, device, options, correction_settings
     )
-    keeper, context = run.keeper, run.context
-    first = run.event(0, 0, None, None)  # the unadapted model, so a UI can show "before"
-    first.evaluated, first.message = True, "unadapted model"
-    first.preview = run.evaluator.preview_of(context.initial_probabilities)
-    yield first
-
-    history: list[dict[str, Any]] = []
-    step = last_evaluated = 0
-    stopped, stop_reason, agreement = False, "completed", None
+    run.preview_every = preview_every or options.preview_every
+    yield run.first_event()
     for epoch in range(1, plan.settings.epochs + 1):
-        batches = run.method.epoch_batches()
-        for number, index in enumerate(batches, start=1):
-            if should_stop is not None and should_stop():
-                stopped, stop_reason = True, "stopped by user"
-                break
-            output = run.method.run_step(index, step + 1)
-            step = context.steps_done = step + 1
-            messages = [output.message] if output.message else []
-            if output.agreement is not None:
-                agreement = float(output.agreement)
-                keeper.note_agreement(agreement)
-            every = options.evaluate_every
-            evaluated = (step % every == 0 if every else number == len(batches)) or (
-                step == run.total_steps
-            )
-            if evaluated:
-                last_evaluated, reasons = step, run.evaluate(step, epoch)
-                if reasons:
-                    messages.append(keeper.collapse_message(reasons))
-            event = run.event(step, epoch, output, agreement)
-            event.evaluated, event.message = evaluated, "; ".join(messages)
-            if preview_every and step % preview_every == 0:
-                event.preview = run.evaluator.preview(evaluated=evaluated)
-            history.append(event.to_record())
-            yield event
-            if keeper.collapse is not None and options.stop_on_collapse:
-                stop_reason = f"collapse detected at step {keeper.collapse['step']}"
-                break
-        if stopped or (keeper.collapse is not None and options.stop_on_collapse):
+        if (yield from run.epoch(epoch, should_stop)):
             break
-        run.method.end_epoch(epoch)
-        converged = run.method.finished(epoch, agreement)
-        if converged:
-            stop_reason = f"converged: {converged}"
-            break
-
     run.method.finish()
-    if step > last_evaluated:
-        run.evaluate(step, epoch)
-    result = _result(run, history, step, stopped, stop_reason, reference, seed, device)
+    if run.steps_done > run.last_evaluated:
+        run.evaluate(epoch)
+    result = _result(run, reference, seed, device)
     if gate is not None:
         if corrections is not None:  # the user's labels outrank the label-free gate: it warns
             gate = dataclasses.replace(gate, gate=False)
@@ -388,10 +402,6 @@ def _gate_result(
 
 def _result(
     run: _Run,
-    history: list[dict[str, Any]],
-    steps_done: int,
-    stopped: bool,
-    stop_reason: str,
     reference: Volume | None,
     seed: int | None,
     device: torch.device,
@@ -414,10 +424,10 @@ def _result(
         model=working,
         prediction=predictions[0],
         initial_prediction=initial_predictions[0],
-        history=history,
+        history=run.history,
         checkpoint=CheckpointChoice(kept.step, reason, kept.signals.mean_entropy),
-        stopped=stopped,
-        stop_reason=stop_reason,
+        stopped=run.stopped,
+        stop_reason=run.stop_reason,
         seconds=time.perf_counter() - run.started,
         method=plan.method.name,
         settings=settings_to_dict(plan.settings),
@@ -426,7 +436,7 @@ def _result(
         reference_dice_before=before,
         reference_dice_after=after,
         extra={
-            "steps_done": steps_done,
+            "steps_done": run.steps_done,
             "steps_per_epoch": run.method.steps_per_epoch(),
             "initial_signals": dataclasses.asdict(run.evaluator.start),
             "kept_signals": dataclasses.asdict(kept.signals),
