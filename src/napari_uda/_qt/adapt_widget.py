@@ -28,7 +28,7 @@ from ..adaptation.base import available_methods
 from ..adaptation.events import AdaptationEvent, AdaptationResult
 from ..adaptation.plan import plan_run, recommended_settings
 from ..core.plausibility import PlausibilitySettings, parse_expected_volumes
-from ..settings import SettingsError, describe
+from ..settings import SettingsError, describe, settings_to_dict
 from .corrections_panel import CorrectionsPanel
 from .forms import SettingsForm
 from .gui_queue import GuiQueue
@@ -346,7 +346,7 @@ class AdaptWidget(QWidget):
             )
             return False
         try:
-            settings = plan_run(model, method, self.form.values()).settings
+            settings = settings_to_dict(plan_run(model, method, self.form.values()).settings)
             volume = layer_volume(target)
             reference = layer_volume(self.reference.value) if self.reference.value else None
             expected = parse_expected_volumes(
