@@ -11,7 +11,7 @@ import pytest
 from test_adapt_widget import REFERENCE, TARGET, choose_method, demo_session  # noqa: F401
 
 from napari_uda._qt.layers import ENTROPY_AFTER, SEGMENTATION_AFTER
-from napari_uda._qt.state import FINISHED, get_state
+from napari_uda._qt.state import RunStatus, get_state
 from napari_uda.corrected_slices import KEPT, SliceRef
 
 
@@ -25,7 +25,7 @@ def first_run(demo_session, wait_for_run):  # noqa: F811
     choose_method(adapt, "tent", epochs=1, batch_size=64)
     adapt.run_button.click()
     wait_for_run(adapt)
-    assert get_state(viewer).status == FINISHED
+    assert get_state(viewer).status == RunStatus.FINISHED
     return viewer, widgets
 
 
@@ -80,7 +80,7 @@ def test_a_round_learns_from_the_corrections_and_going_back_restores(
     adapt.corrections.adapt_button.click()
     assert adapt.tabs.currentWidget() is adapt.plots  # live plots as for Run
     wait_for_run(adapt)
-    assert state.status == FINISHED and not notifications["error"]
+    assert state.status == RunStatus.FINISHED and not notifications["error"]
     assert len(state.rounds) == 2 and state.rounds.current.number == 1
     assert len(state.rounds.history) == 1  # recorded in the headless round history too
     np.testing.assert_array_equal(state.rounds.history.latest.labels, layer.data)
