@@ -5,7 +5,7 @@ from __future__ import annotations
 from qtpy.QtCore import Qt
 
 from napari_uda._qt.layers import SEGMENTATION_AFTER
-from napari_uda._qt.state import FINISHED, get_state
+from napari_uda._qt.state import RunStatus, get_state
 
 
 def test_a_run_ends_with_the_gate_decision_and_a_loud_volume_flag(
@@ -30,7 +30,7 @@ def test_a_run_ends_with_the_gate_decision_and_a_loud_volume_flag(
 
     state = get_state(viewer)
     result = state.result
-    assert state.status == FINISHED and result.gate is not None
+    assert state.status == RunStatus.FINISHED and result.gate is not None
     assert result.gate.expected_ml == {"brain": [10.0, 20.0]}
     status = adapt.status.text()
     assert f"Gate: {result.gate.summary}" in status
