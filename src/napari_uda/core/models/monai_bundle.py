@@ -54,9 +54,9 @@ from .adapter import (
     atomic_folder,
     has_batchnorm,
 )
+from .errors import ModelLoadError
 from .nnunet import NnUNetNetwork, _inside, read_json
 from .nnunet_pipeline import PROBABILITY_FLOOR, WindowTiling, centred_padding
-from .registry import ModelLoadError
 from .scripted import LogitsNetwork, load_scripted_network, norm_affine_parameters, norm_description
 
 #: Preprocessing transforms a bundle may use (dictionary versions); the loading ones are skipped.

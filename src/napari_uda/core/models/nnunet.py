@@ -50,6 +50,7 @@ from torch import nn
 from ..preprocessing import check_labels_shape
 from ..volume import Volume, VolumeError
 from .adapter import NORM_AFFINE, FolderModelMixin, ModelAdapter, ModelInfo, atomic_folder
+from .errors import ModelLoadError
 from .nnunet_pipeline import (
     NORMALIZATIONS,
     PROBABILITY_FLOOR,
@@ -62,7 +63,6 @@ from .nnunet_pipeline import (
     normalize_channel,
     resample,
 )
-from .registry import ModelLoadError
 from .scripted import (
     chunk_size,
     forward_in_chunks,
