@@ -31,7 +31,7 @@ from .cases import Case, choose_site_cases
 from .commit import remove_stale_staging
 from .job import BatchJob
 from .manifest import MANIFEST_NAME, Manifest, now
-from .threads import threads_for_cluster, threads_per_worker, usable_cores
+from .threads import openmp_environment, threads_for_cluster, threads_per_worker, usable_cores
 
 #: Dask retries of a case whose task raised an unexpected error (bad input is not retried).
 DEFAULT_RETRIES = 1
@@ -107,6 +107,7 @@ def open_client(
             processes=True,
             dashboard_address=":8787" if dashboard and dashboard_available() else None,
             silence_logs=logging.ERROR,
+            env=openmp_environment(threads_per_worker(usable_cores(), workers)),
         )
     with cluster, Client(cluster) as client:
         yield client

@@ -2,22 +2,19 @@
 
 Dask's nanny starts workers with ``OMP_NUM_THREADS=1``; PyTorch, which holds the GIL while it
 computes, needs its intra-op threads set explicitly: each worker gets a share of the cores (the
-cores of its machine divided by the worker processes on it).
+cores of its machine divided by the worker processes on it). Local workers also start with the
+shared thread policy's environment (:func:`napari_uda.core.threads.openmp_environment`: that
+many OpenMP threads, which do not spin while they wait).
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Mapping
 
+from ..core.threads import openmp_environment, usable_cores
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity where known)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+__all__ = ["openmp_environment", "usable_cores"]
 
 
 def threads_per_worker(cores: int, workers: int) -> int:
