@@ -137,6 +137,14 @@ def table(payload: dict) -> str:
             f"{run['load_before']} / {run['load_after']} |"
         )
     lines += ["", payload["note"]]
+    cores = os.cpu_count() or 1
+    if any(max(run["load_before"], run["load_after"]) > cores for run in payload["runs"]):
+        lines += [
+            "",
+            f"**The load average exceeded the {cores} cores during these runs (other work on a "
+            "shared machine): the scans per minute and the scaling measure that load, not the "
+            "batch; rerun on an idle machine for the batch's own scaling.**",
+        ]
     return "\n".join(lines)
 
 
