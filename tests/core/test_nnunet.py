@@ -377,3 +377,13 @@ def test_cli_predicts_with_an_nnunet_folder(tmp_path, folder_3d, target_predicti
         == 0
     )
     assert np.array_equal(load_volume(out).data, target_prediction.labels)
+
+
+def test_the_gate_finds_the_left_right_axis(folder_3d, demo):
+    """The adaptation gate's left-right check knows nnU-Net's axes: the demo head's file axes
+    are L, A, S; nnU-Net reverses them (S, A, L) and the plans transpose them by (2, 0, 1)."""
+    from napari_uda.adaptation.gate import left_right_dim
+
+    prepared = load_model(folder_3d, folds=[0]).prepare(demo["target"][0])
+    assert demo["target"][0].axcodes == ("L", "A", "S")
+    assert left_right_dim(prepared) == 2

@@ -179,6 +179,8 @@ class GateDecision:
 def left_right_dim(prepared) -> int | None:
     """The dimension of the network inputs (N, C, ...) that runs left-right, or None when the
     inputs have none (sagittal slices)."""
+    if hasattr(prepared, "left_right_dim"):  # prepared volumes that know it (nnU-Net, MONAI)
+        return prepared.left_right_dim
     tiling = getattr(prepared, "tiling", None)
     if tiling is None:  # PreparedVolume: slices along a canonical (RAS) axis
         return None if prepared.slice_axis == 0 else 2

@@ -472,6 +472,9 @@ class MonaiPrepared:
         self.prepared = prepared  # the MetaTensor, with the transforms applied
         self.model = model
 
+    #: Not worked out through the bundle's transforms: the gate skips its left-right check.
+    left_right_dim = None
+
     @property
     def spatial_dims(self) -> int:
         return 3

@@ -43,6 +43,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
@@ -562,6 +563,18 @@ class NnUNetPrepared:
     @property
     def model_spacing(self) -> tuple[float, ...]:
         return tuple(self.resampled_spacing)
+
+    @property
+    def left_right_dim(self) -> int | None:
+        """The dimension of :attr:`inputs` (N, C, ...) that runs left-right (None: 2D slices
+        taken along it), for the adaptation gate's left-right check."""
+        affine = self.source.canonical_affine if self.config.reorient else self.source.affine
+        codes = nib.aff2axcodes(affine)
+        file_axis = next(i for i, code in enumerate(codes) if code in "LR")
+        position = self.config.transpose_forward.index(2 - file_axis)  # nnU-Net's axes: z y x
+        if self.spatial_dims == 3:
+            return 2 + position
+        return None if position == 0 else 2 + position - 1
 
     def valid_mask(self) -> torch.Tensor:
         """(N, 1, ...) True on the scan's voxels, False on nnU-Net's padding."""
