@@ -57,7 +57,7 @@ PREFERRED_METHODS = ("tent", "adaent", "udas")
 
 
 #: Tallest the settings form gets before it scrolls (pixels).
-SETTINGS_MAX_HEIGHT = 190
+SETTINGS_MAX_HEIGHT = 150
 
 
 def settings_scroll(box: QGroupBox) -> QScrollArea:
@@ -72,6 +72,21 @@ def settings_scroll(box: QGroupBox) -> QScrollArea:
     scroll.setWidget(inner)
     box.setLayout(QVBoxLayout())
     box.layout().addWidget(scroll)
+    return scroll
+
+
+#: Tallest the status line gets before it scrolls (pixels): a round's warnings can be long.
+STATUS_MAX_HEIGHT = 64
+
+
+def capped(label: QLabel, height: int) -> QScrollArea:
+    """``label`` in a frameless scroll area at most ``height`` pixels tall."""
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setWidget(label)
+    scroll.setMaximumHeight(height)
     return scroll
 
 
@@ -167,7 +182,7 @@ class AdaptWidget(QWidget):
         layout.addWidget(self.settings_box)
         layout.addLayout(bottom)
         layout.addLayout(buttons)
-        layout.addWidget(self.status)
+        layout.addWidget(capped(self.status, STATUS_MAX_HEIGHT))
         self.tabs = QTabWidget()
         self.tabs.addTab(self.plots, "Plots")
         self.tabs.addTab(self.corrections, self.corrections.heading)

@@ -41,7 +41,7 @@ class LivePlots(QWidget):
     def __init__(self, theme: str = "dark", parent: QWidget | None = None):
         super().__init__(parent)
         self.graphics = pg.GraphicsLayoutWidget()
-        self.graphics.setMinimumHeight(330)
+        self.graphics.setMinimumHeight(300)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.graphics)
