@@ -193,7 +193,7 @@ def arguments(
     parser.add_argument(
         "--only-methods",
         action="store_true",
-        help="run only the methods and keep the tool and prediction rows already in --out",
+        help="run only the methods; keep the other rows already in --out",
     )
     return parser.parse_args(argv)
 
@@ -203,8 +203,8 @@ def run_benchmark(run_case, folder: Path, cases: list[str], args, marker: str, *
     table between ``marker`` markers (``names``: :func:`table`'s wording)."""
     rows = []
     if args.only_methods and args.out.exists():
-        rows = [r for r in json.loads(args.out.read_text())["rows"] if r["method"] in cases[:2]]
         cases = cases[2:]
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if r["method"] not in cases]
     for method in cases:
         with concurrent.futures.ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn")
