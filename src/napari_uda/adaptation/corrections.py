@@ -82,9 +82,10 @@ class CorrectionSettings:
         max=256,
     )
     corrections_anchor_precision: float = setting(
-        0.95,
+        0.0,
         "The anchor holds only voxels of classes the starting model got right on the corrected "
-        "voxels at least this often (its precision there; 0: every class).",
+        "voxels at least this often (its precision there; 0, the default: every class; 0.95 "
+        "let a whole brain shrink when every corrected slice lay below it).",
         min=0.0,
         max=1.0,
     )
