@@ -40,7 +40,7 @@ echo "setup: installing napari-uda[$EXTRAS]" >&2
 # Keep the installed torch: without this, pip would upgrade it to satisfy the newest torchvision
 # (pulled in by nnunetv2's dependencies).
 TORCH_PIN="$(mktemp)"
-.venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$TORCH_PIN"
+.venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" 2>/dev/null > "$TORCH_PIN"
 "${PIP[@]}" install -c "$TORCH_PIN" -e ".[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
 rm -f "$TORCH_PIN"
 .venv/bin/python -c "import torch, napari_uda" >/dev/null
