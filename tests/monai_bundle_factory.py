@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from nnunet_factory import fit_network
+
 METADATA = {
     "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
     "0.8.1/meta_schema_20220324.json",
@@ -107,17 +109,8 @@ def train_bundle(folder: Path, image, mask, *, steps: int = 25, **config_changes
     model = MonaiBundleAdapter(folder)
     prepared = model.prepare(image)
     inputs, labels = prepared.inputs, prepared.labels_to_inputs(mask)
-    network = model.network
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    network.train()
-    for _ in range(steps):
-        index = torch.randperm(len(inputs), generator=generator)[:4]
-        loss = torch.nn.functional.cross_entropy(network(inputs[index]), labels[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return write_bundle(folder, config, network.folds[0].state_dict())
+    fit_network(model.network, inputs, labels, steps, seed=0)
+    return write_bundle(folder, config, model.network.folds[0].state_dict())
 
 
 def bundle_own_prediction(folder: Path, image_path: Path) -> torch.Tensor:

@@ -210,12 +210,14 @@ def train_folder(
         model = NnUNetAdapter(read_folder(folder, folds=[fold]), mirroring=False)
         prepared = model.prepare(image)
         labels = prepared.labels_to_inputs(mask)
-        _fit(model.network, prepared.inputs, labels, steps, seed=fold)
+        fit_network(model.network, prepared.inputs, labels, steps, seed=fold)
         weights[fold] = model.network.folds[0].state_dict()
     return write_folder(root, plans_, configuration, weights)
 
 
-def _fit(network, inputs, labels, steps: int, seed: int) -> None:
+def fit_network(network, inputs, labels, steps: int, seed: int) -> None:
+    """``steps`` Adam steps (lr 1e-2, batches of 4) of cross-entropy on ``inputs`` / ``labels``
+    (the tiny nnU-Net and MONAI test models), then eval mode."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
     network.train()
