@@ -8,36 +8,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
+
+from ..core.outputs import staged_folder as core_staged_folder
 
 #: Prefix of the hidden staging folders (never a case id: case ids do not start with a dot).
 STAGING_PREFIX = ".staging-"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
-@contextmanager
-def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(final: str | os.PathLike) -> AbstractContextManager[Path]:
     """Yield an empty hidden folder beside ``final``; on success it replaces ``final`` (an
     existing ``final``, from an older run of the case, is removed first); on any error or
-    interruption it is deleted and ``final`` is left as it was."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}-", dir=final.parent))
-    try:
-        os.chmod(stage, 0o777 & ~_UMASK)  # a normal folder once in place (mkdtemp makes 0o700)
-        yield stage
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}old-", dir=final.parent))
-            os.replace(final, old / final.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(stage, final)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    interruption it is deleted and ``final`` is left as it was
+    (:func:`napari_uda.core.outputs.staged_folder` with this module's prefix)."""
+    return core_staged_folder(final, prefix=STAGING_PREFIX, replace=True)
 
 
 def remove_stale_staging(folder: str | os.PathLike) -> int:

@@ -25,14 +25,39 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .volume import one_line
+from .volume import _current_umask, one_line
 
 STAGING_PREFIX = ".napari-uda-"
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def staged_folder(
+    final: str | os.PathLike, *, prefix: str = STAGING_PREFIX, replace: bool = False
+) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``final`` (named ``prefix`` + its name) to write a
+    whole folder into; when the block ends it is renamed to ``final``, so the folder appears
+    whole or not at all. With ``replace`` an existing ``final`` is removed first; without it
+    (the default) ``final`` must not exist. On any error or interruption (Ctrl-C included) the
+    staged folder is deleted and ``final`` is left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{final.name}-", dir=final.parent))
+    try:
+        os.chmod(stage, 0o777 & ~_current_umask())  # mkdtemp makes 0o700
+        yield stage
+        if replace and final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{prefix}old-", dir=final.parent))
+            os.replace(final, old / final.name)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 class OutputError(ValueError):

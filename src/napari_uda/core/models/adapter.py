@@ -9,13 +9,10 @@ more under the entry-point group ``napari_uda.model_adapters``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..outputs import staged_folder
 from ..plausibility import ExpectedVolumes, parse_expected_volumes
 from ..preprocessing import PreparedInputs, PreparedVolume, prepare_volume
-from ..volume import Volume, _current_umask
+from ..volume import Volume
 from .bundle import BundleError, ModelBundle, SourcePack
 from .unet import UNet2D
 
@@ -76,20 +74,11 @@ class ModelSaveError(BundleError):
     """A model that cannot be saved, or not at that path; the message is one line."""
 
 
-@contextmanager
-def atomic_folder(path: Path) -> Iterator[Path]:
+def atomic_folder(path: Path) -> contextlib.AbstractContextManager[Path]:
     """A temporary folder beside ``path`` to write a saved model into; renamed to ``path`` when
     the block ends, removed if it raises (Ctrl-C included), so the folder appears whole or not
-    at all. ``path`` must not exist."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        os.chmod(temporary, 0o777 & ~_current_umask())
-        yield temporary
-        os.rename(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    at all. ``path`` must not exist (:func:`~napari_uda.core.outputs.staged_folder`)."""
+    return staged_folder(path)
 
 
 class FolderModelMixin:
