@@ -200,6 +200,7 @@ def test_train_writes_a_bundle_that_predicts(tmp_path, capsys):
         "--early-head-layers", "1",
         "--set", "epochs=2", "--set", "batch_size=4", "--set", "early_head_epochs=1",
         "--set", "source_pack_size=3", "--seed", "5", "--device", "cpu",
+        "--expected-volume", "box=1:3.5",
     )  # fmt: skip
     assert code == 0
     assert "early_head epoch" in stdout and str(model) in stdout
@@ -210,6 +211,7 @@ def test_train_writes_a_bundle_that_predicts(tmp_path, capsys):
     assert command.startswith("napari-uda train --images")
     assert "epochs=2" in command and "--seed 5" in command and "--early-head-layers 1" in command
     assert bundle.architecture.early_head_layers == 1
+    assert bundle.source_statistics["expected_volume_ml"] == {"box": [1.0, 3.5]}
     assert len(bundle.source_pack) == 3
     features = bundle.source_tensors["aiva_source_features"]  # AIVA without source images
     assert features.shape[0] == mask.shape[2] and torch.isfinite(features).all()

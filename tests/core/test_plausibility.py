@@ -77,7 +77,8 @@ def test_the_setting_is_documented_for_forms_and_cli():
 def test_models_state_their_range(demo_model):
     from napari_uda.core.models.deepbet import EXPECTED_BRAIN_ML
 
-    assert demo_model.expected_volumes() == {}  # the demo bundle states none
+    # the demo bundle states the range `train` derives from its one training mask (2073 ml)
+    assert demo_model.expected_volumes() == {"brain": (1040.0, 3110.0)}
     stated = demo_model.clone()
     stated.bundle.source_statistics["expected_volume_ml"] = {"brain": [1000, 1800]}
     assert stated.expected_volumes() == {"brain": (1000.0, 1800.0)}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from napari_uda.core.models import ModelBundle, UNetConfig
+from napari_uda.core.models.adapter import UNetBundleAdapter
 from napari_uda.core.preprocessing import PreprocessingConfig
 from napari_uda.core.training import (
     TrainingProgress,
@@ -127,8 +128,13 @@ def test_bundle_holds_statistics_pack_and_provenance(tmp_path):
     assert record["image"]["name"] == "image.nii.gz"
     assert len(record["mask"]["sha256"]) == 64
     assert "torch" in provenance["versions"]
+    blob_ml = float(mask.data.sum()) * 8 / 1000  # 2 mm voxels
+    low, high = bundle.source_statistics["expected_volume_ml"]["blob"]
+    assert low == pytest.approx(0.5 * blob_ml, rel=1e-2)
+    assert high == pytest.approx(1.5 * blob_ml, rel=1e-2)
     reloaded = ModelBundle.load(bundle.save(tmp_path / "model.safetensors"))
     assert reloaded.source_statistics["class_ratios"] == pytest.approx(ratios)
+    assert UNetBundleAdapter(reloaded).expected_volumes() == {"blob": (low, high)}
     assert len(reloaded.source_pack) == 5
 
 

@@ -19,16 +19,16 @@ from ..core.plausibility import (
 from ..settings import describe
 
 
-def add_expected_volume_option(parser: argparse.ArgumentParser) -> None:
+def add_expected_volume_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     """``--expected-volume CLASS=LOW:HIGH`` (repeatable), documented by
-    :class:`~napari_uda.core.plausibility.PlausibilitySettings`."""
+    :class:`~napari_uda.core.plausibility.PlausibilitySettings` unless ``help`` is given."""
     [spec] = [s for s in describe(PlausibilitySettings) if s.name == "expected_volume"]
     parser.add_argument(
         "--expected-volume",
         action="append",
         default=[],
         metavar="CLASS=LOW:HIGH",
-        help=spec.help + " Repeatable.",
+        help=(help or spec.help) + " Repeatable.",
     )
 
 

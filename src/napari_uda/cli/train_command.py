@@ -13,11 +13,13 @@ from ..core.models.adapter import UNetBundleAdapter
 from ..core.models.bundle import ModelBundle
 from ..core.models.unet import UNetConfig
 from ..core.outputs import OutputSet
+from ..core.plausibility import parse_expected_volumes
 from ..core.preprocessing import PreprocessingConfig
 from ..core.training import TrainingProgress, TrainingSettings, train_bundle
 from ..core.volume import load_volume
 from ..settings import apply_overrides, describe
 from . import CLIError, add_settings_option, add_threads_option
+from .expected_volume import add_expected_volume_option
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -78,6 +80,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=("percentile_zscore", "zscore", "minmax", "none"),
         default="percentile_zscore",
     )
+    add_expected_volume_option(
+        parser,
+        "The plausible volume per class in ml that the bundle states (name=low:high, several "
+        "separated by commas, e.g. brain=1000:1800); results outside it are flagged. Default: "
+        "from the training masks, half the smallest to one and a half times the largest.",
+    )
     parser.add_argument("--quiet", action="store_true", help="print no progress")
     add_threads_option(parser)
     parser.set_defaults(run=run)
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     except FieldError as error:
         option = OPTION_FOR_FIELD.get(error.field.split("[")[0], error.field)
         raise CLIError(f"{option}: {error.problem}") from None
+    stated = parse_expected_volumes(args.expected_volume, args.classes, where="--expected-volume")
     with OutputSet(protected=[*args.images, *args.masks]) as outputs:
         outputs.add(args.out, "--out")  # checked before minutes of training
         images = [load_volume(path) for path in args.images]
@@ -130,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             provenance={"command": command_line(args, settings)},
             source_tensors=aiva_source_features,
+            expected_volume=stated,
         )
         outputs.write(args.out, bundle.save)
         outputs.commit()

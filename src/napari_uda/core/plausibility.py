@@ -101,6 +101,33 @@ def parse_expected_volumes(
     return expected
 
 
+#: How :func:`expected_from_masks` widens the training masks' range: from half the smallest to
+#: one and a half times the largest. Brains differ about 1.5-fold between adults and heads in
+#: template space are larger still, so a range from a few training masks must be wide; it is
+#: meant to catch a mask that lost half the organ or paints the head, not to judge anatomy.
+TRAINING_RANGE_FACTORS = (0.5, 1.5)
+
+
+def expected_from_masks(
+    masks: Iterable[tuple[np.ndarray, Sequence[float]]],
+    class_names: Sequence[str],
+    factors: tuple[float, float] = TRAINING_RANGE_FACTORS,
+) -> ExpectedVolumes:
+    """An expected range per foreground class from labelled training masks, given as
+    (label array, spacing in mm) pairs: from ``factors[0]`` times the smallest volume to
+    ``factors[1]`` times the largest (three significant digits). Classes absent from every
+    mask get none."""
+    per_class: dict[str, list[float]] = {}
+    for labels, spacing in masks:
+        for name, volume in class_volumes(np.asarray(labels), spacing, class_names).items():
+            per_class.setdefault(name, []).append(volume)
+    return {
+        name: (float(f"{min(v) * factors[0]:.3g}"), float(f"{max(v) * factors[1]:.3g}"))
+        for name, v in per_class.items()
+        if max(v) > 0
+    }
+
+
 def format_expected_volumes(expected: Mapping[str, tuple[float, float]]) -> str:
     """The text form of ``expected`` (``brain=1000:1800``), as the CLI takes it."""
     return ",".join(f"{name}={low:g}:{high:g}" for name, (low, high) in expected.items())

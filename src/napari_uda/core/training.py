@@ -17,7 +17,7 @@ import functools
 import hashlib
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Literal
@@ -32,6 +32,7 @@ from .augment import SpatialAugmentation
 from .device import resolve_device
 from .models.bundle import ModelBundle, SourcePack
 from .models.unet import UNet2D, UNetConfig
+from .plausibility import expected_from_masks
 from .preprocessing import PreprocessingConfig, prepare_volume
 from .volume import Volume
 
@@ -349,6 +350,7 @@ def train_bundle(
     device: str = "auto",
     provenance: dict | None = None,
     source_tensors: SourceTensorsHook | None = None,
+    expected_volume: Mapping[str, tuple[float, float]] | None = None,
 ) -> ModelBundle:
     """Train a U-Net bundle on labelled volumes.
 
@@ -370,6 +372,11 @@ def train_bundle(
             (N, 1, H, W); the tensors it returns are stored with the bundle's source statistics
             (``napari-uda train`` stores AIVA's source bottleneck features this way). Default
             None.
+        expected_volume: the plausible volume per foreground class in ml, stored as the
+            bundle's ``source_statistics["expected_volume_ml"]`` (the gate and the QA widget
+            flag results outside it); replaces, class by class, the range derived from the
+            training masks (:func:`~napari_uda.core.plausibility.expected_from_masks`: half
+            the smallest to one and a half times the largest). Default None: derived only.
     """
     settings = settings or TrainingSettings()
     class_names = list(class_names or ["background", "foreground"])
@@ -454,12 +461,18 @@ def train_bundle(
         "stopped_early": not completed,
     }
     record.update(provenance or {})
+    statistics = source_statistics(slices, num_classes)
+    derived = expected_from_masks(
+        ((np.rint(np.asarray(mask.data)), mask.spacing) for mask in masks), class_names
+    )
+    expected = {**derived, **dict(expected_volume or {})}
+    statistics["expected_volume_ml"] = {k: list(v) for k, v in expected.items()}
     bundle = ModelBundle.from_model(
         model,
         class_names,
         preprocessing,
         provenance=record,
-        source_statistics=source_statistics(slices, num_classes),
+        source_statistics=statistics,
         source_pack=choose_source_pack(slices, settings.source_pack_size),
     )
     if source_tensors is not None:
