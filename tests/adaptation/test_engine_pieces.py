@@ -10,9 +10,10 @@ from napari_uda.adaptation.base import AdaptationContext
 from napari_uda.adaptation.checkpoints import CheckpointKeeper
 from napari_uda.adaptation.engine import adapt
 from napari_uda.adaptation.evaluation import Evaluator
-from napari_uda.adaptation.guard import CollapseGuard, GuardOptions, Signals
+from napari_uda.adaptation.guard import CollapseGuard, GuardOptions, Signals, compute_signals
 from napari_uda.adaptation.plan import AdaptationError, RunPlan, plan_run
 from napari_uda.adaptation.targets import TargetSet
+from napari_uda.core.metrics import dice_per_class
 from napari_uda.core.models import ModelBundle, UNet2D, UNetBundleAdapter, UNetConfig
 from napari_uda.core.volume import Volume
 from napari_uda.settings import SettingsError
@@ -133,6 +134,39 @@ def test_evaluator_reuses_a_pass_made_after_the_same_step(tiny_model, tiny_targe
     assert counting.calls == passes
     preview = evaluator.preview(evaluated=False)  # between evaluations: the first volume only
     assert counting.calls > passes and preview.labels.shape == tiny_target.shape
+
+
+@pytest.mark.parametrize(
+    "shape", [(7, 3, 20, 25), (1, 2, 24, 20, 18)], ids=["2d-slices", "3d-volume"]
+)
+def test_signals_summed_in_pieces_equal_the_whole_array_at_once(shape):
+    """compute_signals sums over pieces of voxels (rows of 2D slices, parts of one 3D input):
+    every signal equals the same quantity computed over all valid voxels at once, whatever
+    the piece size, with padding left out and reference labels that are no class ignored."""
+    generator = torch.Generator().manual_seed(0)
+    classes = shape[1]
+    probabilities = torch.softmax(3 * torch.randn(shape, generator=generator), 1)
+    initial = torch.randint(0, classes, shape[:1] + shape[2:], generator=generator)
+    valid = torch.rand(shape[:1] + shape[2:], generator=generator) > 0.2
+    rows = max(1, shape[0] // 2)  # the reference covers the first volume's rows only
+    reference = torch.randint(0, classes + 1, (rows, *shape[2:]), generator=generator)
+    labels = probabilities.argmax(1)
+    p = probabilities.clamp_min(1e-8)
+    entropy = (-(p * p.log()).sum(1) / np.log(classes))[valid]
+    fraction = torch.bincount(labels[valid], minlength=classes).double() / valid.sum()
+    dice_start = dice_per_class(labels[valid].numpy(), initial[valid].numpy(), classes)[1:]
+    counted = valid[:rows] & (reference < classes)
+    dice_reference = dice_per_class(
+        labels[:rows][counted].numpy(), reference[counted].numpy(), classes
+    )[1:]
+    for chunk in (37, 1000, 1 << 20):
+        signals = compute_signals(probabilities, initial.to(torch.uint8), valid, reference, chunk)
+        assert signals.mean_entropy == pytest.approx(float(entropy.double().mean()), rel=1e-6)
+        assert signals.foreground_fraction == pytest.approx(fraction.tolist(), abs=1e-12)
+        changed = float((labels != initial)[valid].double().mean())
+        assert signals.change_since_start == pytest.approx(changed, abs=1e-12)
+        assert signals.dice_with_start == pytest.approx(float(np.mean(dice_start)), abs=1e-12)
+        assert signals.reference_dice == pytest.approx(dice_reference, abs=1e-12)
 
 
 # -- CheckpointKeeper ----------------------------------------------------------------------------

@@ -40,8 +40,8 @@ class Evaluator:
         reference_labels: torch.Tensor | None = None,
     ):
         self.context, self.targets = context, targets
-        self.reference_labels = reference_labels
-        self.initial_labels = class_labels(context.initial_probabilities)
+        self.reference_labels = compact_labels(reference_labels)
+        self.initial_labels = compact_labels(class_labels(context.initial_probabilities))
         context.remember_prediction(context.initial_probabilities)
         self.start = self.latest = self.signals_of(context.initial_probabilities)
 
@@ -81,6 +81,16 @@ class Evaluator:
         else:
             part = probabilities[first]
         return self.targets.prediction(part)
+
+
+def compact_labels(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Class labels as uint8 when every value fits (one byte per voxel instead of eight for
+    the int64 that arg-max gives: 16 MB instead of 134 MB for one 256^3 input)."""
+    if labels is None or labels.numel() == 0:
+        return labels
+    if int(labels.min()) >= 0 and int(labels.max()) <= 255:
+        return labels.to(torch.uint8)
+    return labels
 
 
 def reference_dice(prediction: Prediction, reference: Volume, num_classes: int) -> list[float]:

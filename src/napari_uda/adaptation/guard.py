@@ -12,7 +12,7 @@ checkpoint policy are :class:`GuardOptions` (which
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..core.inference import class_labels, normalized_entropy
-from ..core.metrics import dice_per_class
+from ..core.metrics import dice_from_counts
 from ..settings import check_value, describe, setting
 from .base import fraction_setting
 
@@ -104,9 +104,34 @@ class Signals:
     reference_dice: list[float] | None = None
 
 
-def _class_dice(labels, other, valid, num_classes: int) -> list[float]:
-    """Dice of each foreground class between two label tensors, over the valid voxels."""
-    return dice_per_class(labels[valid], other[valid], num_classes)[1:]
+#: Voxels whose signals are computed at a time: the temporaries (labels, entropy, codes) stay
+#: a few megabytes instead of several copies of a whole 256^3 prediction.
+SIGNAL_CHUNK_VOXELS = 1 << 20
+
+
+def _pieces(rows: int, voxels: int, chunk: int) -> Iterator[tuple[slice, slice]]:
+    """(rows, voxels) slices covering an (N, V) array in pieces of about ``chunk`` voxels:
+    groups of whole rows when rows are small (2D slices), parts of a row when they are large
+    (a whole 3D volume)."""
+    if voxels >= chunk:
+        for row in range(rows):
+            for start in range(0, voxels, chunk):
+                yield slice(row, row + 1), slice(start, min(start + chunk, voxels))
+        return
+    group = max(1, chunk // max(voxels, 1))
+    for start in range(0, rows, group):
+        yield slice(start, min(start + group, rows)), slice(0, voxels)
+
+
+def _pair_counts(labels, other, valid, num_classes: int) -> torch.Tensor:
+    """(C, C) counts of valid voxels with class ``p`` in ``labels`` and ``r`` in ``other``
+    (voxels where ``other`` is not a class are left out)."""
+    other = other.to(torch.int64)
+    valid = valid & (other >= 0) & (other < num_classes)
+    code = labels.to(torch.int64) * num_classes + other
+    code = torch.where(valid, code, num_classes * num_classes)  # left out: an extra bin
+    counts = torch.bincount(code.reshape(-1), minlength=num_classes * num_classes + 1)
+    return counts[: num_classes * num_classes].reshape(num_classes, num_classes)
 
 
 def compute_signals(
@@ -114,24 +139,42 @@ def compute_signals(
     initial_labels: torch.Tensor,
     valid: torch.Tensor,
     reference: torch.Tensor | None = None,
+    chunk: int = SIGNAL_CHUNK_VOXELS,
 ) -> Signals:
-    """Label-free signals of (N, C, ...) probabilities; ``valid`` is (N, ...) boolean."""
-    num_classes = probabilities.shape[1]
-    labels = class_labels(probabilities)
-    entropy = normalized_entropy(probabilities, axis=1)
-    counts = torch.bincount(labels[valid].flatten(), minlength=num_classes).double()
-    total = max(float(counts.sum()), 1.0)
-    fg_dice = _class_dice(labels, initial_labels, valid, num_classes)
-    reference_dice = None
-    if reference is not None:
-        n = reference.shape[0]
-        reference_dice = _class_dice(labels[:n], reference, valid[:n], num_classes)
+    """Label-free signals of (N, C, ...) probabilities; ``valid`` is (N, ...) boolean,
+    ``initial_labels`` and ``reference`` (its first rows only: QA Dice of the first volume)
+    integer (N, ...) labels.
+
+    Summed over pieces of ``chunk`` voxels (default :data:`SIGNAL_CHUNK_VOXELS`): the same
+    numbers as over the whole array at once, without its full-size temporaries."""
+    rows, num_classes = probabilities.shape[:2]
+    flat = probabilities.reshape(rows, num_classes, -1)
+    initial, valid = initial_labels.reshape(rows, -1), valid.reshape(rows, -1)
+    voxels = flat.shape[2]
+    with_start = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    with_reference = torch.zeros_like(with_start)
+    entropy_sum = torch.zeros((), dtype=torch.float64)
+    reference_rows = 0 if reference is None else int(reference.shape[0])
+    reference = None if reference is None else reference.reshape(reference_rows, -1)
+    for row, part in _pieces(rows, voxels, chunk):
+        piece, ok = flat[row, :, part], valid[row, part]
+        labels = class_labels(piece)
+        entropy = normalized_entropy(piece, axis=1)
+        entropy_sum += torch.where(ok, entropy, 0.0).sum(dtype=torch.float64)
+        with_start += _pair_counts(labels, initial[row, part], ok, num_classes)
+        if row.start < reference_rows:
+            ref = reference[row.start : min(row.stop, reference_rows), part]
+            upto = ref.shape[0]
+            with_reference += _pair_counts(labels[:upto], ref, ok[:upto], num_classes)
+    counts = with_start.sum(1).double()
+    total = float(counts.sum())
+    fg_dice = dice_from_counts(with_start.numpy())[1:]
     return Signals(
-        mean_entropy=float(entropy[valid].mean()) if bool(valid.any()) else 0.0,
-        foreground_fraction=[float(c) / total for c in counts],
-        change_since_start=float((labels != initial_labels)[valid].float().mean()),
+        mean_entropy=float(entropy_sum) / total if total else 0.0,
+        foreground_fraction=[float(c) / max(total, 1.0) for c in counts],
+        change_since_start=1.0 - float(with_start.trace()) / total if total else float("nan"),
         dice_with_start=float(np.mean(fg_dice)) if fg_dice else 1.0,
-        reference_dice=reference_dice,
+        reference_dice=None if reference is None else dice_from_counts(with_reference.numpy())[1:],
     )
 
 

@@ -89,12 +89,19 @@ def dice_per_class(prediction, reference, num_classes: int) -> list[float]:
         counts = counts.cpu().numpy()
     else:
         counts = confusion_matrix(prediction, reference, num_classes)
+    return dice_from_counts(counts)
+
+
+def dice_from_counts(counts: np.ndarray) -> list[float]:
+    """Dice of every class from a (C, C) confusion matrix (rows predicted, columns reference;
+    :func:`confusion_matrix`); a class absent from both gets Dice 1.0."""
+    counts = np.asarray(counts)
     true_positive = np.diag(counts).astype(np.float64)
     predicted = counts.sum(axis=1)
     actual = counts.sum(axis=0)
     return [
         _ratio(2 * true_positive[c], predicted[c] + actual[c], nothing_to_count=True)
-        for c in range(num_classes)
+        for c in range(len(counts))
     ]
 
 
