@@ -111,3 +111,16 @@ def test_tuple_format_is_described():
     assert describe_format(specs["scale_range"]) == "2 numbers separated by commas"
     assert describe_format(specs["crop"]) == "Whole numbers, separated by commas"
     assert is_optional(specs["spacing"]) and not is_optional(specs["scale_range"])
+
+
+def test_hidden_fields_stay_out_of_forms_cli_docs_and_reports():
+    from napari_uda.adaptation.methods.corrections import CorrectionsOnlySettings
+
+    names = [spec.name for spec in describe(CorrectionsOnlySettings)]
+    assert "learning_rate" not in names and "corrections_learning_rate" in names
+    settings = CorrectionsOnlySettings()
+    assert settings.learning_rate == 0.0  # the field is kept for code that reads it
+    assert "learning_rate" not in settings_to_dict(settings)
+    with pytest.raises(SettingsError, match="learning_rate"):
+        apply_overrides(settings, ["learning_rate=0.01"])
+    assert apply_overrides(settings, ["corrections_learning_rate=0.01"]).corrections_learning_rate

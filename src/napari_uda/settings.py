@@ -20,9 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def setting(default: Any, help: str, *, min=None, max=None, step=None, choices=None):
-    """A dataclass field with documentation and bounds (``help`` is required)."""
+def setting(
+    default: Any, help: str, *, min=None, max=None, step=None, choices=None, hidden: bool = False
+):
+    """A dataclass field with documentation and bounds (``help`` is required).
+
+    ``hidden``: a field a method inherits but does not use (AdaBN's learning rate): kept in the
+    dataclass, left out of :func:`describe` (so of the forms, the CLI and the docs) and of
+    :func:`settings_to_dict` (reports), and refused by :func:`apply_overrides`.
+    """
     metadata = {"help": help}
+    if hidden:
+        metadata["hidden"] = True
     for key, value in (("min", min), ("max", max), ("step", step), ("choices", choices)):
         if value is not None:
             metadata[key] = value
@@ -57,7 +66,7 @@ def describe(settings_class) -> list[SettingSpec]:
     hints = _resolved_types(settings_class)
     specs = []
     for f in dataclasses.fields(settings_class):
-        if f.name.startswith("_"):
+        if f.name.startswith("_") or f.metadata.get("hidden"):
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -274,8 +283,10 @@ def apply_overrides(settings, overrides: list[str] | dict[str, Any] | None):
 
 
 def settings_to_dict(settings) -> dict[str, Any]:
-    """A JSON-able dict of a settings dataclass."""
+    """A JSON-able dict of a settings dataclass (hidden fields left out)."""
+    hidden = {f.name for f in dataclasses.fields(settings) if f.metadata.get("hidden")}
     return {
         key: list(value) if isinstance(value, tuple) else value
         for key, value in dataclasses.asdict(settings).items()
+        if key not in hidden
     }

@@ -54,7 +54,9 @@ class AdaBN(AdaptationMethod):
         batch_size: int = setting(
             16, "Slices per forward pass (the statistics of each batch are averaged).", min=2
         )
-        learning_rate: float = setting(0.0, "Not used: AdaBN has no optimiser.", min=0.0)
+        learning_rate: float = setting(
+            0.0, "Not used: AdaBN has no optimiser.", min=0.0, hidden=True
+        )
 
     def setup(self) -> None:
         network = self.context.model.network.to(self.context.device)

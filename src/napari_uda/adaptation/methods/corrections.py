@@ -35,7 +35,7 @@ class CorrectionsOnlySettings(CorrectionSettings, CommonSettings):
         8, "Items per step (2D: slices, at most half of them corrected ones).", min=1, max=512
     )
     learning_rate: float = setting(
-        0.0, "Not used: the step uses corrections_learning_rate.", min=0.0, max=1.0
+        0.0, "Not used: the step uses corrections_learning_rate.", min=0.0, hidden=True
     )
     target_statistics: bool = setting(
         True,
