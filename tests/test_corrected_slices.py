@@ -12,6 +12,8 @@ from napari_uda.corrected_slices import (
     MARKED,
     NOT_CORRECTED,
     CorrectedSlices,
+    Round,
+    Rounds,
     SliceRef,
     plane_name,
     touched_slices,
@@ -118,3 +120,37 @@ def test_a_3d_edit_touches_every_slice_it_spans_and_the_axis_defaults_to_the_thi
 def test_plane_names_follow_the_orientation_codes():
     assert [plane_name(a, "LAS") for a in range(3)] == ["sagittal", "coronal", "axial"]
     assert plane_name(1, None) == "axis 1"
+
+
+def test_earlier_rounds_keep_their_results_without_probabilities():
+    from napari_uda.adaptation.events import AdaptationResult, CheckpointChoice
+    from napari_uda.core.inference import Prediction
+    from napari_uda.core.volume import Volume
+
+    def result(seed: int) -> AdaptationResult:
+        scores = np.random.default_rng(seed).random((2, 6, 8, 10)).astype(np.float32)
+        probabilities = scores / scores.sum(0)
+        volume = Volume(probabilities[0], np.eye(4))
+        prediction = Prediction.from_probabilities(probabilities, volume)
+        return AdaptationResult(
+            model=object(), prediction=prediction, initial_prediction=prediction, history=[],
+            checkpoint=CheckpointChoice(1, "final"), stopped=False, stop_reason="completed",
+            seconds=1.0, method="corrections", settings={}, predictions=[prediction],
+        )  # fmt: skip
+
+    class History:  # RoundHistory's recording part
+        def record(self, *args, **kwargs):
+            pass
+
+    rounds = Rounds(history=History())
+    first, second = result(0), result(1)
+    rounds.rounds = [Round(0, first)]
+    corrections = np.full((6, 8, 10), NOT_CORRECTED, np.int16)
+    rounds.add(second, {}, corrections, _prediction(), CorrectedSlices())
+    kept = rounds.rounds[0].result
+    assert kept.prediction.probabilities.size == 0 and kept.model is first.model
+    assert kept.predictions[0] is kept.prediction and kept.initial_prediction is kept.prediction
+    np.testing.assert_array_equal(kept.prediction.labels, first.prediction.labels)
+    np.testing.assert_array_equal(kept.prediction.entropy, first.prediction.entropy)
+    assert rounds.current.result is second  # the latest round keeps everything
+    assert second.prediction.probabilities.shape == (2, 6, 8, 10)

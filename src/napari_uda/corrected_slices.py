@@ -26,6 +26,7 @@ truth there (not only the voxels painted). :class:`CorrectedSlices` keeps that l
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,6 +240,37 @@ class CorrectedSlices:
 
 
 # -- rounds ------------------------------------------------------------------------------------
+def light_result(result: Any) -> Any:
+    """``result`` (an ``AdaptationResult``) as an earlier round keeps it: its model, masks,
+    entropy maps, history and report as they were, its class probabilities dropped (each
+    prediction's ``probabilities`` becomes an empty ``(C, 0)`` array). The probabilities are
+    most of a result's memory (two float32 maps per class of the scan, before and after) and
+    going back to a round only shows its mask and entropy, exports them and continues from its
+    model. Anything else is returned as it is."""
+    from .adaptation.events import AdaptationResult
+    from .core.inference import Prediction
+
+    if not isinstance(result, AdaptationResult):
+        return result
+    light: dict[int, Prediction] = {}
+
+    def without_probabilities(prediction: Prediction | None) -> Prediction | None:
+        if prediction is None:
+            return None
+        if id(prediction) not in light:  # a result's lists share its predictions: keep that
+            empty = np.empty((prediction.probabilities.shape[0], 0), dtype=np.float32)
+            light[id(prediction)] = dataclasses.replace(prediction, probabilities=empty)
+        return light[id(prediction)]
+
+    return dataclasses.replace(
+        result,
+        prediction=without_probabilities(result.prediction),
+        initial_prediction=without_probabilities(result.initial_prediction),
+        predictions=[without_probabilities(p) for p in result.predictions],
+        initial_predictions=[without_probabilities(p) for p in result.initial_predictions],
+    )
+
+
 @dataclass
 class Round:
     """What the napari session keeps of one run besides
@@ -248,7 +280,8 @@ class Round:
         number: 0 for the first run (no corrections), then 1, 2, ...
         result: the run's :class:`~napari_uda.adaptation.events.AdaptationResult` (its model is
             the model the next round starts from; its prediction's entropy is shown again on
-            going back).
+            going back). Once a later round is added it is kept light (:func:`light_result`:
+            no class probabilities), which is all going back and exporting need.
         info: the run's method, settings, seed and device (for reports).
         start_labels: the segmentation as it was when the round started (the user's edits in
             it), restored by going back.
@@ -299,6 +332,7 @@ class Rounds:
         """A finished round that trained on ``corrections``, started from ``start_labels`` and
         ``start_slices`` (kept as given: pass copies)."""
         self.history.record(result, corrections, reference=reference)
+        self.rounds[-1].result = light_result(self.rounds[-1].result)
         entry = Round(len(self.rounds), result, dict(info), start_labels, start_slices)
         self.rounds.append(entry)
         return entry

@@ -83,6 +83,7 @@ def test_a_round_learns_from_the_corrections_and_going_back_restores(
     assert state.status == RunStatus.FINISHED and not notifications["error"]
     assert len(state.rounds) == 2 and state.rounds.current.number == 1
     assert len(state.rounds.history) == 1  # recorded in the headless round history too
+    assert state.rounds.rounds[0].result.prediction.probabilities.size == 0  # kept light
     np.testing.assert_array_equal(state.rounds.history.latest.labels, layer.data)
     assert state.result.method == "corrections" and state.result.model is not first_model
     assert "Round 1" in adapt.status.text()
