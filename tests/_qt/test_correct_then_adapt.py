@@ -12,6 +12,7 @@ from test_adapt_widget import REFERENCE, TARGET, choose_method, demo_session  # 
 
 from napari_uda._qt.layers import ENTROPY_AFTER, SEGMENTATION_AFTER
 from napari_uda._qt.state import RunStatus, get_state
+from napari_uda.adaptation.gate import GateOptions
 from napari_uda.corrected_slices import KEPT, SliceRef
 
 
@@ -141,10 +142,10 @@ def test_apply_to_other_scans_then_export(first_run, qtbot, notifications, monke
     target = viewer.layers[TARGET]
     viewer.add_image(target.data.copy(), name="next scan", scale=target.scale,
                      translate=target.translate, metadata=dict(target.metadata))  # fmt: skip
-    # demand near-perfect agreement with the loaded model: the adapted model differs on the
-    # new scanner's scan (that is what adapting did), so a warning must name it
-    strict = rounds.ScanCheckLimits(min_agreement=0.999)
-    monkeypatch.setattr(rounds, "ScanCheckLimits", lambda: strict)
+    # a gate that rolls back any change of volume or of the sure brain: the adapted model
+    # differs on the new scanner's scan (that is what adapting did), so a warning must name it
+    strict = GateOptions(max_volume_change=0.05, max_dropped=0.0, consistency_tolerance=0.0)
+    monkeypatch.setattr(rounds, "GateOptions", lambda: strict)
     panel = widgets["Adapt"].corrections
     assert panel.apply_button.isEnabled()
     panel.apply_button.click()

@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from napari_uda.adaptation.gate import (
+    ChangeSignals,
     GateOptions,
     ModelSignals,
     apply_gate,
     decide,
     left_right_dim,
+    mask_change,
+    predict_and_gate,
 )
 from napari_uda.core.inference import predict_volume
 
@@ -76,9 +79,57 @@ def test_a_model_unsure_of_the_scan_is_flagged():
     ]
 
 
+def moved(dropped: float = 0.0, agreement: float = 0.95) -> ChangeSignals:
+    return ChangeSignals(agreement, agreement, dropped, 0.0, 1.0, 0.0)
+
+
+def test_dropping_the_sure_foreground_rolls_back_and_a_moved_mask_is_flagged():
+    dropped = decide(signals(0.95), signals(0.97), volumes(1200, 1150), change=moved(0.2))
+    assert dropped.rolled_back
+    assert dropped.reasons == ["dropped 20% of the foreground the unadapted model was sure of"]
+    kept = decide(signals(0.95), signals(0.97), volumes(1200, 1150), change=moved(0.05, 0.7))
+    assert not kept.rolled_back and kept.change.dropped == 0.05
+    assert kept.warnings == [
+        "adaptation moved the mask: it agrees only 0.70 (Dice) with the unadapted model's; "
+        "check the mask"
+    ]
+    # shrinking an over-segmentation into its expected range is not held against the run
+    fixed = decide(
+        signals(0.95), signals(0.97), volumes(2400, 1500), {"brain": (1000, 1800)}, None, moved(0.3)
+    )
+    assert not fixed.rolled_back and "into the expected range" in fixed.reasons[-1]
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="max_volume_change"):
         GateOptions(max_volume_change=0)
+
+
+# -- how the adapted mask differs from the source's ---------------------------------------------
+def two_class(foreground: torch.Tensor) -> torch.Tensor:
+    """(N, 2, ...) probabilities from a foreground probability map (N, ...)."""
+    return torch.stack([1 - foreground, foreground], 1)
+
+
+def test_mask_change_counts_the_sure_foreground_dropped_and_the_sure_background_added():
+    source = torch.full((1, 10, 10), 0.02)
+    source[:, :5] = 0.95  # rows 0-4: sure brain; rows 5-9: sure background
+    adapted = source.clone()
+    adapted[:, :2] = 0.3  # drops rows 0-1 (2 of the 5 sure rows)
+    adapted[:, 5] = 0.8  # adds row 5 where the source was sure there is none
+    change = mask_change(two_class(source), two_class(adapted))
+    assert change.dropped == pytest.approx(0.4) and change.added == pytest.approx(0.2)
+    assert change.agreement == pytest.approx(2 * 30 / (50 + 40))
+    assert change.volume_ratio == pytest.approx(0.8)
+    assert change.confident_agreement == pytest.approx(change.agreement)  # every voxel sure
+    # one volume's (C, X, Y) probabilities give the same; padding is left out
+    same = mask_change(two_class(source)[0], two_class(adapted)[0], class_axis=0)
+    assert same == change
+    valid = torch.ones(1, 10, 10, dtype=torch.bool)
+    valid[:, 0] = False
+    assert mask_change(two_class(source), two_class(adapted), valid).dropped == pytest.approx(0.25)
+    unsure = mask_change(two_class(source), two_class(adapted), confident=0.99)
+    assert unsure.dropped == 0.0 and unsure.added == 0.0  # nothing was sure enough
 
 
 # -- signals on the real demo model ----------------------------------------------------------------
@@ -94,12 +145,32 @@ def test_left_right_dim_mirrors_the_head(demo_model, demo_target_slab):
     )
 
 
+def shifted(model, brain_logit: float):
+    """A copy of ``model`` whose brain logit is shifted by ``brain_logit`` everywhere."""
+    changed = model.clone()
+    with torch.no_grad():
+        changed.network.head.bias[1] += brain_logit
+    return changed
+
+
+def test_a_model_that_drops_the_sure_brain_is_rolled_back(demo_model, demo_target_slab):
+    shrinking = shifted(demo_model, -3.0)  # loses brain the demo model is sure of
+    only_drop = GateOptions(consistency_tolerance=1.0)  # the rule alone
+    gated = predict_and_gate(demo_model, shrinking, [demo_target_slab], options=only_drop)
+    decision = gated.decision
+    assert decision.rolled_back and decision.change.dropped > 0.1
+    assert decision.reasons[0].startswith("dropped ") and len(decision.reasons) == 1
+    assert gated.kept is gated.before
+    assert (gated.after[0].labels > 0).sum() < (gated.before[0].labels > 0).sum()
+    relaxed = GateOptions(consistency_tolerance=1.0, max_dropped=1.0)
+    assert not predict_and_gate(
+        demo_model, shrinking, [demo_target_slab], options=relaxed
+    ).decision.rolled_back
+
+
 def painting(model):
     """A copy of ``model`` whose brain logit is raised by 3 everywhere: it paints the head."""
-    broken = model.clone()
-    with torch.no_grad():
-        broken.network.head.bias[1] += 3.0
-    return broken
+    return shifted(model, 3.0)
 
 
 def test_the_gate_rolls_back_a_run_that_painted_the_whole_head(

@@ -13,13 +13,12 @@ from napari_uda.adaptation.rounds import (
     RoundHistory,
     SparseCorrections,
     check_other_scans,
-    compare_with_source,
     corrected_prediction,
     corrected_slices,
     describe_corrections,
     keep_corrections,
 )
-from napari_uda.core.inference import Prediction, predict_volume
+from napari_uda.core.inference import Prediction
 
 
 def _corrections(shape=(6, 5, 4)) -> np.ndarray:
@@ -116,12 +115,16 @@ def test_history_records_undoes_and_rebuilds_models(tiny_model):
         history.model(1)
 
 
-def test_other_scans_warn_when_the_adapted_model_disagrees(tiny_model, tiny_target):
+def test_other_scans_are_gated_against_the_source_model(tiny_model, tiny_target):
     same = check_other_scans(tiny_model, tiny_model, [tiny_target])[0]
     assert same.agreement_dice == pytest.approx(1.0) and same.warning == ""
-    source = predict_volume(tiny_model, tiny_target)
-    shrunk = source.probabilities.copy()
-    shrunk[1, : shrunk.shape[1] // 2] = 0.0
-    shrunk[0] = 1.0 - shrunk[1]
-    check = compare_with_source(Prediction.from_probabilities(shrunk, tiny_target), source)
-    assert check.volume_ratio < 0.9 and "may be worse" in check.warning
+    assert same.decision.keep == "adapted"
+    shrunk = tiny_model.clone()
+    with torch.no_grad():
+        shrunk.network.head.bias[1] -= 3.0  # the "adapted" model loses the brain
+    check = check_other_scans(shrunk, tiny_model, [tiny_target])[0]
+    assert check.decision.rolled_back and check.volume_ratio < 0.1
+    assert check.warning.startswith("the adapted model may be worse on this scan: ")
+    assert "below the expected" in check.warning and "volume changed too much" in check.warning
+    # the user asked for the adapted model's mask: it is returned, with the warning
+    assert (check.prediction.labels > 0).sum() < (same.prediction.labels > 0).sum()

@@ -2,10 +2,10 @@
 scans from the same scanner), each checked against the loaded (source) model.
 
 Both models predict every other 3D image layer in a napari thread worker (never on the GUI
-thread); :func:`~napari_uda.adaptation.rounds.check_other_scans` compares the two masks with
-label-free signals (agreement Dice, foreground volume, mean entropy). Each scan gets a new
-labels layer ``<scan>: segmentation (round N)`` placed on it; where the models disagree enough
-that the adapted model may be worse there, a napari warning names the scan and why.
+thread); :func:`~napari_uda.adaptation.rounds.check_other_scans` gates the two models on each
+scan with the end-of-run gate's label-free signals and rules. Each scan gets a new labels layer
+``<scan>: segmentation (round N)`` placed on it; where the adapted model may be worse there (or
+its mask needs checking), a napari warning names the scan and why.
 """
 
 from __future__ import annotations
@@ -103,6 +103,6 @@ class OtherScans:
         fine = [n for n, c in zip(names, outcome) if not c.warning]
         if fine:
             show_info(
-                f"Round {number}'s model segmented {', '.join(fine)}; it agrees with the "
-                "loaded model there (no warning)."
+                f"Round {number}'s model segmented {', '.join(fine)}; the gate keeps it "
+                "there against the loaded model (no warning)."
             )

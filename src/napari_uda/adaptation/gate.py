@@ -32,10 +32,16 @@ import torch
 from torch import nn
 
 from ..core.device import autocast
-from ..core.inference import predict_batches
+from ..core.inference import Prediction, predict_batches
 from ..core.metrics import dice_per_class
 from ..core.models.adapter import ModelAdapter
-from ..core.plausibility import ExpectedVolumes, VolumeFlag, flag_lines, volume_flags
+from ..core.plausibility import (
+    ExpectedVolumes,
+    VolumeFlag,
+    class_volumes,
+    flag_lines,
+    volume_flags,
+)
 from ..settings import check_value, describe, setting
 from .base import preserved_modes
 
@@ -70,6 +76,20 @@ class GateOptions:
         "the most foreground first (0: all).",
         min=0,
     )
+    confident: float = setting(
+        0.9,
+        "A voxel where the unadapted model's probability is at least this counts as one it is "
+        "sure of (for the share of its sure foreground the adapted mask drops).",
+        min=0.5,
+        max=1.0,
+    )
+    max_dropped: float = setting(
+        0.1,
+        "Roll back when the adapted mask drops more than this share of the foreground the "
+        "unadapted model was sure of (probability at least `confident`).",
+        min=0.0,
+        max=1.0,
+    )
     consistency_tolerance: float = setting(
         0.005,
         "Roll back when the adapted model's agreement under test-time augmentation (Dice of "
@@ -90,6 +110,14 @@ class GateOptions:
         0.93,
         "Warn when the kept model's agreement under test-time augmentation is below this: "
         "a mask that changes when the scan is mirrored or rescaled needs checking.",
+        min=0.0,
+        max=1.0,
+    )
+    warn_mask_agreement_below: float = setting(
+        0.9,
+        "Warn when the kept adapted mask agrees with the unadapted model's less than this "
+        "(foreground Dice): adaptation moved the mask, even where the volume stayed, so the "
+        "user checks it.",
         min=0.0,
         max=1.0,
     )
@@ -132,6 +160,29 @@ class ModelSignals:
 
 
 @dataclass
+class ChangeSignals:
+    """How the adapted model's mask differs from the unadapted (source) model's, label-free.
+
+    Attributes:
+        agreement: foreground Dice between the two masks (mean over foreground classes).
+        confident_agreement: the same, on the voxels where the source model is confident.
+        dropped: share of the source's confident foreground that the adapted mask labels
+            otherwise (a model that forgets what the source was sure of).
+        added: adapted foreground where the source was confidently background, per voxel of
+            the source's foreground (a mask growing where the source was sure there is none).
+        volume_ratio: adapted foreground voxels over the source's.
+        entropy_change: mean normalised entropy, adapted minus source.
+    """
+
+    agreement: float
+    confident_agreement: float
+    dropped: float
+    added: float
+    volume_ratio: float
+    entropy_change: float
+
+
+@dataclass
 class GateDecision:
     """What the gate decided, and why.
 
@@ -140,6 +191,7 @@ class GateDecision:
         reasons: why, one short phrase each.
         warnings: loud lines about the kept result (implausible volume, large volume change).
         source / adapted: each model's signals.
+        change: how the adapted mask differs from the source's (:func:`mask_change`).
         volumes_ml: per target volume, {"source": {class: ml}, "adapted": {class: ml}}.
         expected_ml: the expected ranges used (class -> [low, high]).
         flags: volume flags of the kept result (class, volume, range).
@@ -152,6 +204,7 @@ class GateDecision:
     source: ModelSignals
     adapted: ModelSignals
     volumes_ml: list[dict[str, dict[str, float]]]
+    change: ChangeSignals | None = None
     expected_ml: dict[str, list[float]] = field(default_factory=dict)
     flags: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -286,7 +339,7 @@ def model_signals(
     all_labels = probabilities.argmax(1)
     where = valid if valid is not None else torch.ones_like(all_labels, dtype=torch.bool)
     counts = torch.bincount(all_labels[where].flatten(), minlength=num_classes).double()
-    entropy = -(probabilities.clamp_min(1e-8).log() * probabilities).sum(1) / np.log(num_classes)
+    entropy = _normalised_entropy(probabilities)
     return ModelSignals(
         tta_agreement=tta_agreement,
         dropout_agreement=dropout_agreement,
@@ -295,6 +348,56 @@ def model_signals(
         mean_entropy=float(entropy[where].mean()) if bool(where.any()) else 0.0,
         foreground_fraction=[float(c) / max(float(counts.sum()), 1.0) for c in counts],
         seconds=time.perf_counter() - started,
+    )
+
+
+# -- comparing the two masks -------------------------------------------------------------------
+def _normalised_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """Per-voxel entropy over the class axis (1) divided by log(classes): 0 sure, 1 unsure."""
+    classes = probabilities.shape[1]
+    return -(probabilities.clamp_min(1e-8).log() * probabilities).sum(1) / np.log(classes)
+
+
+def mask_change(
+    source_probabilities: torch.Tensor | np.ndarray,
+    adapted_probabilities: torch.Tensor | np.ndarray,
+    valid: torch.Tensor | np.ndarray | None = None,
+    *,
+    confident: float = 0.9,
+    class_axis: int = 1,
+) -> ChangeSignals:
+    """Compare two models' softmax outputs of the same inputs (class axis ``class_axis``:
+    1 for stacked network inputs (N, C, ...), 0 for a volume's (C, X, Y, Z)). ``valid`` masks
+    out padding; ``confident``: a source probability at least this counts as sure."""
+    if class_axis not in (0, 1):
+        raise ValueError(f"class_axis must be 0 or 1, not {class_axis}")
+    source, adapted = (
+        torch.as_tensor(p).float().unsqueeze(0) if class_axis == 0 else torch.as_tensor(p).float()
+        for p in (source_probabilities, adapted_probabilities)
+    )
+    num_classes = source.shape[1]
+    where = torch.ones(source.shape[:1] + source.shape[2:], dtype=torch.bool)
+    if valid is not None:
+        where = torch.as_tensor(valid).reshape(where.shape).bool()
+    source_conf, source_labels = source.max(1)
+    adapted_labels = adapted.argmax(1)
+    sure = (source_conf >= confident) & where
+    source_fg, adapted_fg = (source_labels > 0) & where, (adapted_labels > 0) & where
+    sure_fg, sure_bg = sure & source_fg, sure & ~source_fg
+    fg_count = max(int(source_fg.sum()), 1)
+    return ChangeSignals(
+        agreement=_foreground_dice(source_labels, adapted_labels, where, num_classes),
+        confident_agreement=_foreground_dice(source_labels, adapted_labels, sure, num_classes),
+        dropped=float((adapted_labels[sure_fg] != source_labels[sure_fg]).float().mean())
+        if bool(sure_fg.any())
+        else 0.0,
+        added=float((adapted_fg & sure_bg).sum()) / fg_count,
+        volume_ratio=float(adapted_fg.sum()) / fg_count,
+        entropy_change=float(
+            _normalised_entropy(adapted)[where].mean() - _normalised_entropy(source)[where].mean()
+        )
+        if bool(where.any())
+        else 0.0,
     )
 
 
@@ -318,26 +421,16 @@ def _flags(volumes, expected, stage: str) -> list[VolumeFlag]:
     return [f for v in volumes for f in volume_flags(v[stage], expected)]
 
 
-def decide(
+def _roll_back_reasons(
     source: ModelSignals,
     adapted: ModelSignals,
+    change: ChangeSignals | None,
     volumes_ml: Sequence[Mapping[str, Mapping[str, float]]],
-    expected: ExpectedVolumes | None = None,
-    options: GateOptions | None = None,
-) -> GateDecision:
-    """Keep the adapted model only when it does not look worse than the source.
-
-    Rules, in order: (1) a class outside its expected range after adaptation but inside before
-    rolls back; (2) a volume change beyond ``max_volume_change`` rolls back, unless it brings
-    an out-of-range class into its range; (3) agreement under augmentation and dropout lower
-    than the source's by more than ``consistency_tolerance`` rolls back (:attr:`ModelSignals.
-    agreement`). ``volumes_ml`` holds,
-    per target volume, ``{"source": {class: ml}, "adapted": {class: ml}}``.
-    """
-    options = options or GateOptions()
-    expected = dict(expected or {})
-    source_flags, adapted_flags = (_flags(volumes_ml, expected, s) for s in ("source", "adapted"))
-    changes = _volume_changes(volumes_ml, options.max_volume_change)
+    flags: tuple[list[VolumeFlag], list[VolumeFlag]],
+    options: GateOptions,
+) -> list[str]:
+    """Why the adapted model looks worse than the source (empty: it does not)."""
+    source_flags, adapted_flags = flags
     reasons: list[str] = []
     new_flags = {f.class_name for f in adapted_flags} - {f.class_name for f in source_flags}
     fixed = {f.class_name for f in source_flags} - {f.class_name for f in adapted_flags}
@@ -346,18 +439,77 @@ def decide(
             "adapted volume outside the expected range: "
             + "; ".join(f.message for f in adapted_flags if f.class_name in new_flags)
         )
+    changes = _volume_changes(volumes_ml, options.max_volume_change)
     unsupported = [c for c in changes if c[0] not in fixed]
     if unsupported:
         reasons.append(
             "volume changed too much: "
             + "; ".join(f"{n} {a:.0f} -> {b:.0f} ml" for n, a, b in unsupported)
         )
-    drop = source.agreement - adapted.agreement
-    if drop > options.consistency_tolerance:
+    if change is not None and change.dropped > options.max_dropped and not fixed:
+        reasons.append(
+            f"dropped {change.dropped:.0%} of the foreground the unadapted model was sure of"
+        )
+    if source.agreement - adapted.agreement > options.consistency_tolerance:
         reasons.append(
             f"less consistent under test-time augmentation ({source.agreement:.3f} -> "
             f"{adapted.agreement:.3f})"
         )
+    return reasons
+
+
+def _warnings(
+    kept: ModelSignals,
+    kept_flags: list[VolumeFlag],
+    change: ChangeSignals | None,
+    volumes_ml: Sequence[Mapping[str, Mapping[str, float]]],
+    options: GateOptions,
+) -> list[str]:
+    """The loud lines about the kept adapted model's mask (kept_flags: its volume flags)."""
+    warnings = flag_lines(kept_flags, "the kept mask")
+    if kept.agreement < options.warn_agreement_below:
+        warnings.append(
+            f"the kept model is unsure of this scan: its mask agrees with itself under "
+            f"test-time augmentation only {kept.agreement:.2f} (Dice); check the mask"
+        )
+    warnings += [
+        f"adaptation changed {n} from {a:.0f} to {b:.0f} ml ({(b - a) / max(a, 1e-3):+.0%}); "
+        "check the mask"
+        for n, a, b in _volume_changes(volumes_ml, options.warn_volume_change)
+    ]
+    if change is not None and change.agreement < options.warn_mask_agreement_below:
+        warnings.append(
+            f"adaptation moved the mask: it agrees only {change.agreement:.2f} (Dice) with the "
+            "unadapted model's; check the mask"
+        )
+    return warnings
+
+
+def decide(
+    source: ModelSignals,
+    adapted: ModelSignals,
+    volumes_ml: Sequence[Mapping[str, Mapping[str, float]]],
+    expected: ExpectedVolumes | None = None,
+    options: GateOptions | None = None,
+    change: ChangeSignals | None = None,
+) -> GateDecision:
+    """Keep the adapted model only when it does not look worse than the source.
+
+    Any of these rolls back: (1) a class outside its expected range after adaptation but
+    inside before; (2) a volume change beyond ``max_volume_change``, unless it brings an
+    out-of-range class into its range; (3) the adapted mask dropping more than ``max_dropped``
+    of the foreground the source was sure of (``change``, :func:`mask_change`; the same
+    exception); (4) agreement
+    under test-time augmentation lower than the source's by more than
+    ``consistency_tolerance`` (:attr:`ModelSignals.agreement`). ``volumes_ml`` holds, per
+    target volume, ``{"source": {class: ml}, "adapted": {class: ml}}``. The kept mask's
+    warnings: a volume outside its range, an unsure model, and (when the adapted model is
+    kept) a large change of volume or of the mask itself.
+    """
+    options = options or GateOptions()
+    expected = dict(expected or {})
+    flags = tuple(_flags(volumes_ml, expected, stage) for stage in ("source", "adapted"))
+    reasons = _roll_back_reasons(source, adapted, change, volumes_ml, flags, options)
     keep: Literal["adapted", "source"] = "source" if reasons else "adapted"
     if reasons and not options.gate:
         keep = "adapted"
@@ -367,22 +519,15 @@ def decide(
             f"agreement {source.agreement:.3f} -> {adapted.agreement:.3f}, "
             f"ADIC {source.adic:.3f} -> {adapted.adic:.3f}"
         )
+        fixed = {f.class_name for f in flags[0]} - {f.class_name for f in flags[1]}
         if fixed:
             reasons.append(f"brings {', '.join(sorted(fixed))} into the expected range")
-    kept_flags = source_flags if keep == "source" else adapted_flags
-    warnings = flag_lines(kept_flags, "the kept mask")
-    kept_agreement = (source if keep == "source" else adapted).agreement
-    if kept_agreement < options.warn_agreement_below:
-        warnings.append(
-            f"the kept model is unsure of this scan: its mask agrees with itself under "
-            f"test-time augmentation only {kept_agreement:.2f} (Dice); check the mask"
-        )
-    if keep == "adapted":
-        warnings += [
-            f"adaptation changed {n} from {a:.0f} to {b:.0f} ml ({(b - a) / max(a, 1e-3):+.0%}); "
-            "check the mask"
-            for n, a, b in _volume_changes(volumes_ml, options.warn_volume_change)
-        ]
+    if keep == "source":
+        kept_flags = flags[0]
+        warnings = _warnings(source, kept_flags, None, [], options)
+    else:
+        kept_flags = flags[1]
+        warnings = _warnings(adapted, kept_flags, change, volumes_ml, options)
     return GateDecision(
         keep=keep,
         reasons=reasons,
@@ -390,6 +535,7 @@ def decide(
         source=source,
         adapted=adapted,
         volumes_ml=[{k: dict(v) for k, v in per.items()} for per in volumes_ml],
+        change=change,
         expected_ml={k: list(v) for k, v in expected.items()},
         flags=[asdict(f) for f in kept_flags],
     )
@@ -434,20 +580,83 @@ def gate(
     adapted_signals = model_signals(
         adapted_model, inputs, adapted_probabilities, seed=seed, **common
     )
-    decision = decide(source_signals, adapted_signals, volumes_ml, expected, options)
+    change = mask_change(
+        source_probabilities, adapted_probabilities, valid, confident=options.confident
+    )
+    decision = decide(source_signals, adapted_signals, volumes_ml, expected, options, change)
     decision.seconds = time.perf_counter() - started
     return decision
 
 
-# -- on a finished run -------------------------------------------------------------------------
-def _prepared_inputs(model: ModelAdapter, volumes: Sequence) -> tuple[torch.Tensor, Any, Any]:
+# -- predicting and gating ---------------------------------------------------------------------
+def class_volumes_of(
+    before: Sequence[Prediction], after: Sequence[Prediction], class_names: Sequence[str]
+) -> list[dict[str, dict[str, float]]]:
+    """The gate's ``volumes_ml``: per volume, each model's volume per class on the scan grid."""
+    return [
+        {
+            "source": class_volumes(b.labels, b.source.spacing, list(class_names)),
+            "adapted": class_volumes(a.labels, a.source.spacing, list(class_names)),
+        }
+        for b, a in zip(before, after)
+    ]
+
+
+@dataclass
+class GatedPredictions:
+    """Both models' predictions of some volumes and the gate's decision on them."""
+
+    before: list[Prediction]
+    after: list[Prediction]
+    decision: GateDecision
+
+    @property
+    def kept(self) -> list[Prediction]:
+        """The predictions of the model the gate keeps."""
+        return self.before if self.decision.rolled_back else self.after
+
+
+def predict_and_gate(
+    source_model: ModelAdapter,
+    adapted_model: ModelAdapter,
+    volumes: Sequence,
+    *,
+    expected: ExpectedVolumes | None = None,
+    options: GateOptions | None = None,
+    device: torch.device | str = "cpu",
+    source_signals: ModelSignals | None = None,
+    seed: int = 0,
+) -> GatedPredictions:
+    """Predict ``volumes`` with both models (each once, on the model grid) and :func:`gate`
+    them: what a finished run without its inputs, a batch's site model on a scan and *Apply to
+    other scans* use."""
     from .targets import TargetSet
 
-    targets = TargetSet.prepare(model, list(volumes))
-    valid = None if targets.valid_mask is None else targets.valid
-    return targets.inputs, valid, targets.prepared[0]
+    targets = TargetSet.prepare(source_model, list(volumes))
+    run = {"device": device, "batch_size": 16}
+    source_probabilities = predict_batches(source_model, targets.inputs, **run)
+    adapted_probabilities = predict_batches(adapted_model, targets.inputs, **run)
+    before = targets.predictions(source_probabilities)
+    after = targets.predictions(adapted_probabilities)
+    decision = gate(
+        source_model,
+        adapted_model,
+        targets.inputs,
+        source_probabilities,
+        adapted_probabilities,
+        class_volumes_of(before, after, source_model.class_names),
+        expected=expected,
+        valid=None if targets.valid_mask is None else targets.valid,
+        lr_dim=left_right_dim(targets.prepared[0]),
+        options=options,
+        device=device,
+        source_signals=source_signals,
+        seed=seed,
+    )
+    return GatedPredictions(before, after, decision)
 
 
+# -- on a finished run -------------------------------------------------------------------------
 def apply_gate(
     result,
     source_model: ModelAdapter,
@@ -468,48 +677,38 @@ def apply_gate(
 
     The engine passes what it already has (stacked ``inputs``, ``valid``, both models'
     probabilities, ``lr_dim``); any other caller (a round of corrections, a batch) may pass
-    only the target ``volumes`` and the rest is prepared and predicted here. The decision goes
-    to ``result.gate`` and ``result.extra["gate"]``; when it keeps the source, the result's
-    model becomes a copy of ``source_model`` and its predictions, checkpoint and reference
-    Dice the unadapted ones, with the reason.
+    only the target ``volumes`` and both models predict them here (:func:`predict_and_gate`).
+    The decision goes to ``result.gate`` and ``result.extra["gate"]``; when it keeps the
+    source, the result's model becomes a copy of ``source_model`` and its predictions,
+    checkpoint and reference Dice the unadapted ones, with the reason.
     """
-    options = options or GateOptions()
-    names = list(source_model.class_names)
+    common = dict(
+        expected=expected, options=options, device=device, source_signals=source_signals, seed=seed
+    )
     if inputs is None:
-        inputs, valid, first = _prepared_inputs(source_model, volumes)
-        lr_dim = left_right_dim(first)
-    run = {"device": device, "batch_size": 16}
-    if source_probabilities is None:
-        source_probabilities = predict_batches(source_model, inputs, **run)
-    if adapted_probabilities is None:
-        adapted_probabilities = predict_batches(result.model, inputs, **run)
-    from ..core.plausibility import class_volumes
-
-    volumes_ml = [
-        {
-            "source": class_volumes(before.labels, before.source.spacing, names),
-            "adapted": class_volumes(after.labels, after.source.spacing, names),
-        }
-        for before, after in zip(
+        decision = predict_and_gate(source_model, result.model, volumes, **common).decision
+    else:
+        run = {"device": device, "batch_size": 16}
+        if source_probabilities is None:
+            source_probabilities = predict_batches(source_model, inputs, **run)
+        if adapted_probabilities is None:
+            adapted_probabilities = predict_batches(result.model, inputs, **run)
+        volumes_ml = class_volumes_of(
             result.initial_predictions or [result.initial_prediction],
             result.predictions or [result.prediction],
+            source_model.class_names,
         )
-    ]
-    decision = gate(
-        source_model,
-        result.model,
-        inputs,
-        source_probabilities,
-        adapted_probabilities,
-        volumes_ml,
-        expected=expected,
-        valid=valid,
-        lr_dim=lr_dim,
-        options=options,
-        device=device,
-        source_signals=source_signals,
-        seed=seed,
-    )
+        decision = gate(
+            source_model,
+            result.model,
+            inputs,
+            source_probabilities,
+            adapted_probabilities,
+            volumes_ml,
+            valid=valid,
+            lr_dim=lr_dim,
+            **common,
+        )
     if decision.rolled_back:
         _roll_back(result, source_model, decision)
     result.gate = decision

@@ -8,9 +8,9 @@
 * :class:`RoundHistory`: one :class:`CorrectionRound` per adaptation (the adapted weights as a
   CPU state dict, the corrections used, stored sparsely, the final mask as uint8); ``undo``
   drops the last round, :meth:`RoundHistory.model` rebuilds the model of any round.
-* :func:`check_other_scans`: the adapted model on other scans, each compared with the source
-  model by label-free signals, with a warning where they disagree enough that the adapted model
-  may be worse there.
+* :func:`check_other_scans`: the adapted model on other scans, each gated against the source
+  model with the end-of-run gate (:mod:`~napari_uda.adaptation.gate`), with a warning where the
+  gate would keep the source model there.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.inference import Prediction, predict_volume
+from ..core.inference import Prediction
 from ..core.metrics import dice_per_class
 from ..core.models.adapter import ModelAdapter
+from ..core.plausibility import ExpectedVolumes, merge_expected
 from ..core.volume import Volume
 from .corrections import NOT_CORRECTED
 from .events import AdaptationResult
+from .gate import GateDecision, GateOptions, predict_and_gate
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")
 
@@ -239,59 +241,35 @@ class RoundHistory:
 # -- other scans -------------------------------------------------------------------------------
 @dataclass
 class ScanCheck:
-    """The adapted model on another scan, compared with the source model there (label-free).
+    """The adapted model on another scan, gated against the source model there (label-free:
+    the end-of-run gate's signals and rules, :func:`~napari_uda.adaptation.gate.predict_and_gate`).
 
     Attributes:
         prediction: the adapted model's prediction.
-        agreement_dice: foreground Dice between the adapted and the source masks.
-        volume_ratio: foreground volume of the adapted mask over the source mask's.
-        entropy_change: mean normalised entropy, adapted minus source.
-        warning: why the adapted model may be worse here ("" when nothing is suspicious).
+        decision: the gate's decision on this scan.
+        warning: why the adapted model may be worse here, or what to check ("" when the gate
+            keeps it without a warning).
     """
 
     prediction: Prediction
-    agreement_dice: float
-    volume_ratio: float
-    entropy_change: float
+    decision: GateDecision
     warning: str = ""
 
+    @property
+    def agreement_dice(self) -> float:
+        """Foreground Dice between the adapted and the source masks (model grid)."""
+        return self.decision.change.agreement if self.decision.change else 1.0
 
-@dataclass
-class ScanCheckLimits:
-    """When :func:`check_other_scans` warns (label-free; see docs/corrections.md)."""
-
-    min_agreement: float = 0.85
-    max_volume_change: float = 0.25
-    max_entropy_rise: float = 0.02
+    @property
+    def volume_ratio(self) -> float:
+        """Foreground volume of the adapted mask over the source mask's (model grid)."""
+        return self.decision.change.volume_ratio if self.decision.change else 1.0
 
 
-def compare_with_source(
-    adapted: Prediction, source: Prediction, limits: ScanCheckLimits | None = None
-) -> ScanCheck:
-    """Label-free comparison of two predictions of one scan, with a warning when suspicious."""
-    limits = limits or ScanCheckLimits()
-    classes = adapted.probabilities.shape[0]
-    agreement = float(
-        np.mean(
-            dice_per_class(
-                adapted.labels.astype(np.int64), source.labels.astype(np.int64), classes
-            )[1:]
-        )
-    )
-    source_volume = float((source.labels > 0).sum())
-    ratio = float((adapted.labels > 0).sum()) / source_volume if source_volume else float("inf")
-    entropy_change = float(adapted.entropy.mean() - source.entropy.mean())
-    reasons = []
-    if agreement < limits.min_agreement:
-        reasons.append(f"masks agree only {agreement:.2f} (Dice) with the source model's")
-    if abs(ratio - 1.0) > limits.max_volume_change:
-        reasons.append(f"foreground volume {ratio:.2f} times the source model's")
-    if entropy_change > limits.max_entropy_rise:
-        reasons.append(f"mean uncertainty rose by {entropy_change:.3f}")
-    warning = "; ".join(reasons)
-    if warning:
-        warning = f"the adapted model may be worse on this scan: {warning}"
-    return ScanCheck(adapted, agreement, ratio, entropy_change, warning)
+def _scan_warning(decision: GateDecision) -> str:
+    if decision.rolled_back:
+        return "the adapted model may be worse on this scan: " + "; ".join(decision.reasons)
+    return "; ".join(decision.warnings)
 
 
 def check_other_scans(
@@ -300,12 +278,18 @@ def check_other_scans(
     volumes: Sequence[Volume],
     *,
     device: str = "cpu",
-    limits: ScanCheckLimits | None = None,
+    options: GateOptions | None = None,
+    expected: ExpectedVolumes | None = None,
 ) -> list[ScanCheck]:
-    """Segment ``volumes`` with the adapted model and check each against the source model."""
+    """Segment ``volumes`` with the adapted model and gate each scan against the source model
+    (``expected``: the user's ranges over the model's). The adapted mask is returned either way
+    (the user asked for it); a scan where the gate would keep the source model is named."""
+    options = options or GateOptions()
+    expected = merge_expected(source.expected_volumes(), dict(expected or {}))
     checks = []
     for volume in volumes:
-        mine = predict_volume(adapted, volume, device=device)
-        theirs = predict_volume(source, volume, device=device)
-        checks.append(compare_with_source(mine, theirs, limits))
+        gated = predict_and_gate(
+            source, adapted, [volume], expected=expected, options=options, device=device
+        )
+        checks.append(ScanCheck(gated.after[0], gated.decision, _scan_warning(gated.decision)))
     return checks

@@ -75,35 +75,15 @@ def gate_record(decision) -> dict[str, Any]:
 def gate_site_case(source_model, site_model, volume, *, expected, options, device, seed):
     """Predict ``volume`` with the source and the site model and gate them; (before, kept,
     the decision). Each model predicts once, on the model grid, for the gate and the masks."""
-    from ..adaptation.gate import gate, left_right_dim
-    from ..adaptation.targets import TargetSet
-    from ..core.inference import predict_batches
-    from ..core.plausibility import class_volumes
+    from ..adaptation.gate import predict_and_gate
 
-    targets = TargetSet.prepare(source_model, [volume])
-    run = {"device": device, "batch_size": 16}
-    source_probabilities = predict_batches(source_model, targets.inputs, **run)
-    site_probabilities = predict_batches(site_model, targets.inputs, **run)
-    before, after = targets.prediction(source_probabilities), targets.prediction(site_probabilities)
-    names = list(source_model.class_names)
-    volumes_ml = [
-        {
-            "source": class_volumes(before.labels, before.source.spacing, names),
-            "adapted": class_volumes(after.labels, after.source.spacing, names),
-        }
-    ]
-    decision = gate(
+    gated = predict_and_gate(
         source_model,
         site_model,
-        targets.inputs,
-        source_probabilities,
-        site_probabilities,
-        volumes_ml,
+        [volume],
         expected=expected,
-        valid=None if targets.valid_mask is None else targets.valid,
-        lr_dim=left_right_dim(targets.prepared[0]),
         options=options,
         device=device,
         seed=seed,
     )
-    return before, (before if decision.rolled_back else after), decision
+    return gated.before[0], gated.kept[0], gated.decision
