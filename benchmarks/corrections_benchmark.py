@@ -56,18 +56,6 @@ GAP = 3
 BREAKING_PROFILE = "inverted"
 
 
-#: deepbet's correction settings of the recorded run (every weight trained: the adapter loaded
-#: with ``trainable="all"``): ten steps at 1e-3 on a 160-voxel window around a corrected voxel.
-#: That run cost the clean head 0.34 Dice; deepbet's recommended settings now train its first
-#: blocks only (not yet benchmarked).
-DEEPBET_SETTINGS = {
-    "epochs": 1,
-    "steps_per_epoch": 10,
-    "corrections_learning_rate": 1e-3,
-    "corrections_crop": 160,
-}
-
-
 @dataclass
 class Scan:
     image: object
@@ -132,12 +120,12 @@ def _deepbet_case(head: str) -> Case:
 
     return Case(
         f"deepbet_{head}",
-        load_model("deepbet", trainable="all"),
+        load_model("deepbet"),
         scan(head, True),
         scan(other, True),
         scan(head, False),
         "adaent",
-        DEEPBET_SETTINGS,
+        {},  # deepbet's recommended_settings("corrections")
         {},
     )
 
@@ -237,13 +225,14 @@ def label_free(case: Case) -> dict:
     from napari_uda.core.models import load_model
 
     model = load_model("deepbet") if case.name.startswith("deepbet") else case.model
-    load, started = os.getloadavg()[0], time.perf_counter()
+    load, started, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
     result = adapt(model, case.target.image, case.label_free, case.label_free_settings,
                    seed=0, device="cpu")  # fmt: skip
     return {
         "method": case.label_free,
         "target": scores(result.prediction.labels, case.target),
         "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu,
         "load": load,
     }
 
@@ -266,15 +255,15 @@ def run_user(case_name: str, user: str, rounds: int, method: str, threads: int) 
     labels, taken, rows = unadapted, [], []
     for number in range(1, rounds + 1):
         corrections = next_corrections(user, corrections, labels, target.reference, axis, taken)
-        load = os.getloadavg()[0]
-        started = time.perf_counter()
+        load, started, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
         given = target.image.with_data(corrections)
         result = adapt(history.model(), target.image, method, case.settings,
                        corrections=given, seed=number, device="cpu")  # fmt: skip
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         history.record(result, corrections)
         labels = keep_corrections(result.prediction.labels, corrections)
-        row = {"round": number, "slice": taken[-1], "seconds": seconds, "load": load}
+        row = {"round": number, "slice": taken[-1], "seconds": seconds, "cpu_seconds": cpu,
+               "load": load}
         row.update(scores(labels, target))
         row["model_only_dice"] = scores(result.prediction.labels, target)["dice"]
         row["just_paint"] = scores(keep_corrections(unadapted, corrections), target)
@@ -337,8 +326,8 @@ def case_tables(payload: dict) -> str:
         parts.append(line)
         lines = [
             "| user | round | Dice | surface Dice | volume (ml) | volume ratio | just paint Dice"
-            " | gain over paint | seconds | load | peak memory (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            " | gain over paint | seconds | CPU seconds | load | peak memory (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for run in case["users"]:
             for row in run["rounds"]:
@@ -350,6 +339,7 @@ def case_tables(payload: dict) -> str:
                     f"{_fmt(row.get('surface_dice'), '.3f')} | "
                     f"{_fmt(row.get('volume_ml'), '.0f')} | {row['volume_ratio']:.2f} | "
                     f"{row['just_paint']['dice']:.3f} | {gain:+.3f} | {row['seconds']:.1f} | "
+                    f"{_fmt(row.get('cpu_seconds'), '.1f')} | "
                     f"{row['load']:.1f} | {_fmt(row.get('peak_memory_mb'), '.0f')} |"
                 )
         parts.append("\n".join(lines))
@@ -408,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": args.method,
         "gap": GAP,
         "breaking_profile": BREAKING_PROFILE,
-        "deepbet_settings": DEEPBET_SETTINGS,
+        "deepbet_settings": _deepbet_recommendation(),
         "cases": cases,
     }
     for name in args.cases:
@@ -427,6 +417,13 @@ def main(argv: list[str] | None = None) -> int:
         write_docs(payload)
     print(f"wrote {args.out}")
     return 0
+
+
+def _deepbet_recommendation() -> dict:
+    """deepbet's recommended corrections settings (what the deepbet cases run with)."""
+    from napari_uda.core.models.deepbet import RECOMMENDED_SETTINGS
+
+    return dict(RECOMMENDED_SETTINGS["corrections"])
 
 
 def cast_path(text: str):

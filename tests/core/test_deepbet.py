@@ -174,3 +174,47 @@ def test_a_volume_without_a_head_is_a_one_line_error(deepbet_model):
     with pytest.raises(VolumeError) as error:
         deepbet_model.prepare(empty)
     assert "\n" not in str(error.value)
+
+
+def test_deepbet_answers_otherwise_on_a_window_so_corrections_train_on_the_whole_input(
+    deepbet_model, deepbet_run
+):
+    """deepbet normalises every layer over its whole input (InstanceNorm without affine), so
+    a window of its input does not give that window of its answer: a correction step on a
+    window would train another network than the one that segments. Its corrections
+    recommendation therefore trains on the whole input (corrections_crop 0)."""
+    _, prepared, probabilities = deepbet_run
+    window = (slice(None), slice(None), *(slice(48, 208),) * 3)  # 160^3, the centre
+    with torch.no_grad():
+        windowed = torch.softmax(deepbet_model.forward(prepared.inputs[window]).logits, 1)
+    agreement = (windowed.argmax(1) == probabilities[window].argmax(1)).float().mean()
+    assert agreement < 0.95
+    recommended = deepbet_model.recommended_settings("corrections")
+    assert recommended["corrections_crop"] == 0
+
+
+def test_corrections_round_on_deepbet_trains_every_weight_on_the_corrected_slices(
+    quick_model, target
+):
+    """deepbet's corrections recommendation (every weight, anchored to the round's start): a
+    round fits the corrected slices better than the model did, on the whole scan's grid."""
+    from napari_uda.core.corrections import NOT_CORRECTED
+
+    image, reference = target
+    truth = np.asarray(reference.data) > 0
+    corrections = np.full(image.shape, NOT_CORRECTED, np.int16)
+    for index in (40, 48):  # two axial slices through the brain, fully corrected
+        corrections[:, :, index] = truth[:, :, index]
+    settings = {**quick_model.recommended_settings("corrections"), "steps_per_epoch": 4}
+    result = adapt(quick_model, image, "corrections", settings,
+                   corrections=image.with_data(corrections), device="cpu", seed=0)  # fmt: skip
+    before = dict(quick_model.scripted.named_parameters())
+    after = dict(result.model.scripted.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any(not n.startswith(("init.", "down0.")) for n in changed)  # beyond the first blocks
+    corrected = corrections != NOT_CORRECTED
+
+    def fit(labels):
+        return np.mean(labels[corrected] == corrections[corrected])
+
+    assert fit(result.prediction.labels) > fit(result.initial_prediction.labels)
