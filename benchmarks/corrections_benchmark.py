@@ -383,11 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=cast_path, default=RESULTS)
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--docs-only", action="store_true", help="rewrite the docs table from --out, run nothing"
+    )
     parser.add_argument("--no-label-free", action="store_true", help="skip the label-free baseline")
     parser.add_argument(
         "--append", action="store_true", help="keep the other cases already in --out"
     )
     args = parser.parse_args(argv)
+    if args.docs_only:
+        write_docs(json.loads(args.out.read_text()))
+        return 0
     cases = {}
     if args.append and args.out.exists():
         cases = json.loads(args.out.read_text())["cases"]

@@ -193,6 +193,17 @@ def test_deepbet_answers_otherwise_on_a_window_so_corrections_train_on_the_whole
     assert recommended["corrections_crop"] == 0
 
 
+def test_corrections_refuse_a_window_on_deepbet(quick_model, target):
+    from napari_uda.core.corrections import NOT_CORRECTED
+
+    image = target[0]
+    corrections = np.full(image.shape, NOT_CORRECTED, np.int16)
+    corrections[:, :, 40] = 0
+    with pytest.raises(ValueError, match=r"corrections_crop must be 0.*instance"):
+        adapt(quick_model, image, "corrections", {"corrections_crop": 32},
+              corrections=image.with_data(corrections), device="cpu")  # fmt: skip
+
+
 def test_corrections_round_on_deepbet_trains_every_weight_on_the_corrected_slices(
     quick_model, target
 ):

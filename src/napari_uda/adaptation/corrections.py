@@ -100,7 +100,9 @@ class CorrectionSettings:
     corrections_crop: int = setting(
         0,
         "3D models: train on a window of this many voxels per axis (a multiple of 32) around a "
-        "random corrected voxel instead of the whole input (0: whole input); faster per step.",
+        "random corrected voxel instead of the whole input (0: whole input); faster per step, "
+        "but only for networks whose answer on a window is that window of their answer: not "
+        "those that normalise over the whole input (InstanceNorm, as deepbet).",
         min=0,
         max=1024,
     )
@@ -231,6 +233,15 @@ def anchor_region(
 
 
 # -- the step ----------------------------------------------------------------------------------
+def whole_input_norms(network: nn.Module) -> set[str]:
+    """The network's normalisation kinds whose statistics come from each input as a whole
+    (``instance``, ``group``): on such a network a window of the input does not give that window
+    of the answer, so the correction step must not train on windows (``corrections_crop``)."""
+    from ..core.models.scripted import norm_kinds
+
+    return norm_kinds(network) & {"instance", "group"}
+
+
 def _batchnorm_eval(network: nn.Module) -> None:
     for module in network.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -254,6 +265,12 @@ class CorrectionStep:
             raise ValueError("no corrections given: correct at least one slice first")
         if not bool((corrections != NOT_CORRECTED).any()):
             raise ValueError("the corrections hold no corrected voxel")
+        if settings.corrections_crop and whole_input_norms(context.model.network):
+            raise ValueError(
+                "corrections_crop must be 0 for this model: its "
+                f"{'/'.join(sorted(whole_input_norms(context.model.network)))} normalisation "
+                "works over the whole input, so a window gets another answer than the scan"
+            )
         self.context, self.settings = context, settings
         self.corrections = corrections
         flat = (corrections != NOT_CORRECTED).reshape(corrections.shape[0], -1)
