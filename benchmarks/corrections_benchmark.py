@@ -262,8 +262,13 @@ def run_user(case_name: str, user: str, rounds: int, method: str, threads: int) 
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         history.record(result, corrections)
         labels = keep_corrections(result.prediction.labels, corrections)
-        row = {"round": number, "slice": taken[-1], "seconds": seconds, "cpu_seconds": cpu,
-               "load": load}
+        row = {
+            "round": number,
+            "slice": taken[-1],
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "load": load,
+        }
         row.update(scores(labels, target))
         row["model_only_dice"] = scores(result.prediction.labels, target)["dice"]
         row["just_paint"] = scores(keep_corrections(unadapted, corrections), target)
@@ -388,7 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-label-free", action="store_true", help="skip the label-free baseline")
     parser.add_argument(
-        "--append", action="store_true", help="keep the other cases already in --out"
+        "--append",
+        action="store_true",
+        help="keep what --out holds beyond this run: other cases, other users, and the "
+        "label-free baseline with --no-label-free",
     )
     args = parser.parse_args(argv)
     if args.docs_only:
@@ -409,11 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in args.cases:
         none = _in_process(_baseline_for, name, "none", args.threads)
-        cases[name] = {"baselines": {"none": none}, "users": []}
+        kept = cases.get(name, {})  # --append: the users and baselines this run does not redo
+        others = [run for run in kept.get("users", []) if run["user"] not in args.users]
+        cases[name] = {"baselines": {**kept.get("baselines", {}), "none": none}, "users": others}
         write_json(args.out, payload)
         for user in args.users:
             run = _in_process(run_user, name, user, args.rounds, args.method, args.threads)
             cases[name]["users"].append(run)
+            cases[name]["users"].sort(key=lambda run: run["user"] != "slices")
             write_json(args.out, payload)  # partial results survive a stop
         if not args.no_label_free:
             free = _in_process(_baseline_for, name, "label_free", args.threads)
