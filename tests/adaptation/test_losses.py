@@ -46,6 +46,31 @@ def test_entropy_gradient_sharpens_and_empty_mask_is_zero():
     assert empty.item() == 0.0 and empty.requires_grad
 
 
+def test_entropy_gradient_equals_autograd_through_the_plain_formula():
+    """entropy_map keeps only the logits and computes its own gradient: it must equal
+    autograd's through -sum softmax * log_softmax."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 3, 5, 4, generator=generator)).requires_grad_(True)
+    weights = torch.rand(2, 5, 4, generator=generator)
+    (entropy_map(logits) * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    log_p = torch.log_softmax(logits, 1)
+    plain = -(log_p.exp() * log_p).sum(1)
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(ours, logits.grad)
+    torch.testing.assert_close(entropy_map(logits), plain)
+
+
+def test_class_ratio_gradient_with_a_mask():
+    probabilities = torch.rand(2, 3, 4, 4, requires_grad=True)
+    mask = torch.rand(2, 1, 4, 4) > 0.5
+    class_ratio(probabilities, mask)[1].backward()
+    expected = torch.zeros(2, 3, 4, 4)
+    expected[:, 1] = mask[:, 0].float() / mask.sum()
+    torch.testing.assert_close(probabilities.grad, expected)
+
+
 def test_soft_dice_loss_hand_values():
     labels = torch.tensor([[[0, 1, 1, 0]]])  # (1, 1, 4)
     perfect = one_hot(labels, 2)

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 ConsistencyKind = Literal["mse", "ce", "dice"]
 
@@ -36,13 +37,36 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return values[mask].mean()
 
 
+class _SoftmaxEntropy(torch.autograd.Function):
+    """Shannon entropy (B, ...) of ``softmax(logits)`` over dim 1 that keeps only the logits
+    for the backward pass and recomputes the probabilities there.
+
+    Autograd through ``log_softmax``, ``exp`` and the product would keep two more tensors of
+    the logits' size until the backward pass (for a 256^3 two-class volume, 134 MB each) and
+    make more there; the gradient is ``dH/dz_j = -p_j (log p_j + H)``, computed in place."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits)
+        log_p = F.log_softmax(logits, dim=1)
+        return -(log_p.exp() * log_p).sum(dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (logits,) = ctx.saved_tensors
+        log_p = F.log_softmax(logits, dim=1)
+        p = log_p.exp()
+        entropy = (p * log_p).sum(dim=1, keepdim=True).neg_()
+        return p.mul_(log_p.add_(entropy)).mul_(grad.unsqueeze(1)).neg_()
+
+
 def entropy_map(logits: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
     """Voxel-wise Shannon entropy (B, ...) of ``softmax(logits)`` in nats.
 
-    With ``normalized`` it is divided by log(C), so 0 (certain) .. 1 (uniform).
-    """
-    log_p = F.log_softmax(logits.float(), dim=1)
-    entropy = -(log_p.exp() * log_p).sum(dim=1)
+    With ``normalized`` it is divided by log(C), so 0 (certain) .. 1 (uniform). Differentiable
+    with little memory (:class:`_SoftmaxEntropy`)."""
+    entropy = _SoftmaxEntropy.apply(logits.float())
     return entropy / math.log(logits.shape[1]) if normalized else entropy
 
 
@@ -97,14 +121,16 @@ def soft_dice_loss(
 
 
 def class_ratio(probabilities: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(C,) predicted class ratio: the mean probability of each class over the masked voxels."""
-    flat = probabilities.movedim(1, -1).reshape(-1, probabilities.shape[1])
+    """(C,) predicted class ratio: the mean probability of each class over the masked voxels
+    (uniform when no voxel is masked). Reduces in place of copying the voxels out."""
+    dims = [0, *range(2, probabilities.dim())]
     voxel_mask = _voxel_mask(mask, probabilities)
-    if voxel_mask is not None:
-        flat = flat[voxel_mask.reshape(-1)]
-        if flat.shape[0] == 0:
-            return probabilities.new_full((probabilities.shape[1],), 1.0 / probabilities.shape[1])
-    return flat.mean(0)
+    if voxel_mask is None:
+        return probabilities.mean(dims)
+    count = int(voxel_mask.sum())
+    if count == 0:
+        return probabilities.new_full((probabilities.shape[1],), 1.0 / probabilities.shape[1])
+    return (probabilities * voxel_mask.unsqueeze(1)).sum(dims) / count
 
 
 def kl_prior_loss(prior: torch.Tensor, predicted_ratio: torch.Tensor, eps: float = 1e-6):
