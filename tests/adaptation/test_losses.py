@@ -18,6 +18,7 @@ from napari_uda.adaptation.losses import (
     pseudo_label_cross_entropy,
     soft_cross_entropy,
     soft_dice_loss,
+    softmax_class_ratio,
 )
 
 
@@ -69,6 +70,37 @@ def test_class_ratio_gradient_with_a_mask():
     expected = torch.zeros(2, 3, 4, 4)
     expected[:, 1] = mask[:, 0].float() / mask.sum()
     torch.testing.assert_close(probabilities.grad, expected)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_softmax_class_ratio_equals_autograd_through_softmax(masked):
+    generator = torch.Generator().manual_seed(1)
+    logits = (2 * torch.randn(2, 3, 4, 5, generator=generator)).requires_grad_(True)
+    mask = torch.rand(2, 1, 4, 5, generator=generator) > 0.4 if masked else None
+    weights = torch.tensor([0.3, -1.2, 2.0])
+    ours = softmax_class_ratio(logits, mask)
+    (ours * weights).sum().backward()
+    gradient = logits.grad.clone()
+    logits.grad = None
+    plain = class_ratio(torch.softmax(logits, 1), mask)
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(ours, plain)
+    torch.testing.assert_close(gradient, logits.grad)
+
+
+def test_floored_log_of_softmax_outputs_has_the_gradient_of_clamp_and_log():
+    from napari_uda.core.models.scripted import PROBABILITY_FLOOR, outputs_to_logits
+
+    probabilities = torch.tensor([[0.7, 0.3, 0.0, 1e-13], [0.3, 0.7, 1.0, 1.0]])[None]
+    probabilities = probabilities.clone().requires_grad_(True)
+    weights = torch.rand(1, 2, 4)
+    (outputs_to_logits(probabilities, "softmax") * weights).sum().backward()
+    ours = probabilities.grad.clone()
+    probabilities.grad = None
+    plain = probabilities.clamp_min(PROBABILITY_FLOOR).log()
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(ours, probabilities.grad)
+    torch.testing.assert_close(outputs_to_logits(probabilities, "softmax"), plain)
 
 
 def test_soft_dice_loss_hand_values():

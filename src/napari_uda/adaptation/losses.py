@@ -133,6 +133,41 @@ def class_ratio(probabilities: torch.Tensor, mask: torch.Tensor | None = None) -
     return (probabilities * voxel_mask.unsqueeze(1)).sum(dims) / count
 
 
+class _SoftmaxClassRatio(torch.autograd.Function):
+    """:func:`class_ratio` of ``softmax(logits)`` that keeps only the logits (and the mask)
+    for the backward pass and recomputes the probabilities there, instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(logits, mask)
+        return class_ratio(torch.softmax(logits, dim=1), mask)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, mask = ctx.saved_tensors
+        p = torch.softmax(logits, dim=1)
+        shape = (1, -1) + (1,) * (logits.dim() - 2)
+        voxel_mask = _voxel_mask(mask, logits)
+        count = logits.numel() // logits.shape[1] if voxel_mask is None else voxel_mask.sum()
+        weight = grad.reshape(shape) / count  # d ratio_c / d p_c on each counted voxel
+        # softmax backward: p * (g - sum_c p_c g_c)
+        inner = (p * weight).sum(dim=1, keepdim=True)
+        result = p.mul_(weight - inner)
+        if voxel_mask is not None:
+            result.mul_(voxel_mask.unsqueeze(1))
+        return result, None
+
+
+def softmax_class_ratio(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``class_ratio(softmax(logits), mask)`` with little memory for its gradient
+    (:class:`_SoftmaxClassRatio`): AdaEnt's predicted class ratio on a training batch."""
+    voxel_mask = _voxel_mask(mask, logits)
+    if voxel_mask is not None and not bool(voxel_mask.any()):
+        return class_ratio(torch.softmax(logits.float(), dim=1), mask)
+    return _SoftmaxClassRatio.apply(logits.float(), mask)
+
+
 def kl_prior_loss(prior: torch.Tensor, predicted_ratio: torch.Tensor, eps: float = 1e-6):
     """KL(prior || predicted class ratio) = sum_c prior_c * log(prior_c / predicted_c).
 

@@ -36,7 +36,8 @@ class TargetSet:
 
     Attributes:
         prepared: one :class:`PreparedInputs` per volume, in order (never modified).
-        inputs: (N, C, ...) float32, every volume's inputs stacked and padded to one shape.
+        inputs: (N, C, ...) float32, every volume's inputs stacked and padded to one shape
+            (the one volume's own inputs when there is only one and nothing to pad: read only).
         valid_mask: (N, 1, ...) boolean, True on the volumes' voxels and False on padding;
             ``None`` when every voxel counts (nothing was padded).
         valid: (N, ...) boolean, the mask without its channel axis (all True when ``None``).
@@ -58,7 +59,8 @@ class TargetSet:
             masks.append(self._pad(volume.valid_mask().to(torch.uint8), 0).bool())
             self.ranges.append((start, start + tensor.shape[0]))
             start += tensor.shape[0]
-        self.inputs = torch.cat(padded)
+        # one volume needs no stacking: share its inputs (read only) instead of a copy
+        self.inputs = padded[0] if len(padded) == 1 else torch.cat(padded)
         mask = torch.cat(masks)
         self.valid_mask = None if bool(mask.all()) else mask
         self.valid = mask[:, 0]

@@ -35,7 +35,7 @@ import torch
 
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, learning_rate_setting, register
-from ..losses import class_ratio, entropy_loss, kl_prior_loss
+from ..losses import class_ratio, entropy_loss, kl_prior_loss, softmax_class_ratio
 from ..target_statistics import TargetStatistics
 
 
@@ -127,7 +127,7 @@ class AdaEnt(AdaptationMethod):
         with self.context.autocast():
             logits = self.context.model.forward(inputs).logits
         entropy = entropy_loss(logits, mask)
-        predicted = class_ratio(torch.softmax(logits.float(), dim=1), mask)
+        predicted = softmax_class_ratio(logits, mask)
         kl = kl_prior_loss(self.prior, predicted)
         loss = entropy + self.settings.kl_weight * kl
         self.optimise(loss)
