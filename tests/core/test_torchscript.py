@@ -385,7 +385,7 @@ def test_training_batches_go_through_in_checkpointed_chunks(monkeypatch):
     monkeypatch.setattr(scripted, "TRAINING_VOXELS", 2 * 8**3)
     sizes = []
     run = network._run
-    monkeypatch.setattr(network, "_run", lambda x: sizes.append(len(x)) or run(x))
+    monkeypatch.setattr(network, "_run", lambda x, **kw: sizes.append(len(x)) or run(x, **kw))
     chunked = network(inputs)
     assert sizes == [2, 2, 1]
     torch.testing.assert_close(chunked, whole)
@@ -453,6 +453,35 @@ def test_cpu_bfloat16_runs_the_network_in_bfloat16_and_survives_copies(tmp_path)
         assert twin.cpu_bfloat16 and torch.equal(twin(inputs), logits)
 
 
+def test_cpu_bfloat16_training_only_in_passes_with_gradients():
+    """cpu_bfloat16_training: the passes with gradients (training steps) compute in bfloat16,
+    the passes without (predictions, evaluations) in float32; it survives copies."""
+    import copy
+    import pickle
+
+    from napari_uda.core.models.scripted import LogitsNetwork
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(2, 1, 1, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.conv3d(x, self.weight)
+            return y + (y.dtype == torch.bfloat16)  # marks a bfloat16 computation with +1
+
+    inputs = torch.full((1, 1, 2, 2, 2), 0.5)
+    network = LogitsNetwork(torch.jit.script(Probe()), "none", 2, cpu_bfloat16_training=True)
+    for twin in (network, copy.deepcopy(network), pickle.loads(pickle.dumps(network))):
+        with torch.no_grad():
+            assert torch.equal(twin(inputs), torch.full((1, 2, 2, 2, 2), 0.5))
+        trained = twin(inputs)
+        assert trained.requires_grad and torch.equal(trained, torch.full_like(trained, 1.5))
+        trained.sum().backward()
+        assert twin.scripted.weight.grad is not None
+    assert not network.uses_bfloat16(torch.device("cuda"), training=True)  # CPU only
+
+
 def test_deepbet_bfloat16_is_opt_in():
     from napari_uda.core.device import cpu_bfloat16_supported
     from napari_uda.core.models.deepbet import deepbet_missing_reason
@@ -463,3 +492,6 @@ def test_deepbet_bfloat16_is_opt_in():
     assert load_model("deepbet", bfloat16=True).network.cpu_bfloat16
     supported = cpu_bfloat16_supported()
     assert load_model("deepbet", bfloat16=None).network.cpu_bfloat16 == supported
+    assert not load_model("deepbet").network.cpu_bfloat16_training
+    assert load_model("deepbet", bfloat16_training=True).network.cpu_bfloat16_training
+    assert load_model("deepbet", bfloat16_training=None).network.cpu_bfloat16_training == supported

@@ -140,10 +140,16 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
         input_shape: size the brain box is resized to. Default (256, 256, 256), deepbet's;
             smaller sizes are only for quick tests of the mechanics (the network was trained
             at 256^3).
-        bfloat16: compute the main network under bfloat16 autocast on the CPU: False (default:
-            float32, deepbet's own result), True, or None (where the CPU has native bfloat16,
-            see ``core.device.cpu_bfloat16_supported``). About 3x faster per pass on such a CPU
-            and less activation memory; Dice checked on one benchmark case only
+        bfloat16: compute the main network under bfloat16 autocast on the CPU in every pass:
+            False (default: float32, deepbet's own result), True, or None (where the CPU has
+            native bfloat16, see ``core.device.cpu_bfloat16_supported``). Faster per pass on
+            such a CPU, but the unadapted prediction is then no longer exactly deepbet's.
+        bfloat16_training: bfloat16 autocast on the CPU in the passes with gradients only
+            (the training steps of adaptation and correction rounds), while every prediction
+            (the unadapted one, the engine's evaluations, the result) stays float32: False
+            (default), True, or None (where the CPU has native bfloat16). Each training step
+            of deepbet is a forward and backward pass at 256^3; in bfloat16 it needs less
+            time and memory, but it moved the Dice of one correction-round case beyond noise
             (docs/performance.md), hence off by default.
     """
 
@@ -159,13 +165,20 @@ class DeepbetAdapter(ScriptedAdapterMixin, ModelAdapter):
         name: str = "deepbet",
         input_shape: tuple[int, int, int] = MODEL_SHAPE,
         bfloat16: bool | None = False,
+        bfloat16_training: bool | None = False,
     ):
         self.name = name
         self.input_shape = tuple(int(n) for n in input_shape)
         self.class_names = list(CLASS_NAMES)
-        bfloat16 = cpu_bfloat16_supported() if bfloat16 is None else bool(bfloat16)
+        native = cpu_bfloat16_supported()
         self.network = LogitsNetwork(
-            network, "softmax", 2, inference_batch_size=1, name=name, cpu_bfloat16=bfloat16
+            network,
+            "softmax",
+            2,
+            inference_batch_size=1,
+            name=name,
+            cpu_bfloat16=native if bfloat16 is None else bool(bfloat16),
+            cpu_bfloat16_training=native if bfloat16_training is None else bool(bfloat16_training),
         )
         self.localiser = localiser.eval()
         for parameter in self.localiser.parameters():

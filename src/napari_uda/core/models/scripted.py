@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import math
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from ..volume import atomic_output
@@ -200,6 +202,24 @@ def prefix_parameters(network: nn.Module, prefixes: list[str]) -> list[nn.Parame
     return [p for name, p in network.named_parameters() if name.startswith(tuple(prefixes))]
 
 
+class _FlooredLog(torch.autograd.Function):
+    """``log(max(p, PROBABILITY_FLOOR))`` that keeps only ``p`` for the backward pass (the
+    network's softmax keeps the same tensor anyway), not the floored copy autograd would keep:
+    one tensor of the output's size less per training step (134 MB for deepbet at 256^3)."""
+
+    @staticmethod
+    def forward(ctx, probabilities: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(probabilities)
+        return probabilities.clamp_min(PROBABILITY_FLOOR).log()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (probabilities,) = ctx.saved_tensors
+        floored = probabilities < PROBABILITY_FLOOR  # clamped: no gradient, as clamp_min
+        return (grad / probabilities.clamp_min(PROBABILITY_FLOOR)).masked_fill_(floored, 0.0)
+
+
 def outputs_to_logits(outputs: torch.Tensor, activation: str) -> torch.Tensor:
     """Network outputs -> logits whose softmax is the class probabilities.
 
@@ -213,7 +233,7 @@ def outputs_to_logits(outputs: torch.Tensor, activation: str) -> torch.Tensor:
             return torch.cat([torch.zeros_like(outputs), outputs], dim=1)
         return outputs
     if activation == "softmax":
-        return outputs.clamp_min(PROBABILITY_FLOOR).log()
+        return _FlooredLog.apply(outputs)
     probability = outputs.clamp(PROBABILITY_FLOOR, 1 - 1e-7)
     return torch.cat([torch.log1p(-probability), probability.log()], dim=1)
 
@@ -229,8 +249,11 @@ class LogitsNetwork(nn.Module):
             Default 1.
         name: used in error messages.
         cpu_bfloat16: on the CPU, run the network under bfloat16 autocast (logits come back
-            float32). Default False (deepbet's ``bfloat16`` option sets it; about 3x faster
-            per pass on a CPU with native bfloat16; docs/performance.md).
+            float32) in every pass. Default False (deepbet's ``bfloat16`` option sets it;
+            faster per pass on a CPU with native bfloat16; docs/performance.md).
+        cpu_bfloat16_training: on the CPU, bfloat16 autocast in the passes *with gradients*
+            only (adaptation's training steps), so predictions stay float32. Default False
+            (deepbet's ``bfloat16_training`` option sets it).
     """
 
     def __init__(
@@ -241,6 +264,7 @@ class LogitsNetwork(nn.Module):
         inference_batch_size: int = 1,
         name: str = "model",
         cpu_bfloat16: bool = False,
+        cpu_bfloat16_training: bool = False,
     ):
         super().__init__()
         if activation not in OUTPUT_ACTIVATIONS:
@@ -251,6 +275,7 @@ class LogitsNetwork(nn.Module):
         self.inference_batch_size = max(1, int(inference_batch_size))
         self.name = name
         self.cpu_bfloat16 = bool(cpu_bfloat16)
+        self.cpu_bfloat16_training = bool(cpu_bfloat16_training)
         #: While set (:meth:`track_batchnorm`), BatchNorm statistics are cumulative averages.
         self.batchnorm_statistics: CumulativeBatchNorm | None = None
 
@@ -290,6 +315,7 @@ class LogitsNetwork(nn.Module):
             self.inference_batch_size,
             self.name,
             self.cpu_bfloat16,
+            self.cpu_bfloat16_training,
         )
 
     def _expected_channels(self) -> set[int]:
@@ -299,11 +325,18 @@ class LogitsNetwork(nn.Module):
             return {1, 2}  # one binary logit or two class logits
         return {self.num_classes}
 
-    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
+    def uses_bfloat16(self, device: torch.device, training: bool) -> bool:
+        """Whether a pass on ``device`` (with gradients when ``training``) runs under bfloat16
+        autocast: on the CPU only, always with :attr:`cpu_bfloat16`, in passes with gradients
+        with :attr:`cpu_bfloat16_training`."""
+        wanted = self.cpu_bfloat16 or (training and self.cpu_bfloat16_training)
+        return wanted and device.type == "cpu"
+
+    def _run(self, inputs: torch.Tensor, training: bool = False) -> torch.Tensor:
         tracker = self.batchnorm_statistics
         if tracker is not None:
             tracker.before()
-        bfloat16 = self.cpu_bfloat16 and inputs.device.type == "cpu"
+        bfloat16 = self.uses_bfloat16(inputs.device, training)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
             outputs = self.scripted(inputs)
         if tracker is not None:
@@ -330,7 +363,8 @@ class LogitsNetwork(nn.Module):
         training = torch.is_grad_enabled() and (
             inputs.requires_grad or any(p.requires_grad for p in self.scripted.parameters())
         )
-        return forward_in_chunks(self._run, inputs, self.chunk_size(inputs, training), training)
+        run = functools.partial(self._run, training=training)
+        return forward_in_chunks(run, inputs, self.chunk_size(inputs, training), training)
 
 
 def chunk_size(inputs: torch.Tensor, training: bool, inference_batch_size: int = 1) -> int:
