@@ -22,6 +22,10 @@ Usage::
 
     .venv/bin/python benchmarks/deepbet_benchmark.py                    # the default grid
     .venv/bin/python benchmarks/deepbet_benchmark.py --methods adaent --profiles t2_like
+    .venv/bin/python benchmarks/deepbet_benchmark.py --methods corrections --profiles inverted
+
+Method ``corrections`` is one correction round with ``--corrected-slices`` (default 5) axial
+slices corrected by a simulated user (see :func:`run_case`).
 
 Writes ``benchmarks/results/deepbet.json`` and the table in ``docs/model-adapters.md`` (between
 the ``deepbet-table`` markers); both come from a run, never by hand.
@@ -73,7 +77,7 @@ EXTRA_PROFILES = {
     )
 }
 #: Order of the methods in the table.
-METHOD_ORDER = ("none", "adaent", "mean_teacher", "st", "cbst", "distillation")
+METHOD_ORDER = ("none", "adaent", "mean_teacher", "st", "cbst", "distillation", "corrections")
 
 
 def _mni152() -> tuple[Path, Path]:
@@ -117,13 +121,20 @@ def run_case(
     overrides: dict | None = None,
     trainable: str | None = None,
     precision: str = "auto",
+    corrected_slices: int = 5,
 ) -> dict:
     """deepbet on one shifted head, adapted with ``method`` (None: prediction only).
 
+    Method ``corrections`` is one correction round: a simulated user corrects the
+    ``corrected_slices`` axial slices with the most wrong voxels of the unadapted mask fully
+    to the reference (:func:`simulated_corrections`; chosen before the clock starts), the
+    round adapts with them, and the final mask keeps them, as in napari.
+
     Settings are deepbet's recommended ones for the method (``recommended_settings``: six
     steps at learning rate 5e-4), changed by ``overrides``; ``trainable`` is deepbet's parameter
-    subset (None: its default, the first blocks); ``precision`` is deepbet's ``bfloat16``
-    option (``auto``: the adapter's default, float32; ``float32``; ``bfloat16``).
+    subset (None: its default, the first blocks); ``precision`` is deepbet's CPU precision
+    (``auto``: the adapter's default, float32; ``float32``; ``bfloat16-training``: bfloat16
+    in the training steps only; ``bfloat16``: every pass).
     Recorded with the wall time: this process's CPU seconds and the 1-minute load average.
     The reference mask is given to the engine for QA only (never trained on), which records
     the Dice after every step in the model's grid (``dice_per_step``).
@@ -131,6 +142,7 @@ def run_case(
     import torch
 
     from napari_uda.adaptation.engine import adapt
+    from napari_uda.adaptation.rounds import keep_corrections
     from napari_uda.core.inference import predict_volume
     from napari_uda.core.models import load_model
     from napari_uda.core.volume import load_volume
@@ -148,12 +160,21 @@ def run_case(
     options = {"trainable": trainable} if trainable else {}
     if precision != "auto":
         options["bfloat16"] = precision == "bfloat16"
+        options["bfloat16_training"] = precision.startswith("bfloat16")
     model = load_model("deepbet", **options)
     row = {"head": head, "profile": profile, "method": method or "none", "seed": seed}
-    row["precision"] = "bfloat16" if model.network.cpu_bfloat16 else "float32"
+    network = model.network
+    row["precision"] = "bfloat16" if network.cpu_bfloat16 else "float32"
+    if network.cpu_bfloat16_training and not network.cpu_bfloat16:
+        row["precision"] = "float32, bfloat16 training steps"
     row["load_1min_before"] = round(os.getloadavg()[0], 2)
     cpu_started = time.process_time()
     row["shape"], row["spacing_mm"] = list(image.shape), [round(s, 2) for s in image.spacing]
+    corrections = None
+    if method == "corrections":  # the simulated user's slices, chosen before the clock starts
+        unadapted = predict_volume(model, image, device="cpu").labels
+        corrections = simulated_corrections(unadapted, reference, image, corrected_slices)
+        row["corrected_slices"] = corrected_slices
     started = time.perf_counter()
     if method is None:
         prediction = predict_volume(model, image, device="cpu")
@@ -163,9 +184,18 @@ def run_case(
         settings = {**model.recommended_settings(method), **(overrides or {})}
         reference_volume = image.with_data(reference.astype(np.uint8))
         result = adapt(
-            model, image, method, settings, reference=reference_volume, seed=seed, device="cpu"
+            model,
+            image,
+            method,
+            settings,
+            reference=reference_volume,
+            seed=seed,
+            device="cpu",
+            corrections=corrections,
         )
         before, after = result.initial_prediction.labels, result.prediction.labels
+        if corrections is not None:  # the product's mask keeps the user's slices
+            after = keep_corrections(after, corrections)
         row.update(
             settings=settings,
             trainable=model.trainable,
@@ -183,6 +213,26 @@ def run_case(
         **case_scores(before, after, reference, image.spacing),
     )
     return row
+
+
+def simulated_corrections(labels, reference, image, count: int) -> np.ndarray:
+    """Corrections (-1: not corrected) of the ``count`` axial slices with the most wrong voxels
+    of ``labels``, each fully set to ``reference``, at least ``corrections_benchmark.GAP``
+    slices apart (the *slices* user of benchmarks/corrections_benchmark.py, all at once)."""
+    from corrections_benchmark import _axial, worst_slice
+
+    from napari_uda.core.corrections import NOT_CORRECTED
+
+    axis, taken = _axial(image), []
+    truth = reference.astype(np.int64)
+    corrections = np.full(truth.shape, NOT_CORRECTED, dtype=np.int64)
+    for _ in range(count):
+        index = worst_slice(labels.astype(np.int64), truth, axis, taken)
+        taken.append(index)
+        cut = [slice(None)] * truth.ndim
+        cut[axis] = index
+        corrections[tuple(cut)] = truth[tuple(cut)]
+    return corrections
 
 
 def write_docs(payload: dict) -> None:
@@ -215,9 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--precision",
-        choices=("auto", "float32", "bfloat16"),
+        choices=("auto", "float32", "bfloat16-training", "bfloat16"),
         default="auto",
-        help="deepbet's CPU precision (default auto: the adapter's default, float32)",
+        help="deepbet's CPU precision (default auto: the adapter's default, float32; "
+        "bfloat16-training: bfloat16 in the training steps only)",
+    )
+    parser.add_argument(
+        "--corrected-slices",
+        type=int,
+        default=5,
+        help="method corrections: axial slices the simulated user corrects (default 5)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-docs", action="store_true", help="do not update the docs table")
@@ -256,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                             overrides,
                             args.trainable,
                             args.precision,
+                            args.corrected_slices,
                         ).result()
                     except Exception as error:  # report and go on with the next case
                         row = {"head": head, "profile": profile, "method": method or "none"}
