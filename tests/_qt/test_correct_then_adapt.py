@@ -145,7 +145,7 @@ def test_apply_to_other_scans_then_export(first_run, qtbot, notifications, monke
     # a gate that rolls back any change of volume or of the sure brain: the adapted model
     # differs on the new scanner's scan (that is what adapting did), so a warning must name it
     strict = GateOptions(max_volume_change=0.05, max_dropped=0.0, consistency_tolerance=0.0)
-    monkeypatch.setattr(rounds, "GateOptions", lambda: strict)
+    monkeypatch.setattr(rounds, "GateOptions", lambda **_: strict)
     panel = widgets["Adapt"].corrections
     assert panel.apply_button.isEnabled()
     panel.apply_button.click()

@@ -47,15 +47,19 @@ def test_a_large_volume_change_rolls_back_without_a_range():
     assert decision.rolled_back and "brain 307 -> 2261 ml" in decision.reasons[0]
 
 
-def test_lower_agreement_rolls_back_and_similar_agreement_keeps():
+def test_lower_agreement_rolls_back_and_the_adapted_model_must_look_better():
     worse = decide(signals(0.95), signals(0.85), volumes(1200, 1250))
     assert worse.rolled_back and "less consistent" in worse.reasons[0]
-    same = decide(signals(0.95), signals(0.948), volumes(1200, 1250))
-    assert not same.rolled_back
+    same = decide(signals(0.95), signals(0.952), volumes(1200, 1250))
+    assert same.rolled_back and same.reasons[0].startswith("not more consistent")
+    assert not decide(signals(0.95), signals(0.96), volumes(1200, 1250)).rolled_back
+    not_worse = GateOptions(min_agreement_gain=0.0)  # the lenient rule: not worse is enough
+    lenient = decide(signals(0.95), signals(0.948), volumes(1200, 1250), None, not_worse)
+    assert not lenient.rolled_back
 
 
 def test_both_outside_the_range_keeps_by_the_other_rules_and_warns():
-    decision = decide(signals(0.95), signals(0.95), volumes(500, 600), {"brain": (1000, 1800)})
+    decision = decide(signals(0.95), signals(0.97), volumes(500, 600), {"brain": (1000, 1800)})
     assert not decision.rolled_back
     assert decision.warnings == [
         "implausible volume in the kept mask: brain: 600 ml is below the expected 1000-1800 ml"
@@ -155,14 +159,14 @@ def shifted(model, brain_logit: float):
 
 def test_a_model_that_drops_the_sure_brain_is_rolled_back(demo_model, demo_target_slab):
     shrinking = shifted(demo_model, -3.0)  # loses brain the demo model is sure of
-    only_drop = GateOptions(consistency_tolerance=1.0)  # the rule alone
+    only_drop = GateOptions(consistency_tolerance=1.0, min_agreement_gain=0.0)  # the rule alone
     gated = predict_and_gate(demo_model, shrinking, [demo_target_slab], options=only_drop)
     decision = gated.decision
     assert decision.rolled_back and decision.change.dropped > 0.1
     assert decision.reasons[0].startswith("dropped ") and len(decision.reasons) == 1
     assert gated.kept is gated.before
     assert (gated.after[0].labels > 0).sum() < (gated.before[0].labels > 0).sum()
-    relaxed = GateOptions(consistency_tolerance=1.0, max_dropped=1.0)
+    relaxed = GateOptions(consistency_tolerance=1.0, min_agreement_gain=0.0, max_dropped=1.0)
     assert not predict_and_gate(
         demo_model, shrinking, [demo_target_slab], options=relaxed
     ).decision.rolled_back

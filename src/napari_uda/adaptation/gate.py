@@ -11,10 +11,14 @@ adapted and the unadapted (source) model on the target with signals that need no
 * **ADIC** (agreement with dropout inferences calibrated by confidence, after TEGDA, Zhou et al.
   MICCAI 2025): that agreement times the mean confidence on the predicted foreground;
 * **foreground volume** per class in ml against the expected range the model states or the
-  user sets (:mod:`napari_uda.core.plausibility`), and its change from the source's.
+  user sets (:mod:`napari_uda.core.plausibility`), and its change from the source's;
+* **how the mask changed** (:func:`mask_change`): the share of the foreground the source was
+  sure of that the adapted mask drops, the sure background it adds, the two masks' agreement.
 
 :func:`model_signals` measures one model (the source's can be measured once and reused across
-rounds); :func:`decide` is the pure rule on two models' signals; :func:`gate` does both. The
+rounds); :func:`mask_change` compares the two; :func:`decide` is the pure rule on them;
+:func:`gate` does all three and :func:`predict_and_gate` predicts scans with both models first
+(batch site models, *Apply to other scans*). The
 decision (:class:`GateDecision`) says which model to keep, why, and which loud warnings the
 kept result carries (a volume outside its range, a large change of volume). Thresholds are
 fields of :class:`GateOptions`; docs/reliability.md has the measured effect.
@@ -95,6 +99,14 @@ class GateOptions:
         "Roll back when the adapted model's agreement under test-time augmentation (Dice of "
         "its mask with its mask on the mirrored and rescaled input) is lower than the "
         "unadapted model's by more than this.",
+        min=0.0,
+        max=1.0,
+    )
+    min_agreement_gain: float = setting(
+        0.005,
+        "Keep the adapted model only when it looks better: its agreement under test-time "
+        "augmentation higher than the unadapted model's by at least this, or a class brought "
+        "into its expected range (0: not worse is enough).",
         min=0.0,
         max=1.0,
     )
@@ -450,10 +462,17 @@ def _roll_back_reasons(
         reasons.append(
             f"dropped {change.dropped:.0%} of the foreground the unadapted model was sure of"
         )
-    if source.agreement - adapted.agreement > options.consistency_tolerance:
+    gain = adapted.agreement - source.agreement
+    if -gain > options.consistency_tolerance:
         reasons.append(
             f"less consistent under test-time augmentation ({source.agreement:.3f} -> "
             f"{adapted.agreement:.3f})"
+        )
+    elif options.min_agreement_gain > 0 and gain < options.min_agreement_gain and not fixed:
+        reasons.append(
+            f"not more consistent under test-time augmentation ({source.agreement:.3f} -> "
+            f"{adapted.agreement:.3f}; keeping it needs +{options.min_agreement_gain:g} or a "
+            "volume brought into its expected range)"
         )
     return reasons
 
@@ -493,16 +512,17 @@ def decide(
     options: GateOptions | None = None,
     change: ChangeSignals | None = None,
 ) -> GateDecision:
-    """Keep the adapted model only when it does not look worse than the source.
+    """Keep the adapted model only when it looks better than the source and not worse.
 
     Any of these rolls back: (1) a class outside its expected range after adaptation but
     inside before; (2) a volume change beyond ``max_volume_change``, unless it brings an
     out-of-range class into its range; (3) the adapted mask dropping more than ``max_dropped``
     of the foreground the source was sure of (``change``, :func:`mask_change`; the same
-    exception); (4) agreement
-    under test-time augmentation lower than the source's by more than
-    ``consistency_tolerance`` (:attr:`ModelSignals.agreement`). ``volumes_ml`` holds, per
-    target volume, ``{"source": {class: ml}, "adapted": {class: ml}}``. The kept mask's
+    exception); (4) agreement under test-time augmentation lower than the source's by more
+    than ``consistency_tolerance`` (:attr:`ModelSignals.agreement`); (5) no sign that it is
+    better: agreement up by less than ``min_agreement_gain`` and no class brought into its
+    expected range. ``volumes_ml`` holds, per target volume, ``{"source": {class: ml},
+    "adapted": {class: ml}}``. The kept mask's
     warnings: a volume outside its range, an unsure model, and (when the adapted model is
     kept) a large change of volume or of the mask itself.
     """

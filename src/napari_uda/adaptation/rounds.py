@@ -282,9 +282,12 @@ def check_other_scans(
     expected: ExpectedVolumes | None = None,
 ) -> list[ScanCheck]:
     """Segment ``volumes`` with the adapted model and gate each scan against the source model
-    (``expected``: the user's ranges over the model's). The adapted mask is returned either way
+    (``expected``: the user's ranges over the model's; ``options`` default: the gate's, with
+    ``min_agreement_gain`` 0). The adapted mask is returned either way
     (the user asked for it); a scan where the gate would keep the source model is named."""
-    options = options or GateOptions()
+    # the question on other scans is whether the adapted model may be worse there, not whether
+    # it helps measurably: not worse is enough (min_agreement_gain 0)
+    options = options or GateOptions(min_agreement_gain=0.0)
     expected = merge_expected(source.expected_volumes(), dict(expected or {}))
     checks = []
     for volume in volumes:
