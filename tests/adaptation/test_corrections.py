@@ -39,6 +39,28 @@ def test_loss_without_corrected_voxel_is_zero_with_a_gradient():
     total.backward()  # does not fail
 
 
+def test_corrected_voxel_loss_on_gathered_voxels_equals_the_masked_whole_input():
+    """The loss gathers the corrected voxels: values and gradients equal cross-entropy with
+    ignore_index and the masked soft Dice over the whole input."""
+    from napari_uda.adaptation.losses import soft_dice_loss
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 6, 5, generator=generator).requires_grad_(True)
+    labels = torch.randint(0, 3, (2, 6, 5), generator=generator)
+    labels[torch.rand(2, 6, 5, generator=generator) > 0.3] = NOT_CORRECTED
+    terms = corrected_voxel_loss(logits, labels)
+    sum(terms.values()).backward()
+    gradient = logits.grad.clone()
+    logits.grad = None
+    corrected = labels != NOT_CORRECTED
+    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=NOT_CORRECTED)
+    dice = soft_dice_loss(torch.softmax(logits, 1), labels, corrected)
+    (ce + dice).backward()
+    torch.testing.assert_close(terms["corrections_ce"], ce)
+    torch.testing.assert_close(terms["corrections_dice"], dice)
+    torch.testing.assert_close(gradient, logits.grad)
+
+
 def test_fit_is_dice_on_corrected_voxels():
     labels = torch.full((1, 2, 4), NOT_CORRECTED)
     labels[0, 0] = torch.tensor([0, 0, 1, 1])

@@ -103,6 +103,28 @@ def test_floored_log_of_softmax_outputs_has_the_gradient_of_clamp_and_log():
     torch.testing.assert_close(outputs_to_logits(probabilities, "softmax"), plain)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_soft_cross_entropy_gradients_equal_autograd_through_the_formula(masked):
+    """Fixed targets: the lean gradient equals autograd's; targets that require a gradient
+    (UDAS without detached pseudo-labels) still get theirs."""
+    generator = torch.Generator().manual_seed(2)
+    logits = (2 * torch.randn(2, 3, 4, 5, generator=generator)).requires_grad_(True)
+    target = torch.softmax(torch.randn(2, 3, 4, 5, generator=generator), 1)
+    mask = torch.rand(2, 1, 4, 5, generator=generator) > 0.4 if masked else None
+    ours = soft_cross_entropy(logits, target, mask)
+    ours.backward()
+    gradient = logits.grad.clone()
+    logits.grad = None
+    per_voxel = -(target * torch.log_softmax(logits, 1)).sum(1)
+    plain = per_voxel[mask[:, 0]].mean() if masked else per_voxel.mean()
+    plain.backward()
+    torch.testing.assert_close(ours, plain)
+    torch.testing.assert_close(gradient, logits.grad)
+    learned = target.clone().requires_grad_(True)
+    soft_cross_entropy(logits, learned, mask).backward()
+    assert learned.grad is not None and bool(learned.grad.abs().sum() > 0)
+
+
 def test_soft_dice_loss_hand_values():
     labels = torch.tensor([[[0, 1, 1, 0]]])  # (1, 1, 4)
     perfect = one_hot(labels, 2)

@@ -166,10 +166,14 @@ def corrected_voxel_loss(
     if not bool(corrected.any()):
         zero = logits.sum() * 0.0
         return {"corrections_ce": zero, "corrections_dice": zero}
-    terms = {"corrections_ce": F.cross_entropy(logits.float(), labels, ignore_index=NOT_CORRECTED)}
+    # only the corrected voxels, gathered (K, C): the same sums as over the whole masked
+    # input, without its full-size temporaries (a few slices of a 256^3 input)
+    picked = logits.movedim(1, -1)[corrected].float()
+    truth = labels[corrected]
+    terms = {"corrections_ce": F.cross_entropy(picked, truth)}
     if dice_weight > 0:
-        probabilities = torch.softmax(logits.float(), dim=1)
-        terms["corrections_dice"] = soft_dice_loss(probabilities, labels, corrected)
+        probabilities = torch.softmax(picked, dim=1).T.unsqueeze(0)  # (1, C, K)
+        terms["corrections_dice"] = soft_dice_loss(probabilities, truth.unsqueeze(0))
     return terms
 
 

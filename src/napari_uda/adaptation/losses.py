@@ -224,12 +224,37 @@ def pseudo_label_cross_entropy(
     return F.cross_entropy(logits.float(), labels, weight=class_weights, ignore_index=ignore_index)
 
 
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Per-voxel ``-sum_c q_c log softmax(z)_c`` (B, ...) that keeps only the logits and the
+    (fixed) targets for the backward pass; the gradient ``p * sum_c q_c - q`` is computed
+    there, in place, instead of autograd keeping ``log_softmax`` and the product."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits, target)
+        return -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, target = ctx.saved_tensors
+        p = torch.softmax(logits, dim=1)
+        p.mul_(target.sum(dim=1, keepdim=True)).sub_(target)
+        return p.mul_(grad.unsqueeze(1)), None
+
+
 def soft_cross_entropy(
     logits: torch.Tensor, target_probabilities: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Cross-entropy against soft targets: mean over voxels of -sum_c q_c log p_c."""
-    log_p = F.log_softmax(logits.float(), dim=1)
-    per_voxel = -(target_probabilities.to(log_p) * log_p).sum(dim=1)
+    """Cross-entropy against soft targets: mean over voxels of -sum_c q_c log p_c. With fixed
+    targets (no gradient wanted for them) it needs little memory for its gradient
+    (:class:`_SoftCrossEntropy`); targets that require a gradient go through autograd."""
+    logits = logits.float()
+    target = target_probabilities.to(logits)
+    if target.requires_grad and torch.is_grad_enabled():  # UDAS without detached targets
+        per_voxel = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+    else:
+        per_voxel = _SoftCrossEntropy.apply(logits, target)
     return _masked_mean(per_voxel, _voxel_mask(mask, logits))
 
 
