@@ -133,3 +133,14 @@ def test_step_refuses_corrections_with_no_corrected_voxel(tiny_model, tiny_targe
     context = _context(tiny_model, tiny_target, empty)
     with pytest.raises(ValueError, match="no corrected voxel"):
         CorrectionStep(context, CorrectionSettings())
+
+
+def test_rows_is_a_view_for_consecutive_rows_and_a_copy_otherwise():
+    from napari_uda.adaptation.corrections import rows
+
+    volume = torch.arange(24).reshape(4, 6)
+    view = rows(volume, torch.tensor([1, 2]))
+    assert torch.equal(view, volume[1:3]) and view.data_ptr() == volume[1].data_ptr()
+    picked = rows(volume, torch.tensor([3, 0]))
+    assert torch.equal(picked, volume[[3, 0]]) and picked.data_ptr() != volume.data_ptr()
+    assert rows(volume, torch.tensor([], dtype=torch.long)).shape == (0, 6)

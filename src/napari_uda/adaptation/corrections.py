@@ -183,7 +183,7 @@ def corrected_fit(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
     corrected = labels != NOT_CORRECTED
     if not bool(corrected.any()):
         return None
-    predicted = logits.argmax(1)[corrected]
+    predicted = logits.movedim(1, -1)[corrected].argmax(1)  # the corrected voxels only
     return mean_foreground_dice(predicted.cpu(), labels[corrected].cpu(), logits.shape[1])
 
 
@@ -199,6 +199,15 @@ def class_precision(corrections: torch.Tensor, probabilities: torch.Tensor) -> l
         count = int(chosen.sum())
         result.append(float((truth[chosen] == label).sum()) / count if count else None)
     return result
+
+
+def rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[index]``, as a view when ``index`` is one run of consecutive rows (a 3D model's
+    single input: no copy of a 256^3 volume per step), else a copy."""
+    if len(index) and bool((index[1:] - index[:-1] == 1).all()):
+        start = int(index[0])
+        return tensor[start : start + len(index)]
+    return tensor[index]
 
 
 def anchor_region(
@@ -341,12 +350,12 @@ class CorrectionStep:
         ``window``: batch, channel, spatial slices)."""
         settings, device = self.settings, logits.device
         cut = (slice(None),) if window is None else window[:1] + window[2:]
-        labels = self.corrections[index][cut].to(device)
+        labels = rows(self.corrections, index)[cut].to(device)
         terms = corrected_voxel_loss(logits, labels, settings.corrections_dice_weight)
         terms["corrections_ce"] = terms["corrections_ce"] * settings.corrections_weight
         if settings.corrections_anchor_weight > 0:
-            source = self.starting[index][window or ()].to(device)
-            anchor = self.anchor[index][cut].to(device)
+            source = rows(self.starting, index)[window or ()].to(device)
+            anchor = rows(self.anchor, index)[cut].to(device)
             terms["corrections_anchor"] = settings.corrections_anchor_weight * (
                 soft_cross_entropy(logits, source, anchor)
             )
@@ -368,7 +377,7 @@ class CorrectionStep:
             for parameter in self.parameters:
                 parameter.requires_grad_(True)
             window = self.window(index)
-            inputs = context.target_inputs[index][window].to(context.device)
+            inputs = rows(context.target_inputs, index)[window].to(context.device)
             with context.autocast():
                 logits = context.model.forward(inputs).logits
             terms = self.losses(logits, index, window)
@@ -378,7 +387,7 @@ class CorrectionStep:
             self.optimizer.step()
             for parameter, flag in requires.items():
                 parameter.requires_grad_(flag)
-        labels = self.corrections[index][window[:1] + window[2:]].to(logits.device)
+        labels = rows(self.corrections, index)[window[:1] + window[2:]].to(logits.device)
         self.last_fit = corrected_fit(logits.detach(), labels)
         values = {name: float(value.detach()) for name, value in terms.items()}
         return {"corrections_total": float(total.detach()), **values}
