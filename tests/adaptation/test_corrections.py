@@ -144,3 +144,12 @@ def test_rows_is_a_view_for_consecutive_rows_and_a_copy_otherwise():
     picked = rows(volume, torch.tensor([3, 0]))
     assert torch.equal(picked, volume[[3, 0]]) and picked.data_ptr() != volume.data_ptr()
     assert rows(volume, torch.tensor([], dtype=torch.long)).shape == (0, 6)
+
+
+def test_class_precision_counts_the_starting_labels_on_corrected_voxels():
+    from napari_uda.adaptation.corrections import class_precision
+
+    probabilities = torch.tensor([[0.9, 0.2, 0.6, 0.1], [0.1, 0.8, 0.4, 0.9]]).reshape(1, 2, 2, 2)
+    corrections = torch.tensor([[[0, 0], [NOT_CORRECTED, 1]]])  # labels 0, 1, -, 1 predicted
+    assert class_precision(corrections, probabilities) == [1.0, 0.5]
+    assert class_precision(torch.full((1, 2, 2), NOT_CORRECTED), probabilities) == [None, None]

@@ -191,7 +191,7 @@ def class_precision(corrections: torch.Tensor, probabilities: torch.Tensor) -> l
     """Per class: how often the starting model's label ``c`` is the user's on corrected voxels
     (None: the model predicts ``c`` on no corrected voxel)."""
     corrected = corrections != NOT_CORRECTED
-    predicted = probabilities.argmax(dim=1)[corrected]
+    predicted = probabilities.movedim(1, -1)[corrected].argmax(dim=1)  # corrected voxels only
     truth = corrections[corrected]
     result: list[float | None] = []
     for label in range(probabilities.shape[1]):
