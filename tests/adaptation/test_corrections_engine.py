@@ -106,3 +106,21 @@ def test_no_corrected_voxel_is_an_error(tiny_model, tiny_target):
     empty = np.full(tiny_target.shape, NOT_CORRECTED, dtype=np.int16)
     with pytest.raises(AdaptationError, match="no corrected voxel"):
         adapt(tiny_model, tiny_target, "tent", corrections=empty, device="cpu")
+
+
+def test_corrections_reach_the_context_compact_and_unchanged(tiny_model, tiny_target):
+    """The engine keeps the mapped corrections as int16 (2 bytes a voxel of the inputs), with
+    every class and the not-corrected value as the target's preparation maps them."""
+    import torch
+
+    from napari_uda.adaptation.engine import _map_corrections
+    from napari_uda.adaptation.targets import TargetSet
+
+    targets = TargetSet.prepare(tiny_model, tiny_target)
+    labels = np.full(tiny_target.shape, NOT_CORRECTED, dtype=np.int64)
+    labels[:, :, 5] = 0
+    labels[10:20, 10:20, 5] = 1
+    mapped, summary = _map_corrections(targets, labels, tiny_model.num_classes)
+    expected = targets.labels_on_inputs(labels, fill=NOT_CORRECTED)
+    assert mapped.dtype == torch.int16 and torch.equal(mapped.long(), expected)
+    assert summary["voxels"] == int((labels >= 0).sum())

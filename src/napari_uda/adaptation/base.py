@@ -123,7 +123,7 @@ class AdaptationContext:
         steps_done: optimiser steps completed so far (kept by the engine).
         predictions: the latest whole-target prediction of the adapted model (shared with the
             engine's evaluation; see :meth:`predict_target`).
-        corrections: (N, ...) int64 aligned with :attr:`target_inputs`: the user's label where
+        corrections: (N, ...) int16 aligned with :attr:`target_inputs`: the user's label where
             they corrected the first volume, :data:`~napari_uda.core.corrections.NOT_CORRECTED`
             (-1) elsewhere (padding and other volumes too); None when no corrections were given.
     """

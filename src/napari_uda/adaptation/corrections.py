@@ -161,7 +161,7 @@ def corrected_voxel_loss(
         ``{"corrections_ce": ..., "corrections_dice": ...}`` (zeros with a gradient when no
         voxel of the batch is corrected).
     """
-    labels = labels.to(logits.device).long()
+    labels = labels.to(logits.device)
     corrected = labels != NOT_CORRECTED
     if not bool(corrected.any()):
         zero = logits.sum() * 0.0
@@ -169,7 +169,7 @@ def corrected_voxel_loss(
     # only the corrected voxels, gathered (K, C): the same sums as over the whole masked
     # input, without its full-size temporaries (a few slices of a 256^3 input)
     picked = logits.movedim(1, -1)[corrected].float()
-    truth = labels[corrected]
+    truth = labels[corrected].long()
     terms = {"corrections_ce": F.cross_entropy(picked, truth)}
     if dice_weight > 0:
         probabilities = torch.softmax(picked, dim=1).T.unsqueeze(0)  # (1, C, K)

@@ -108,6 +108,7 @@ def _map_corrections(
             f"or a class from 0 to {num_classes - 1}"
         )
     mapped = targets.labels_on_inputs(corrections, fill=NOT_CORRECTED, what="corrections")
+    mapped = mapped.to(torch.int16)  # classes and -1: 2 bytes a voxel, not 8 (256^3: 134 MB)
     if not (data >= 0).any():
         raise AdaptationError("the corrections hold no corrected voxel")
     summary = {
