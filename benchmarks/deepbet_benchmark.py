@@ -145,10 +145,12 @@ def run_case(
     from napari_uda.adaptation.rounds import keep_corrections
     from napari_uda.core.inference import predict_volume
     from napari_uda.core.models import load_model
+    from napari_uda.core.threads import import_in_background
     from napari_uda.core.volume import load_volume
     from napari_uda.simulation import custom_profile, simulate_scanner
 
     torch.set_num_threads(2)
+    import_in_background()  # torch's optimiser imports, as the CLI and napari's worker do
     image_path, mask_path = HEADS[head]()
     image = load_volume(image_path)
     reference = np.asarray(load_volume(mask_path).data) > 0
