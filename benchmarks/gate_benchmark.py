@@ -31,6 +31,7 @@ the ``gate-table`` markers); both come from a run, never by hand.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -121,7 +122,34 @@ def _target(case: dict, seed: int):
     return image, reference
 
 
-def run_case(case: dict, seed: int) -> dict:
+def cache_path(cache: Path, case: dict, seed: int) -> Path:
+    """Where a case's probabilities are stored (``.npz``; the adapted weights beside, ``.pt``)."""
+    return cache / f"{case['set']}-{case['head']}-{case['profile']}-{case['method']}-{seed}.npz"
+
+
+def _store(cache: Path, case, seed, targets, reference, source_probs, adapted_probs, adapted):
+    """Store what a new signal needs without adapting again: both models' probabilities on the
+    network inputs (float16), the valid mask, the reference on the inputs, the adapted weights."""
+    import torch
+
+    path = cache_path(cache, case, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    valid = (
+        targets.valid
+        if targets.valid_mask is not None
+        else torch.ones((source_probs.shape[0], *source_probs.shape[2:]), dtype=torch.bool)
+    )
+    np.savez_compressed(
+        path,
+        source=source_probs.numpy().astype(np.float16),
+        adapted=adapted_probs.numpy().astype(np.float16),
+        valid=valid.numpy(),
+        reference=targets.labels_on_inputs(reference.astype(np.int64)).numpy().astype(np.uint8),
+    )
+    torch.save(adapted.network.state_dict(), path.with_suffix(".pt"))
+
+
+def run_case(case: dict, seed: int, cache: Path | None = None) -> dict:
     """Adapt, then measure both models with the gate's signals (no decision: see decide)."""
     import torch
 
@@ -130,6 +158,7 @@ def run_case(case: dict, seed: int) -> dict:
         GateOptions,
         _chosen_inputs,
         left_right_dim,
+        mask_change,
         model_signals,
     )
     from napari_uda.adaptation.targets import TargetSet
@@ -139,7 +168,7 @@ def run_case(case: dict, seed: int) -> dict:
     from napari_uda.core.plausibility import class_volumes
     from napari_uda.data import demo_files
 
-    torch.set_num_threads(int(os.environ.get("GATE_BENCHMARK_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("GATE_BENCHMARK_THREADS", "1")))
     image, reference = _target(case, seed)
     model = load_model(demo_files().model if case["model"] == "demo" else "deepbet")
     settings = model.recommended_settings(case["method"])
@@ -163,7 +192,12 @@ def run_case(case: dict, seed: int) -> dict:
         "source": model_signals(model, inputs, source_probs, **common).__dict__,
         "adapted": model_signals(result.model, inputs, adapted_probs, **common).__dict__,
     }
+    signals["change"] = mask_change(
+        source_probs, adapted_probs, valid, confident=options.confident
+    ).__dict__
     gate_seconds = time.perf_counter() - started
+    if cache is not None:
+        _store(cache, case, seed, targets, reference, source_probs, adapted_probs, result.model)
     names = list(model.class_names)
     row = dict(case, seed=seed, stop_reason=result.stop_reason)
     for stage, labels in (
@@ -185,18 +219,53 @@ def run_case(case: dict, seed: int) -> dict:
     return row
 
 
+@functools.cache
+def model_expected(model_name: str) -> dict:
+    """The expected volumes the model states now (a row stores the ones of its run)."""
+    from napari_uda.core.models import load_model
+    from napari_uda.data import demo_files
+
+    model = load_model(demo_files().model if model_name == "demo" else model_name)
+    return {k: list(v) for k, v in model.expected_volumes().items()}
+
+
+def change_from_cache(row: dict, cache: Path) -> dict | None:
+    """The change signals of a row from its stored probabilities (None when not stored)."""
+    import torch
+
+    from napari_uda.adaptation.gate import GateOptions, mask_change
+
+    path = cache_path(cache, row, row["seed"])
+    if not path.exists():
+        return None
+    stored = np.load(path)
+    source, adapted = (
+        torch.from_numpy(stored[k].astype(np.float32)) for k in ("source", "adapted")
+    )
+    valid = torch.from_numpy(stored["valid"])
+    return mask_change(source, adapted, valid, confident=GateOptions().confident).__dict__
+
+
 def decide_row(row: dict, expected_text: str | None) -> dict:
     """The gate's decision on a stored row, and what it means against the reference."""
-    from napari_uda.adaptation.gate import GateOptions, ModelSignals, decide
+    from napari_uda.adaptation.gate import ChangeSignals, GateOptions, ModelSignals, decide
     from napari_uda.core.plausibility import merge_expected, parse_expected_volumes
 
     expected = merge_expected(
-        parse_expected_volumes(row.get("model_expected_ml") or {}),
+        parse_expected_volumes(model_expected(row["model"])),
         parse_expected_volumes(expected_text or "", row["class_names"]),
     )
-    signals = {k: ModelSignals(**v) for k, v in row["signals"].items()}
+    signals = {k: ModelSignals(**row["signals"][k]) for k in ("source", "adapted")}
+    change = row["signals"].get("change")
     volumes = [{"source": row["volume_before_ml"], "adapted": row["volume_after_ml"]}]
-    decision = decide(signals["source"], signals["adapted"], volumes, expected, GateOptions())
+    decision = decide(
+        signals["source"],
+        signals["adapted"],
+        volumes,
+        expected,
+        GateOptions(),
+        ChangeSignals(**change) if change else None,
+    )
     keep_adapted = decision.keep == "adapted"
     final_dice = row["dice_after"] if keep_adapted else row["dice_before"]
     final_volume = sum(
@@ -272,37 +341,43 @@ def summary_table(groups: dict[str, dict]) -> str:
 
 
 def case_table(rows: list[dict]) -> str:
+    from napari_uda.adaptation.gate import ModelSignals
+
     lines = [
         "| set | head | scanner | method | Dice before → after | volume ml: reference, before → "
-        "after | agreement before → after | gate | warnings | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "after | agreement before → after | masks' agreement, sure brain dropped | gate | "
+        "warnings | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         case = f"| {r['set']} | {r['head']} | {r['profile']} | {r['method']} |"
         if "error" in r:
-            lines.append(f"{case} not run: {r['error']} | | | | | |")
+            lines.append(f"{case} not run: {r['error']} | | | | | | |")
             continue
         s, a = r["signals"]["source"], r["signals"]["adapted"]
-        agreement = [
-            np.mean([v for v in (x["tta_agreement"], x["dropout_agreement"]) if v is not None])
-            for x in (s, a)
-        ]
-        g = r["gate"]
+        agreement = [ModelSignals(**x).agreement for x in (s, a)]  # the one the gate decides on
+        g, change = r["gate"], r["signals"].get("change")
+        moved = f"{change['agreement']:.2f}, {100 * change['dropped']:.0f} %" if change else "–"
         lines.append(
             f"{case} {r['dice_before']:.3f} → {r['dice_after']:.3f} | "
             f"{r['volume_reference_ml']:.0f}, {sum(r['volume_before_ml'].values()):.0f} → "
             f"{sum(r['volume_after_ml'].values()):.0f} | {agreement[0]:.3f} → {agreement[1]:.3f} "
-            f"| {'**rolled back**' if g['keep'] == 'source' else 'kept'} | "
+            f"| {moved} | {'**rolled back**' if g['keep'] == 'source' else 'kept'} | "
             f"{len(g['warnings'])} | {r['load_average'][0]:.1f} |"
         )
     return "\n".join(lines)
 
 
-def summarise(payload: dict) -> dict:
+def summarise(payload: dict, cache: Path | None = None, resignal: bool = False) -> dict:
     rows = payload["rows"]
     for row in rows:
-        if "error" not in row:
-            row["gate"] = decide_row(row, payload.get("expected_volume"))
+        if "error" in row:
+            continue
+        if cache is not None and (resignal or "change" not in row["signals"]):
+            change = change_from_cache(row, cache)
+            if change is not None:
+                row["signals"]["change"] = change
+        row["gate"] = decide_row(row, payload.get("expected_volume"))
     groups = {"all": fractions(rows)}
     for name in CASE_SETS:
         groups[name] = fractions([r for r in rows if r["set"] == name])
@@ -329,12 +404,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="*", default=list(CASE_SETS), choices=list(CASE_SETS))
     parser.add_argument("--heads", nargs="*", help="only the cases of these heads")
+    parser.add_argument("--profiles", nargs="*", help="only the cases of these scanner profiles")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--decide-only", action="store_true", help="re-decide stored rows")
+    parser.add_argument(
+        "--resignal",
+        action="store_true",
+        help="recompute the change signals from the cache (after changing how they are measured)",
+    )
     parser.add_argument(
         "--expected-volume", default="", help="the user's expected volume, e.g. brain=1000:1800"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("/tmp/gate_cache"),
+        help="folder for each case's probabilities and adapted weights (outside the repository)",
+    )
     parser.add_argument(
         "--merge", nargs="*", type=Path, default=[], help="also take the rows of these results"
     )
@@ -351,8 +438,10 @@ def main(argv: list[str] | None = None) -> int:
                 key = _key(case)
                 if key in done or (args.heads and case["head"] not in args.heads):
                     continue
+                if args.profiles and case["profile"] not in args.profiles:
+                    continue
                 try:
-                    row = run_case(case, args.seed)
+                    row = run_case(case, args.seed, args.cache)
                 except Exception as error:  # report and go on with the next case
                     row = dict(case, error=str(error).splitlines()[0])
                 rows = _merged(rows, [row])
@@ -400,7 +489,7 @@ def save(args, rows: list[dict]) -> None:
         "load_range": [min(loads), max(loads)],
         "rows": rows,
     }
-    write_json(args.out, summarise(payload))
+    write_json(args.out, summarise(payload, args.cache, args.resignal))
     write_docs(payload)
 
 
