@@ -45,6 +45,19 @@ def test_a_bad_expected_volume_is_one_line_before_any_work(demo_paths, tmp_path,
     assert "--expected-volume" in lines[0] and "'tumour' is not a class" in lines[0]
 
 
+def test_train_refuses_a_bad_expected_volume_before_training(demo_paths, tmp_path, capsys):
+    out = tmp_path / "model.safetensors"
+    for bad, words in (("tumour=1:2", "'tumour' is not a class"), ("brain=9:3", "low < high")):
+        code, err = run_cli(
+            capsys, "train", "--images", demo_paths.source_image,
+            "--masks", demo_paths.source_mask, "--out", out, "--classes", "background", "brain",
+            "--expected-volume", bad,
+        )  # fmt: skip
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and not out.exists()
+        assert "--expected-volume" in lines[0] and words in lines[0], lines
+
+
 def test_adapt_states_the_gate_decision_and_flags_the_volume(
     demo_paths, demo_target_slab, tmp_path, capsys
 ):
