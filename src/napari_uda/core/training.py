@@ -390,78 +390,33 @@ def train_bundle(
         raise ValueError("training supports single-channel images only (in_channels=1)")
     device_obj = resolve_device(device)
     started = time.perf_counter()
-    num_classes = architecture.num_classes
 
-    slices = build_slices(images, masks, preprocessing, num_classes)
-    generator = torch.Generator().manual_seed(settings.seed)
+    slices = build_slices(images, masks, preprocessing, architecture.num_classes)
+    run_epochs = functools.partial(
+        _run_epochs,
+        settings=settings,
+        device=device_obj,
+        generator=torch.Generator().manual_seed(settings.seed),
+        started=started,
+        callback=callback,
+        should_stop=should_stop,
+    )
+
+    def unet_slices() -> TrainingSlices:
+        if not settings.torchio_augmentation:
+            return slices
+        augmented = [torchio_augment(image) for image in images]
+        return build_slices(augmented, masks, preprocessing, architecture.num_classes)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         model = UNet2D(architecture).to(device_obj)
-
-        model.train()
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-        )
-
-        def unet_slices() -> TrainingSlices:
-            if not settings.torchio_augmentation:
-                return slices
-            augmented = [torchio_augment(image) for image in images]
-            return build_slices(augmented, masks, preprocessing, num_classes)
-
-        run_epochs = functools.partial(
-            _run_epochs,
-            model,
-            settings=settings,
-            device=device_obj,
-            generator=generator,
-            started=started,
-            callback=callback,
-            should_stop=should_stop,
-        )
-        completed = run_epochs(
-            unet_slices, phase="unet", epochs=settings.epochs, optimizer=optimizer
-        )
-
-        if completed and architecture.early_head and settings.early_head_epochs > 0:
-            model.eval()  # frozen BatchNorm statistics and no dropout in the shared layers
-            for parameter in model.parameters():
-                parameter.requires_grad_(False)
-            head_parameters = list(model.early_head.parameters())
-            for parameter in head_parameters:
-                parameter.requires_grad_(True)
-            head_optimizer = torch.optim.Adam(head_parameters, lr=settings.early_head_learning_rate)
-            completed = run_epochs(
-                lambda: slices,
-                phase="early_head",
-                epochs=settings.early_head_epochs,
-                optimizer=head_optimizer,
-            )
-            for parameter in model.parameters():
-                parameter.requires_grad_(True)
+        completed = _fit_unet(model, settings, run_epochs, unet_slices, lambda: slices)
     model.eval().cpu()
 
-    record = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "tool": f"napari-uda {__version__} core.training.train_bundle",
-        "settings": settings_to_dict(settings),
-        "seed": settings.seed,
-        "device": str(device_obj),
-        "training_data": [
-            {"image": file_record(image), "mask": file_record(mask)}
-            for image, mask in zip(images, masks)
-        ],
-        "versions": {
-            "napari_uda": __version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
-        "seconds": round(time.perf_counter() - started, 1),
-        "stopped_early": not completed,
-    }
+    record = _training_record(images, masks, settings, device_obj, started, completed)
     record.update(provenance or {})
-    statistics = source_statistics(slices, num_classes)
+    statistics = source_statistics(slices, architecture.num_classes)
     derived = expected_from_masks(
         ((np.rint(np.asarray(mask.data)), mask.spacing) for mask in masks), class_names
     )
@@ -478,3 +433,70 @@ def train_bundle(
     if source_tensors is not None:
         bundle.source_tensors.update(source_tensors(bundle, slices.images))
     return bundle
+
+
+def _fit_unet(
+    model: UNet2D,
+    settings: TrainingSettings,
+    run_epochs: Callable[..., bool],
+    unet_slices: Callable[[], TrainingSlices],
+    head_slices: Callable[[], TrainingSlices],
+) -> bool:
+    """Train the whole U-Net, then (when it has one and ``early_head_epochs`` > 0) its early
+    head alone on the frozen network. Returns False when training was stopped early."""
+    model.train()
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    completed = run_epochs(
+        model, unet_slices, phase="unet", epochs=settings.epochs, optimizer=optimizer
+    )
+    if not (completed and model.config.early_head and settings.early_head_epochs > 0):
+        return completed
+    model.eval()  # frozen BatchNorm statistics and no dropout in the shared layers
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    head_parameters = list(model.early_head.parameters())
+    for parameter in head_parameters:
+        parameter.requires_grad_(True)
+    head_optimizer = torch.optim.Adam(head_parameters, lr=settings.early_head_learning_rate)
+    completed = run_epochs(
+        model,
+        head_slices,
+        phase="early_head",
+        epochs=settings.early_head_epochs,
+        optimizer=head_optimizer,
+    )
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return completed
+
+
+def _training_record(
+    images: list[Volume],
+    masks: list[Volume],
+    settings: TrainingSettings,
+    device: torch.device,
+    started: float,
+    completed: bool,
+) -> dict:
+    """The bundle's provenance: when, with what, on which files, how long."""
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tool": f"napari-uda {__version__} core.training.train_bundle",
+        "settings": settings_to_dict(settings),
+        "seed": settings.seed,
+        "device": str(device),
+        "training_data": [
+            {"image": file_record(image), "mask": file_record(mask)}
+            for image, mask in zip(images, masks)
+        ],
+        "versions": {
+            "napari_uda": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+        "stopped_early": not completed,
+    }
