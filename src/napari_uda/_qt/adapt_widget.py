@@ -129,6 +129,16 @@ class AdaptWidget(QWidget):
         self._refresh_timer.timeout.connect(self._refresh)
         self.runner = AdaptationRunner(self._on_yield, self._on_return, self._on_shutdown)
 
+        self._make_inputs()
+        self._make_buttons_and_panels()
+        self._lay_out()
+        self._connect_viewer()
+        self._connect_corrections()
+        self._fill_methods()
+        self._update_buttons()
+
+    def _make_inputs(self) -> None:
+        """The target, reference, method and run options."""
         self.target = ComboBox(choices=self._layers_of(Image), tooltip="The scan to adapt to")
         self.reference = ComboBox(
             choices=self._layers_of(Labels),
@@ -151,6 +161,21 @@ class AdaptWidget(QWidget):
         self.expected_volume = LineEdit(value="", tooltip=volume_spec.help)
         self.expected_volume.native.setPlaceholderText("e.g. brain=1000:1800 (model's range)")
 
+    def _make_buttons_and_panels(self) -> None:
+        """Run and Stop, the status line, the live plots and the Corrections panel."""
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Stop after the current step; the layers keep the result")
+        self.stop_button.clicked.connect(self.stop)
+        self.status = QLabel("Open a model, choose a target image, press Run.")
+        self.status.setWordWrap(True)
+        self.plots = LivePlots(str(self.viewer.theme))
+        self.corrections = CorrectionsPanel(self.viewer, self.state)
+        self.other_scans = OtherScans(self.viewer, self.state, self._update_buttons)
+
+    def _lay_out(self) -> None:
+        """Target and method on top, then settings, run options, buttons, status and tabs."""
         top = QFormLayout()
         top.addRow("Target image", self.target.native)
         top.addRow("Method", self.method_combo)
@@ -162,20 +187,9 @@ class AdaptWidget(QWidget):
         bottom.addRow("Refresh every (steps)", self.preview_every.native)
         bottom.addRow("Seed", self.seed.native)
         bottom.addRow("Expected volume (ml)", self.expected_volume.native)
-
-        self.run_button = QPushButton("Run")
-        self.run_button.clicked.connect(self.run)
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setToolTip("Stop after the current step; the layers keep the result")
-        self.stop_button.clicked.connect(self.stop)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.stop_button)
-        self.status = QLabel("Open a model, choose a target image, press Run.")
-        self.status.setWordWrap(True)
-        self.plots = LivePlots(str(self.viewer.theme))
-        self.corrections = CorrectionsPanel(self.viewer, self.state)
-        self.other_scans = OtherScans(self.viewer, self.state, self._update_buttons)
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
@@ -188,14 +202,13 @@ class AdaptWidget(QWidget):
         self.tabs.addTab(self.corrections, self.corrections.heading)
         layout.addWidget(self.tabs, 1)
 
+    def _connect_viewer(self) -> None:
+        """Follow the viewer's layers and theme, the loaded model and the run status."""
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self.reset_choices)
         self.viewer.events.theme.connect(self._theme_changed)
         self.state.events.model.connect(self._fill_methods)
         self.state.events.status.connect(self._update_buttons)
-        self._connect_corrections()
-        self._fill_methods()
-        self._update_buttons()
 
     def _connect_corrections(self) -> None:
         panel = self.corrections
