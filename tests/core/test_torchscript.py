@@ -346,9 +346,12 @@ def test_cli_adapt_saves_an_adapted_torchscript_model(tmp_path, model_2d, shifte
     out, saved = tmp_path / "seg.nii.gz", tmp_path / "models" / "adapted.pt"
     args = ["adapt", "--model", str(model_2d), "--image", str(scan), "--method", "adaent"]
     args += ["--set", "epochs=1", "--out", str(out), "--device", "cpu", "--quiet"]
-    assert main([*args, "--save-model", str(saved)]) == 0
+    # one AdaEnt epoch on this tiny model does not look better to the gate, which would save
+    # the unadapted weights (tested below); --no-gate keeps what the adaptation made
+    assert main([*args, "--no-gate", "--save-model", str(saved)]) == 0
     spec = json.loads(saved.with_suffix(".json").read_text())
     assert spec["provenance"]["adapted"]["method"] == "adaent"
+    assert spec["provenance"]["adapted"]["gate"]["kept"] == "adapted"
     assert spec["provenance"]["adapted"]["from"] == str(model_2d)
     reopened = load_model(saved)
     labels = predict_volume(reopened, load_volume(scan), device="cpu").labels
@@ -363,6 +366,12 @@ def test_cli_adapt_saves_an_adapted_torchscript_model(tmp_path, model_2d, shifte
     assert main([*args, "--save-model", str(tmp_path / "y.pt"), *report]) == 2
     assert model_2d.read_bytes() == before
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.pt").exists()
+    # gated (the default): the saved model's provenance says which weights it holds
+    gated = tmp_path / "gated" / "model.pt"
+    assert main([*args, "--save-model", str(gated)]) == 0
+    kept = json.loads(gated.with_suffix(".json").read_text())["provenance"]["adapted"]["gate"]
+    gated_labels = predict_volume(load_model(gated), load_volume(scan), device="cpu").labels
+    assert np.array_equal(gated_labels, original) == (kept["kept"] == "source")
 
 
 # -- memory: 3D batches are clamped, whole volumes of different shapes stack -------------------

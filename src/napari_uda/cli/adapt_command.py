@@ -259,6 +259,8 @@ def _adapt(args: argparse.Namespace, outputs: OutputSet) -> int:
     if args.save_model:
         adapted = {"method": method.name, "settings": result.settings, "seed": args.seed}
         adapted["from"] = str(args.model)
+        if decision is not None:  # a rolled-back run saves the unadapted weights: say so
+            adapted["gate"] = {"kept": decision.keep, "summary": decision.summary}
         provenance = {"adapted": jsonable(adapted)}
         outputs.write(args.save_model, partial(result.model.save, provenance=provenance))
     if args.report:
