@@ -23,24 +23,33 @@ from napari_uda.core.threads import (
     ("load", "idle", "expected"),
     [
         (0.0, 2.0, 2.0),  # idle machine
-        (7.0, 0.1, -5.0),  # 7 runnable tasks on 2 cores: nothing free
+        (7.0, 0.1, 0.1),  # 7 runnable tasks on 2 cores: nothing free
         (0.5, 0.2, 0.2),  # a burst the load average has not seen yet: the idle sample wins
-        (3.0, 1.9, -1.0),  # work that just ended is still in the load average: the smaller
+        (3.0, 1.9, 1.9),  # work that just ended is still in the load average: the sample wins
         (None, 1.2, 1.2),  # no load average (Windows)
-        (1.0, None, 1.0),  # no /proc/stat (macOS)
+        (1.0, None, 1.0),  # no /proc/stat (macOS): what the load average leaves
+        (7.0, None, -5.0),  # ... which may be nothing
     ],
 )
-def test_free_cores_is_the_smaller_of_the_load_and_the_idle_estimates(
-    load, idle, expected, monkeypatch
-):
+def test_free_cores_is_the_idle_sample_else_what_the_load_leaves(load, idle, expected, monkeypatch):
     monkeypatch.setattr(policy, "load_average", lambda: None)  # None: cannot be measured
     monkeypatch.setattr(policy, "idle_cores", lambda: None)
     assert free_cores(2, load, idle, machine_cores=2) == pytest.approx(expected)
 
 
-def test_free_cores_counts_only_this_process_share_of_the_machine_load():
+def test_free_cores_counts_only_this_process_share_of_the_machine_load(monkeypatch):
+    monkeypatch.setattr(policy, "idle_cores", lambda: None)  # macOS: no idle sample
     # 4 of 16 cores allowed, machine load 8: this process's share of it is 2
-    assert free_cores(4, 8.0, 4.0, machine_cores=16) == pytest.approx(2.0)
+    assert free_cores(4, 8.0, machine_cores=16) == pytest.approx(2.0)
+
+
+def test_idle_cores_keeps_the_least_idle_sample(monkeypatch):
+    # jiffies (idle, total) at each read: 2 cores idle in the first window, 0.5 in the second
+    reads = iter([(0.0, 0.0), (50.0, 50.0), (62.5, 100.0)])
+    monkeypatch.setattr(policy, "_cpu_times", lambda cpus: next(reads))
+    monkeypatch.setattr(policy.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert policy.idle_cores(0.25, samples=2) == pytest.approx(0.5)
 
 
 def test_free_cores_without_any_measurement_is_all_cores(monkeypatch):
@@ -54,8 +63,8 @@ def test_free_cores_without_any_measurement_is_all_cores(monkeypatch):
     [
         (2, 0.1, 1.9, 1, 2),
         (2, 7.0, 0.0, 1, 1),  # never fewer than one
-        (2, 1.2, 1.5, 1, 1),  # 0.8 free rounds to 1
-        (32, 4.0, 30.0, 1, 28),
+        (2, 1.2, 0.8, 1, 1),  # 0.8 free rounds to 1
+        (32, 4.0, 30.0, 1, 30),  # the idle sample, not the trailing load average
         (32, 0.0, 32.0, 4, 8),  # shared by four batch workers
         (8, 0.0, 64.0, 1, 8),  # never more than the cores this process may use
     ],

@@ -13,7 +13,7 @@ with fewer threads (docs/performance.md has the measurements). This module
   does, at its entry) or in the parent before starting a process (children inherit the
   environment; the engine's process and batch workers get it that way);
 * chooses the number of intra-op threads (:func:`choose_threads`): the user's number if given,
-  else ``OMP_NUM_THREADS`` if the environment sets it, else the cores free right now (see
+  else ``OMP_NUM_THREADS`` if the environment sets it, else the cores idle right now (see
   :func:`free_cores`), at least 1 and at most the cores this process may run on;
 * applies it (:func:`apply_threads`, ``torch.set_num_threads``, which works at any time).
 
@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 
 #: Environment that keeps waiting OpenMP threads from spinning (GNU and Intel/LLVM runtimes).
 QUIET_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
-#: Seconds over which :func:`idle_cores` measures the idle time of the cores.
-IDLE_WINDOW = 0.25
+#: Seconds over which :func:`idle_cores` measures the idle time of the cores, per sample.
+IDLE_WINDOW = 0.125
+#: Consecutive samples :func:`idle_cores` takes (it keeps the least idle one).
+IDLE_SAMPLES = 2
 #: What ``--threads`` and the Model widget accept besides a positive number.
 AUTO = "auto"
 
@@ -86,22 +88,29 @@ def _cpu_times(cpus: set[int] | None) -> tuple[float, float] | None:
     return (idle, total) if total > 0 else None
 
 
-def idle_cores(window: float = IDLE_WINDOW) -> float | None:
-    """How many of this process's cores were idle over the next ``window`` seconds (default
-    :data:`IDLE_WINDOW`), from /proc/stat; None where /proc/stat does not exist."""
+def idle_cores(window: float = IDLE_WINDOW, samples: int = IDLE_SAMPLES) -> float | None:
+    """How many of this process's cores were idle, from /proc/stat: the least over ``samples``
+    consecutive windows of ``window`` seconds (defaults :data:`IDLE_SAMPLES` x
+    :data:`IDLE_WINDOW`), so a pause of bursty work in one window is not taken for free cores.
+    None where /proc/stat does not exist."""
     try:
         cpus = set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = None
-    first = _cpu_times(cpus)
-    if first is None:
-        return None
-    time.sleep(window)
-    second = _cpu_times(cpus)
-    if second is None or second[1] <= first[1]:
-        return None
-    fraction = (second[0] - first[0]) / (second[1] - first[1])
-    return fraction * (len(cpus) if cpus else usable_cores())
+    cores = len(cpus) if cpus else usable_cores()
+    least = None
+    previous = _cpu_times(cpus)
+    for _ in range(max(1, samples)):
+        if previous is None:
+            return None
+        time.sleep(window)
+        current = _cpu_times(cpus)
+        if current is None or current[1] <= previous[1]:
+            return None
+        idle = (current[0] - previous[0]) / (current[1] - previous[1]) * cores
+        least = idle if least is None else min(least, idle)
+        previous = current
+    return least
 
 
 def load_average() -> float | None:
@@ -118,25 +127,26 @@ def free_cores(
     idle: float | None = None,
     machine_cores: int | None = None,
 ) -> float:
-    """Cores free for this process: the smaller of what the load average leaves (``cores``
-    minus this process's share of the 1-minute load) and the cores idle over the last quarter
-    second; either alone when the other is unknown, all ``cores`` when both are.
+    """Cores free for this process: the cores idle right now (:func:`idle_cores`, the least
+    of two samples of an eighth of a second) where that can be measured (Linux), else what
+    the 1-minute load average leaves (``cores`` minus this process's share of the machine's
+    load: macOS, where /proc/stat does not exist), else all ``cores``.
 
-    The load average is slow (a minute) and the idle sample is short and noisy, so the smaller
-    one is taken: on a shared machine too many threads cost far more than too few (waiting
-    threads compete with the other work for the cores). Arguments default to measuring
-    (:func:`usable_cores`, :func:`load_average`, :func:`idle_cores`, ``os.cpu_count()``).
+    The idle sample comes first because the load average trails the machine by about a minute:
+    right after other work ends (a previous adaptation round, a batch job) it still counts that
+    work, and a choice made from it would leave the now idle cores unused. Arguments default to
+    measuring (:func:`usable_cores`, :func:`load_average`, :func:`idle_cores`,
+    ``os.cpu_count()``); the load average is read only when the idle sample is unavailable.
     """
     cores = usable_cores() if cores is None else cores
-    load = load_average() if load is None else load
     idle = idle_cores() if idle is None else idle
-    machine_cores = machine_cores or os.cpu_count() or cores
-    estimates = []
-    if load is not None:
-        estimates.append(cores - load * cores / max(machine_cores, cores))
     if idle is not None:
-        estimates.append(idle)
-    return min(estimates) if estimates else float(cores)
+        return idle
+    load = load_average() if load is None else load
+    if load is None:
+        return float(cores)
+    machine_cores = machine_cores or os.cpu_count() or cores
+    return cores - load * cores / max(machine_cores, cores)
 
 
 @dataclass(frozen=True)
