@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from ..core.device import autocast
-from ..core.inference import Prediction, predict_batches
-from ..core.metrics import dice_per_class
+from ..core.inference import Prediction, class_labels, predict_batches
+from ..core.metrics import dice_from_counts
 from ..core.models.adapter import ModelAdapter
 from ..core.plausibility import (
     ExpectedVolumes,
@@ -48,6 +48,7 @@ from ..core.plausibility import (
 )
 from ..settings import check_value, describe, setting
 from .base import preserved_modes
+from .guard import confusion_in_pieces
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -259,9 +260,9 @@ def left_right_dim(prepared) -> int | None:
 
 
 def _foreground_dice(labels: torch.Tensor, other: torch.Tensor, valid, num_classes: int) -> float:
-    if valid is not None:
-        labels, other = labels[valid], other[valid]
-    scores = dice_per_class(labels, other, num_classes)[1:]
+    """Mean foreground Dice of two label arrays over the ``valid`` voxels (None: all)."""
+    counts = confusion_in_pieces(labels, other, valid, num_classes)
+    scores = dice_from_counts(counts.numpy())[1:]
     return float(np.mean(scores)) if scores else 1.0
 
 
@@ -270,7 +271,7 @@ def _chosen_inputs(probabilities: Sequence[torch.Tensor], limit: int) -> torch.T
     count = probabilities[0].shape[0]
     if limit <= 0 or count <= limit:
         return torch.arange(count)
-    foreground = sum((p.argmax(1) > 0).flatten(1).sum(1) for p in probabilities)
+    foreground = sum((class_labels(p) > 0).flatten(1).sum(1) for p in probabilities)
     return torch.sort(torch.argsort(foreground, descending=True)[:limit]).values
 
 
@@ -322,23 +323,25 @@ def model_signals(
     chosen = torch.arange(inputs.shape[0]) if chosen is None else chosen
     part_inputs, part_probs = inputs[chosen], probabilities[chosen]
     part_valid = None if valid is None else valid[chosen]
-    labels = part_probs.argmax(1)
+    labels = class_labels(part_probs)
     run = {"device": device, "batch_size": batch_size}
 
     tta = []
     if options.flip and lr_dim is not None:
         flipped = predict_batches(model, part_inputs.flip(lr_dim), **run).flip(lr_dim)
-        tta.append(_foreground_dice(labels, flipped.argmax(1), part_valid, num_classes))
+        tta.append(_foreground_dice(labels, class_labels(flipped), part_valid, num_classes))
     if options.intensity_change > 0:
         scaled = predict_batches(model, part_inputs * (1.0 + options.intensity_change), **run)
-        tta.append(_foreground_dice(labels, scaled.argmax(1), part_valid, num_classes))
+        tta.append(_foreground_dice(labels, class_labels(scaled), part_valid, num_classes))
     dropout = []
     if options.dropout_samples and has_dropout(model):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for _ in range(options.dropout_samples):
                 sample = _dropout_probabilities(model, part_inputs, device, batch_size)
-                dropout.append(_foreground_dice(labels, sample.argmax(1), part_valid, num_classes))
+                dropout.append(
+                    _foreground_dice(labels, class_labels(sample), part_valid, num_classes)
+                )
 
     confidence_map = part_probs.max(1).values
     foreground = labels > 0
@@ -348,7 +351,7 @@ def model_signals(
     tta_agreement = float(np.mean(tta)) if tta else None
     dropout_agreement = float(np.mean(dropout)) if dropout else None
     agreement = dropout_agreement if dropout_agreement is not None else tta_agreement
-    all_labels = probabilities.argmax(1)
+    all_labels = class_labels(probabilities)
     where = valid if valid is not None else torch.ones_like(all_labels, dtype=torch.bool)
     counts = torch.bincount(all_labels[where].flatten(), minlength=num_classes).double()
     entropy = _normalised_entropy(probabilities)
@@ -392,7 +395,7 @@ def mask_change(
     if valid is not None:
         where = torch.as_tensor(valid).reshape(where.shape).bool()
     source_conf, source_labels = source.max(1)
-    adapted_labels = adapted.argmax(1)
+    adapted_labels = class_labels(adapted)
     sure = (source_conf >= confident) & where
     source_fg, adapted_fg = (source_labels > 0) & where, (adapted_labels > 0) & where
     sure_fg, sure_bg = sure & source_fg, sure & ~source_fg

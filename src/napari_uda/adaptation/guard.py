@@ -134,6 +134,26 @@ def _pair_counts(labels, other, valid, num_classes: int) -> torch.Tensor:
     return counts[: num_classes * num_classes].reshape(num_classes, num_classes)
 
 
+def confusion_in_pieces(
+    labels: torch.Tensor,
+    other: torch.Tensor,
+    valid: torch.Tensor | None,
+    num_classes: int,
+    chunk: int = SIGNAL_CHUNK_VOXELS,
+) -> torch.Tensor:
+    """(C, C) counts of class pairs (``labels``, ``other``) over the ``valid`` voxels (None:
+    all) of two (N, ...) label arrays, summed over pieces of ``chunk`` voxels (default
+    :data:`SIGNAL_CHUNK_VOXELS`), so no full-size index or copy is made."""
+    rows = labels.shape[0]
+    labels, other = labels.reshape(rows, -1), other.reshape(rows, -1)
+    valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid
+    valid = valid.reshape(rows, -1)
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for row, part in _pieces(rows, labels.shape[1], chunk):
+        counts += _pair_counts(labels[row, part], other[row, part], valid[row, part], num_classes)
+    return counts
+
+
 def compute_signals(
     probabilities: torch.Tensor,
     initial_labels: torch.Tensor,

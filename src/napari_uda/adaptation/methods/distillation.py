@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.augment import SpatialAugmentation
+from ...core.inference import class_labels
 from ...core.metrics import mean_foreground_dice
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, register
@@ -159,7 +160,9 @@ class KnowledgeDistillation(AdaptationMethod):
             losses = {"target_distillation": float(target_loss.detach()), **source_losses}
         self.optimise(total)
         agreement = mean_foreground_dice(
-            student_logits.detach().argmax(1), teacher_probs.argmax(1), teacher_probs.shape[1]
+            class_labels(student_logits.detach()),
+            class_labels(teacher_probs),
+            teacher_probs.shape[1],
         )
         return StepOutput({"total": float(total.detach()), **losses}, agreement=agreement)
 

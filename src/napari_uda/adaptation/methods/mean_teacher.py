@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ...core.augment import PairedTransform, SpatialAugmentation
+from ...core.inference import class_labels
 from ...core.metrics import mean_foreground_dice
 from ...settings import setting
 from ..base import AdaptationMethod, CommonSettings, StepOutput, fraction_setting, register
@@ -173,7 +174,9 @@ class MeanTeacher(AdaptationMethod):
         ema_update(self.teacher, self.student, self.ema_alpha(step))
 
         agreement = mean_foreground_dice(
-            student_logits.detach().argmax(1), teacher_probs.argmax(1), teacher_probs.shape[1]
+            class_labels(student_logits.detach()),
+            class_labels(teacher_probs),
+            teacher_probs.shape[1],
         )
         return StepOutput({"total": float(total.detach()), **losses}, agreement=agreement)
 
