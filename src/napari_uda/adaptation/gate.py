@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..core.device import autocast
-from ..core.inference import Prediction, class_labels, predict_batches
+from ..core.inference import Prediction, class_labels, normalized_entropy, predict_batches
 from ..core.metrics import dice_from_counts
 from ..core.models.adapter import ModelAdapter
 from ..core.plausibility import (
@@ -354,7 +354,7 @@ def model_signals(
     all_labels = class_labels(probabilities)
     where = valid if valid is not None else torch.ones_like(all_labels, dtype=torch.bool)
     counts = torch.bincount(all_labels[where].flatten(), minlength=num_classes).double()
-    entropy = _normalised_entropy(probabilities)
+    entropy = normalized_entropy(probabilities, axis=1)
     return ModelSignals(
         tta_agreement=tta_agreement,
         dropout_agreement=dropout_agreement,
@@ -367,12 +367,6 @@ def model_signals(
 
 
 # -- comparing the two masks -------------------------------------------------------------------
-def _normalised_entropy(probabilities: torch.Tensor) -> torch.Tensor:
-    """Per-voxel entropy over the class axis (1) divided by log(classes): 0 sure, 1 unsure."""
-    classes = probabilities.shape[1]
-    return -(probabilities.clamp_min(1e-8).log() * probabilities).sum(1) / np.log(classes)
-
-
 def mask_change(
     source_probabilities: torch.Tensor | np.ndarray,
     adapted_probabilities: torch.Tensor | np.ndarray,
@@ -409,7 +403,8 @@ def mask_change(
         added=float((adapted_fg & sure_bg).sum()) / fg_count,
         volume_ratio=float(adapted_fg.sum()) / fg_count,
         entropy_change=float(
-            _normalised_entropy(adapted)[where].mean() - _normalised_entropy(source)[where].mean()
+            normalized_entropy(adapted, axis=1)[where].mean()
+            - normalized_entropy(source, axis=1)[where].mean()
         )
         if bool(where.any())
         else 0.0,
