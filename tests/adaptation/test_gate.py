@@ -104,6 +104,26 @@ def test_dropping_the_sure_foreground_rolls_back_and_a_moved_mask_is_flagged():
     assert not fixed.rolled_back and "into the expected range" in fixed.reasons[-1]
 
 
+def test_a_change_the_intensities_do_not_support_rolls_back_even_into_the_range():
+    unsupported = ChangeSignals(0.8, 0.8, 0.0, 0.0, 1.0, 0.0, intensity_support=0.1)
+    decision = decide(signals(0.95), signals(0.97), volumes(1200, 1210), change=unsupported)
+    assert decision.rolled_back and len(decision.reasons) == 1
+    assert decision.reasons[0].startswith("the scan's intensities do not support the change")
+    # no exception for a volume brought into its range: a mask that slid is never kept
+    into_range = decide(
+        signals(0.95), signals(0.97), volumes(900, 1100), {"brain": (1000, 1800)}, None, unsupported
+    )
+    assert into_range.rolled_back
+    supported = ChangeSignals(0.8, 0.8, 0.0, 0.0, 1.0, 0.0, intensity_support=0.5)
+    assert not decide(
+        signals(0.95), signals(0.97), volumes(1200, 1210), change=supported
+    ).rolled_back
+    off = GateOptions(min_intensity_support=-10.0)
+    assert not decide(
+        signals(0.95), signals(0.97), volumes(1200, 1210), None, off, unsupported
+    ).rolled_back
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="max_volume_change"):
         GateOptions(max_volume_change=0)
@@ -159,14 +179,15 @@ def shifted(model, brain_logit: float):
 
 def test_a_model_that_drops_the_sure_brain_is_rolled_back(demo_model, demo_target_slab):
     shrinking = shifted(demo_model, -3.0)  # loses brain the demo model is sure of
-    only_drop = GateOptions(consistency_tolerance=1.0, min_agreement_gain=0.0)  # the rule alone
+    others_off = dict(consistency_tolerance=1.0, min_agreement_gain=0.0, min_intensity_support=-10)
+    only_drop = GateOptions(**others_off)  # the rule alone
     gated = predict_and_gate(demo_model, shrinking, [demo_target_slab], options=only_drop)
     decision = gated.decision
     assert decision.rolled_back and decision.change.dropped > 0.1
     assert decision.reasons[0].startswith("dropped ") and len(decision.reasons) == 1
     assert gated.kept is gated.before
     assert (gated.after[0].labels > 0).sum() < (gated.before[0].labels > 0).sum()
-    relaxed = GateOptions(consistency_tolerance=1.0, min_agreement_gain=0.0, max_dropped=1.0)
+    relaxed = GateOptions(**others_off, max_dropped=1.0)
     assert not predict_and_gate(
         demo_model, shrinking, [demo_target_slab], options=relaxed
     ).decision.rolled_back
@@ -217,6 +238,7 @@ def test_the_engine_gates_a_run_that_raised_dice_and_keeps_it(
     assert after > before + 0.1, (before, after)  # TENT fixes the demo scanner shift
     decision = result.gate
     assert decision.keep == "adapted", decision.summary
+    assert decision.change.intensity_support > GateOptions().min_intensity_support
     assert result.extra["gate"]["keep"] == "adapted" and decision.seconds > 0
     assert decision.adapted.tta_agreement is not None and decision.adapted.dropout_agreement
     assert decision.expected_ml == {"brain": [1.0, 2.0]}

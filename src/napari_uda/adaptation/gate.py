@@ -13,7 +13,9 @@ adapted and the unadapted (source) model on the target with signals that need no
 * **foreground volume** per class in ml against the expected range the model states or the
   user sets (:mod:`napari_uda.core.plausibility`), and its change from the source's;
 * **how the mask changed** (:func:`mask_change`): the share of the foreground the source was
-  sure of that the adapted mask drops, the sure background it adds, the two masks' agreement.
+  sure of that the adapted mask drops, the sure background it adds, the two masks' agreement,
+  and whether the scan's own intensities support the voxels that changed
+  (:mod:`~napari_uda.adaptation.intensity`).
 
 :func:`model_signals` measures one model (the source's can be measured once and reused across
 rounds); :func:`mask_change` compares the two; :func:`decide` is the pure rule on them;
@@ -49,6 +51,7 @@ from ..core.plausibility import (
 from ..settings import check_value, describe, setting
 from .base import preserved_modes
 from .guard import confusion_in_pieces
+from .intensity import intensity_support
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -94,6 +97,16 @@ class GateOptions:
         "unadapted model was sure of (probability at least `confident`).",
         min=0.0,
         max=1.0,
+    )
+    min_intensity_support: float = setting(
+        0.3,
+        "Roll back when the scan's intensities do not support how the mask changed: the mean "
+        "log-likelihood ratio (nats) of the changed voxels under the intensities of the "
+        "agreed foreground against the agreed background, counted for added voxels and "
+        "against dropped ones, is below this (a mask sliding sideways scores about 0; "
+        "-10: off).",
+        min=-10.0,
+        max=10.0,
     )
     consistency_tolerance: float = setting(
         0.005,
@@ -185,6 +198,9 @@ class ChangeSignals:
             the source's foreground (a mask growing where the source was sure there is none).
         volume_ratio: adapted foreground voxels over the source's.
         entropy_change: mean normalised entropy, adapted minus source.
+        intensity_support: how much the scan's intensities support the changed voxels
+            (:func:`~napari_uda.adaptation.intensity.intensity_support`, nats); None when not
+            measured (no inputs given) or nothing changed.
     """
 
     agreement: float
@@ -193,6 +209,7 @@ class ChangeSignals:
     added: float
     volume_ratio: float
     entropy_change: float
+    intensity_support: float | None = None
 
 
 @dataclass
@@ -374,10 +391,13 @@ def mask_change(
     *,
     confident: float = 0.9,
     class_axis: int = 1,
+    inputs: torch.Tensor | None = None,
 ) -> ChangeSignals:
     """Compare two models' softmax outputs of the same inputs (class axis ``class_axis``:
     1 for stacked network inputs (N, C, ...), 0 for a volume's (C, X, Y, Z)). ``valid`` masks
-    out padding; ``confident``: a source probability at least this counts as sure."""
+    out padding; ``confident``: a source probability at least this counts as sure.
+    ``inputs``: the network inputs, laid out as the probabilities with input channels for
+    classes, for the intensity support of the change (not measured without them)."""
     if class_axis not in (0, 1):
         raise ValueError(f"class_axis must be 0 or 1, not {class_axis}")
     source, adapted = (
@@ -408,6 +428,14 @@ def mask_change(
         )
         if bool(where.any())
         else 0.0,
+        intensity_support=None
+        if inputs is None
+        else intensity_support(
+            torch.as_tensor(inputs).unsqueeze(0) if class_axis == 0 else torch.as_tensor(inputs),
+            source_fg,
+            adapted_fg,
+            where,
+        ),
     )
 
 
@@ -459,6 +487,13 @@ def _roll_back_reasons(
     if change is not None and change.dropped > options.max_dropped and not fixed:
         reasons.append(
             f"dropped {change.dropped:.0%} of the foreground the unadapted model was sure of"
+        )
+    support = None if change is None else change.intensity_support
+    if support is not None and support < options.min_intensity_support:
+        reasons.append(
+            f"the scan's intensities do not support the change (support {support:+.2f} < "
+            f"{options.min_intensity_support:g}): the mask moved into voxels that look like "
+            "background or out of voxels that look like foreground"
         )
     gain = adapted.agreement - source.agreement
     if -gain > options.consistency_tolerance:
@@ -514,15 +549,17 @@ def decide(
 
     Any of these rolls back: (1) a class outside its expected range after adaptation but
     inside before; (2) a volume change beyond ``max_volume_change``, unless it brings an
-    out-of-range class into its range; (3) the adapted mask dropping more than ``max_dropped``
-    of the foreground the source was sure of (``change``, :func:`mask_change`; the same
-    exception); (4) agreement under test-time augmentation lower than the source's by more
-    than ``consistency_tolerance`` (:attr:`ModelSignals.agreement`); (5) no sign that it is
+    out-of-range class into its range; (3) the adapted mask dropping more than
+    ``max_dropped`` of the foreground the source was sure of (``change``,
+    :func:`mask_change`; the same exception); (4) a change the scan's intensities do not
+    support (``change.intensity_support`` below ``min_intensity_support``; no exception);
+    (5) agreement under test-time augmentation lower than the source's by more than
+    ``consistency_tolerance`` (:attr:`ModelSignals.agreement`); (6) no sign that it is
     better: agreement up by less than ``min_agreement_gain`` and no class brought into its
     expected range. ``volumes_ml`` holds, per target volume, ``{"source": {class: ml},
-    "adapted": {class: ml}}``. The kept mask's
-    warnings: a volume outside its range, an unsure model, and (when the adapted model is
-    kept) a large change of volume or of the mask itself.
+    "adapted": {class: ml}}``. The kept mask's warnings: a volume outside its range, an
+    unsure model, and (when the adapted model is kept) a large change of volume or of the
+    mask itself.
     """
     options = options or GateOptions()
     expected = dict(expected or {})
@@ -599,7 +636,11 @@ def gate(
         adapted_model, inputs, adapted_probabilities, seed=seed, **common
     )
     change = mask_change(
-        source_probabilities, adapted_probabilities, valid, confident=options.confident
+        source_probabilities,
+        adapted_probabilities,
+        valid,
+        confident=options.confident,
+        inputs=inputs,
     )
     decision = decide(source_signals, adapted_signals, volumes_ml, expected, options, change)
     decision.seconds = time.perf_counter() - started
