@@ -15,8 +15,9 @@ Case sets:
   UDAS, where adaptation inflates the mask (the issue's whole-head painting);
 * ``deepbet``: the deepbet benchmark's adaptation cases (deepbet, heads mni152 and robex,
   profiles t2_like and severe, methods adaent and mean_teacher);
-* ``blind``: the methods set's heads and methods under the ``new_scanner`` and ``motion``
-  profiles, which no rule or threshold was chosen on.
+* ``blind``: cases no rule or threshold was chosen on: the methods set's heads and methods
+  under the ``new_scanner`` and ``motion`` profiles, and deepbet's adaptation cases on the
+  clean heads.
 
 The signals are stored, so ``--decide-only`` re-applies the current :class:`GateOptions` to
 the stored rows without running anything (the decision is a pure function of them).
@@ -100,13 +101,18 @@ BLIND_PROFILES = ("new_scanner", "motion")
 
 
 def blind_cases() -> list[dict]:
-    """The methods set's heads and methods under profiles no rule was chosen on."""
-    return [
+    """Cases no rule was chosen on: the methods set's heads and methods under other profiles,
+    and deepbet's adaptation cases on the clean heads."""
+    demo = [
         dict(case, set="blind", profile=p)
         for p in BLIND_PROFILES
         for case in methods_cases()
         if case["profile"] == "t2_like"
     ]
+    clean = [
+        dict(c, set="blind", profile="clean") for c in deepbet_cases() if c["profile"] == "severe"
+    ]
+    return demo + clean
 
 
 CASE_SETS = {
@@ -135,7 +141,9 @@ def _target(case: dict, seed: int):
     reference = np.asarray(load_volume(mask_path).data) > 0
     from deepbet_benchmark import EXTRA_PROFILES
 
-    if case["profile"] in EXTRA_PROFILES:
+    if case["profile"] == "clean":
+        pass  # the head as it is: adapting must not make a scan the model gets right worse
+    elif case["profile"] in EXTRA_PROFILES:
         base, changes = EXTRA_PROFILES[case["profile"]]
         image = simulate_scanner(image, custom_profile(base, **changes), seed=seed)
     else:
