@@ -122,28 +122,32 @@ def test_plane_names_follow_the_orientation_codes():
     assert plane_name(1, None) == "axis 1"
 
 
-def test_earlier_rounds_keep_their_results_without_probabilities():
+def result(seed: int, model=None):
+    """A finished run's result on a random (2, 6, 8, 10) prediction (``model``: any object)."""
     from napari_uda.adaptation.events import AdaptationResult, CheckpointChoice
     from napari_uda.core.inference import Prediction
     from napari_uda.core.volume import Volume
 
-    def result(seed: int) -> AdaptationResult:
-        scores = np.random.default_rng(seed).random((2, 6, 8, 10)).astype(np.float32)
-        probabilities = scores / scores.sum(0)
-        volume = Volume(probabilities[0], np.eye(4))
-        prediction = Prediction.from_probabilities(probabilities, volume)
-        return AdaptationResult(
-            model=object(), prediction=prediction, initial_prediction=prediction, history=[],
-            checkpoint=CheckpointChoice(1, "final"), stopped=False, stop_reason="completed",
-            seconds=1.0, method="corrections", settings={}, predictions=[prediction],
-        )  # fmt: skip
+    scores = np.random.default_rng(seed).random((2, 6, 8, 10)).astype(np.float32)
+    probabilities = scores / scores.sum(0)
+    volume = Volume(probabilities[0], np.eye(4))
+    prediction = Prediction.from_probabilities(probabilities, volume)
+    return AdaptationResult(
+        model=object() if model is None else model, prediction=prediction,
+        initial_prediction=prediction, history=[], checkpoint=CheckpointChoice(1, "final"),
+        stopped=False, stop_reason="completed", seconds=1.0, method="corrections", settings={},
+        predictions=[prediction],
+    )  # fmt: skip
 
+
+def test_earlier_rounds_keep_their_results_without_probabilities():
     class History:  # RoundHistory's recording part
         def record(self, *args, **kwargs):
             pass
 
     rounds = Rounds(history=History())
     first, second = result(0), result(1)
+    first.rolled_back = "what the gate rolled back"
     rounds.rounds = [Round(0, first)]
     corrections = np.full((6, 8, 10), NOT_CORRECTED, np.int16)
     rounds.add(second, {}, corrections, _prediction(), CorrectedSlices())
@@ -154,3 +158,33 @@ def test_earlier_rounds_keep_their_results_without_probabilities():
     np.testing.assert_array_equal(kept.prediction.entropy, first.prediction.entropy)
     assert rounds.current.result is second  # the latest round keeps everything
     assert second.prediction.probabilities.shape == (2, 6, 8, 10)
+    assert kept.rolled_back is None  # a later round started: a roll-back there stands
+
+
+def test_an_overruled_run_continues_the_rounds_from_the_adapted_model():
+    import torch
+
+    class Model:  # what the round history reads of a model
+        def __init__(self, weight: float):
+            self.network = torch.nn.Linear(1, 1)
+            torch.nn.init.constant_(self.network.weight, weight)
+
+    rounds = Rounds()
+    first = result(0, Model(0.0))  # the unadapted model (the gate rolled the run back)
+    rounds.begin(first, {})
+    first.model = Model(1.0)  # overrule_gate put the adapted model back
+    rounds.overruled()
+    assert rounds.history.base is first.model and len(rounds.history) == 0
+
+    second = result(1, Model(2.0))
+    corrections = np.full((6, 8, 10), NOT_CORRECTED, np.int16)
+    corrections[2] = 1
+    rounds.add(second, {}, corrections, _prediction(), CorrectedSlices())
+    assert float(rounds.history.latest.state["weight"]) == 2.0
+    second.model, second.prediction = Model(3.0), result(2).prediction  # overruled too
+    rounds.overruled()
+    latest = rounds.history.latest
+    assert len(rounds.history) == 1 and float(latest.state["weight"]) == 3.0
+    np.testing.assert_array_equal(latest.corrections.dense(), corrections)
+    expected = keep_corrections(second.prediction.labels, corrections)
+    np.testing.assert_array_equal(latest.labels, expected)

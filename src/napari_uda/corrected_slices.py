@@ -246,7 +246,8 @@ def light_result(result: Any) -> Any:
     prediction's ``probabilities`` becomes an empty ``(C, 0)`` array). The probabilities are
     most of a result's memory (two float32 maps per class of the scan, before and after) and
     going back to a round only shows its mask and entropy, exports them and continues from its
-    model. Anything else is returned as it is."""
+    model. What the gate rolled back is dropped (a later round started: the roll-back stands).
+    Anything else is returned as it is."""
     from .adaptation.events import AdaptationResult
     from .core.inference import Prediction
 
@@ -268,6 +269,7 @@ def light_result(result: Any) -> Any:
         initial_prediction=without_probabilities(result.initial_prediction),
         predictions=[without_probabilities(p) for p in result.predictions],
         initial_predictions=[without_probabilities(p) for p in result.initial_predictions],
+        rolled_back=None,  # the gate's roll-back can no longer be overruled
     )
 
 
@@ -337,6 +339,25 @@ class Rounds:
         self.rounds.append(entry)
         return entry
 
+    def overruled(self, reference: np.ndarray | None = None) -> None:
+        """The user kept the latest run's adapted model against the gate's roll-back (its
+        result holds it now, :func:`~napari_uda.adaptation.gate.overrule_gate`): the history
+        continues from that model. Round 0 becomes the history's base; a later round is
+        recorded again with its corrections (``reference``: for its Dice in the report). (A
+        round with corrections is not rolled back today: with corrections the gate only
+        warns.)"""
+        from .adaptation.rounds import RoundHistory
+
+        current = self.current
+        if current is None:
+            return
+        if current.number == 0:
+            self.history = RoundHistory(current.result.model)
+            return
+        corrections = self.history.latest.corrections.dense()
+        self.history.undo()
+        self.history.record(current.result, corrections, reference=reference)
+
     def back(self) -> Round:
         """Drop the latest round (never round 0); the dropped round, whose ``start_*`` is the
         state to restore (the new :attr:`current` is the round whose model and result count)."""
@@ -357,6 +378,7 @@ class Rounds:
                 "settings": self.rounds[0].info.get("settings", first.settings),
                 "seconds": round(float(first.seconds), 2),
                 "stop_reason": first.stop_reason,
+                "gate": first.gate.summary if first.gate is not None else None,
             }
         ]
         for entry, summary in zip(self.rounds[1:], self.history.report()):

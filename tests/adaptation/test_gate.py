@@ -243,3 +243,43 @@ def test_the_engine_gates_a_run_that_raised_dice_and_keeps_it(
     assert decision.adapted.tta_agreement is not None and decision.adapted.dropout_agreement
     assert decision.expected_ml == {"brain": [1.0, 2.0]}
     assert any("implausible volume in the kept mask: brain" in w for w in decision.warnings)
+
+
+def test_the_user_can_overrule_a_roll_back_and_gets_the_adapted_result_exactly(
+    adapt_demo, demo_model, demo_target_slab
+):
+    from napari_uda.adaptation.gate import overrule_gate
+
+    result, before, _ = adapt_demo("tent", {"epochs": 1})
+    with pytest.raises(ValueError, match="no rolled-back result"):
+        overrule_gate(result)  # not gated: nothing to overrule
+    result.model = painting(result.model)
+    result.prediction = predict_volume(result.model, demo_target_slab, device="cpu")
+    result.predictions = [result.prediction]
+    result.reference_dice_after = [0.0]
+    adapted_model, adapted_prediction = result.model, result.prediction
+    adapted_state = {k: v.clone() for k, v in adapted_model.network.state_dict().items()}
+    adapted_checkpoint = result.checkpoint
+
+    decision = apply_gate(result, demo_model, [demo_target_slab])
+    assert decision.rolled_back and result.rolled_back.model is adapted_model
+    # the loud lines of the painted mask, kept for an overrule (the kept mask has its own)
+    assert any("adaptation changed brain" in line for line in decision.adapted_warnings)
+    assert not any("adaptation changed brain" in line for line in decision.warnings)
+
+    overruled = overrule_gate(result)
+    assert result.gate is overruled and overruled.overruled and not overruled.rolled_back
+    assert result.rolled_back is None  # nothing kept twice
+    assert result.model is adapted_model and result.checkpoint == adapted_checkpoint
+    for name, value in result.model.network.state_dict().items():
+        torch.testing.assert_close(value, adapted_state[name])
+    assert result.prediction is adapted_prediction and result.predictions == [adapted_prediction]
+    assert result.reference_dice_after == [0.0] and result.reference_dice_before == [before]
+    assert overruled.summary.startswith("the user kept the adapted model against the gate's")
+    assert "volume changed too much" in overruled.summary  # the gate's reasons stay
+    assert overruled.warnings == decision.adapted_warnings
+    record = result.extra["gate"]
+    assert record["overruled"] and record["keep"] == "adapted" and not record["rolled_back"]
+    assert record["summary"] == overruled.summary
+    with pytest.raises(ValueError, match="no rolled-back result"):
+        overrule_gate(result)  # once only

@@ -152,3 +152,26 @@ def test_the_child_computes_with_the_threads_asked_for_and_quiet_openmp(
     _, result = drain(run)
     assert result.extra["cpu_threads"] == threads
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # what the child inherited
+
+
+def test_what_the_gate_rolled_back_comes_back_from_the_process(tiny_model, tiny_target):
+    from napari_uda.adaptation.gate import GateOptions, overrule_gate
+
+    always_back = GateOptions(min_agreement_gain=1.0)  # no run gains that much agreement
+    _, result = drain(
+        run_adaptation_in_process(
+            tiny_model, tiny_target, "tent", SETTINGS, device="cpu", threads=1, gate=always_back
+        )
+    )
+    assert result.gate.rolled_back and result.rolled_back is not None
+    source_state = tiny_model.network.state_dict()
+    for name, value in result.model.network.state_dict().items():
+        assert torch.equal(value, source_state[name])
+    adapted = result.rolled_back
+    adapted_state = {k: v.clone() for k, v in adapted.model.network.state_dict().items()}
+    assert any(not torch.equal(v, source_state[k]) for k, v in adapted_state.items())
+
+    overrule_gate(result)
+    for name, value in result.model.network.state_dict().items():
+        assert torch.equal(value, adapted_state[name])
+    assert result.prediction is adapted.prediction and result.gate.overruled

@@ -26,7 +26,9 @@ from qtpy.QtWidgets import (
 
 from ..adaptation.base import available_methods
 from ..adaptation.events import AdaptationEvent, AdaptationResult
+from ..adaptation.gate import overrule_gate
 from ..adaptation.plan import plan_run, recommended_settings
+from ..adaptation.rounds import corrected_prediction
 from ..core.plausibility import PlausibilitySettings, parse_expected_volumes
 from ..settings import SettingsError, describe, settings_to_dict
 from .corrections_panel import CorrectionsPanel
@@ -41,6 +43,7 @@ from .layers import (
     prediction_updates,
     show_entropy,
     show_labels,
+    show_prediction,
 )
 from .other_scans import OtherScans
 from .plots import LivePlots
@@ -77,6 +80,14 @@ def settings_scroll(box: QGroupBox) -> QScrollArea:
 
 #: Tallest the status line gets before it scrolls (pixels): a round's warnings can be long.
 STATUS_MAX_HEIGHT = 64
+#: The button under the status after the gate rolled a run back.
+OVERRULE_TEXT = "Use the adapted result anyway"
+OVERRULE_TIP = (
+    "The gate kept your unadapted model because adaptation did not look better by its "
+    "label-free signals. If the adapted mask looks better to you (compare the 'before' and "
+    "'after' layers of the last run), keep it anyway: the after layers, QA, Export and the "
+    "report then use the adapted model, and the report says you overruled the gate."
+)
 
 
 def capped(label: QLabel, height: int) -> QScrollArea:
@@ -170,6 +181,10 @@ class AdaptWidget(QWidget):
         self.stop_button.clicked.connect(self.stop)
         self.status = QLabel("Open a model, choose a target image, press Run.")
         self.status.setWordWrap(True)
+        self.overrule_button = QPushButton(OVERRULE_TEXT)
+        self.overrule_button.setToolTip(OVERRULE_TIP)
+        self.overrule_button.clicked.connect(self.use_adapted_result)
+        self.overrule_button.setVisible(False)
         self.plots = LivePlots(str(self.viewer.theme))
         self.corrections = CorrectionsPanel(self.viewer, self.state)
         self.other_scans = OtherScans(self.viewer, self.state, self._update_buttons)
@@ -197,6 +212,7 @@ class AdaptWidget(QWidget):
         layout.addLayout(bottom)
         layout.addLayout(buttons)
         layout.addWidget(capped(self.status, STATUS_MAX_HEIGHT))
+        layout.addWidget(self.overrule_button)
         self.tabs = QTabWidget()
         self.tabs.addTab(self.plots, "Plots")
         self.tabs.addTab(self.corrections, self.corrections.heading)
@@ -417,6 +433,7 @@ class AdaptWidget(QWidget):
             "preview_every": self.preview_every.value,
             "round": len(self.state.rounds) if corrections is not None else 0,
         }
+        self._forget_rolled_back()
         self.plots.clear()
         self._progress = progress(total=0, desc=f"Adapting with {method}")
         self.status.setText("Preparing the scan and predicting with the unadapted model…")
@@ -543,11 +560,15 @@ class AdaptWidget(QWidget):
         self._record_round(outcome)
         self.state.result = outcome
         self.state.status = RunStatus.STOPPED if outcome.stopped else RunStatus.FINISHED
+        self._say_gate(outcome, self._run_summary(outcome))
+        self.overrule_button.setVisible(outcome.rolled_back is not None)
+        self.corrections.show_slices()
+
+    def _run_summary(self, outcome: AdaptationResult) -> str:
         summary = outcome.summary()
         if self.state.run_info.get("round"):
             summary = f"Round {self.state.run_info['round']}: {summary}"
-        self._say_gate(outcome, summary)
-        self.corrections.show_slices()
+        return summary
 
     def _say_gate(self, outcome: AdaptationResult, summary: str) -> None:
         """The run's summary with the gate's decision in the status; a napari warning for a
@@ -559,10 +580,49 @@ class AdaptWidget(QWidget):
         self.status.setText("\n".join([summary, *(f"⚠ {line}" for line in lines)]))
         if gate is not None and gate.rolled_back:
             show_warning(f"Adaptation did not look better: {gate.summary}")
+        elif gate is not None and gate.overruled:
+            show_warning(f"Gate overruled: {gate.summary}")
         else:
             show_info(summary)
         for line in lines:
             show_warning(line)
+
+    # -- overruling the gate ----------------------------------------------------------------
+    def use_adapted_result(self) -> None:
+        """Keep the adapted result the gate rolled back (the user judged it better): the
+        *after* layers show it (with the corrected slices kept), the round history continues
+        from its model, and QA, Export and the report use it (the report says the user
+        overruled the gate)."""
+        result = self.state.result
+        self.overrule_button.setVisible(False)
+        if self.state.running or result is None or result.rolled_back is None:
+            return
+        overrule_gate(result)
+        self.state.rounds.overruled(self._reference_labels())
+        self._show_overruled(result)
+        self._say_gate(result, self._run_summary(result))
+        self.state.events.result.emit(result)  # the same result, changed: QA and Export refresh
+
+    def _show_overruled(self, result: AdaptationResult) -> None:
+        """The adapted prediction in the *after* layers, with the slices the user corrected
+        (also since the run ended) kept exactly; later edits are compared with it."""
+        like = self._target_layer()
+        if like is None:
+            return
+        keep = self._corrections_to_keep(like)
+        if keep is not None:
+            result.prediction = corrected_prediction(result.prediction, keep)
+            result.predictions[:1] = [result.prediction]
+        show_prediction(self.viewer, result.prediction, like, after=True)
+        self.corrections.start_from(result.prediction.labels, keep=keep is not None)
+
+    def _forget_rolled_back(self) -> None:
+        """A new run or round: the last run's roll-back stands (its adapted model and
+        predictions are dropped, the button goes)."""
+        self.overrule_button.setVisible(False)
+        current = self.state.rounds.current  # the last run's result (state.result is cleared)
+        if current is not None:
+            current.result.rolled_back = None
 
     def _record_round(self, outcome: AdaptationResult) -> None:
         """Keep the run as a round; edits from now on are compared with what it showed."""
@@ -598,6 +658,7 @@ class AdaptWidget(QWidget):
     def _restore(self, labels, slices, current) -> None:
         """Show ``labels`` as the *after* segmentation (with the entropy of round ``current``),
         the corrected ``slices``, and ``current``'s result as the one to export."""
+        self.overrule_button.setVisible(False)
         like = self._target_layer()
         if like is not None and current is not None:
             show_entropy(self.viewer, ENTROPY_AFTER, current.result.prediction.entropy, like)

@@ -331,7 +331,8 @@ class ExportWidget(QWidget):
 
 
 def _save_model(path: Path, result, model_source: str) -> list[str]:
-    """The adapted model in its own kind (a bundle, or TorchScript + JSON spec)."""
+    """The adapted model in its own kind (a bundle, or TorchScript + JSON spec), its
+    provenance saying what was adapted and, for a gated run, what the gate kept."""
     update = {
         "adapted": {
             "method": result.method,
@@ -340,6 +341,8 @@ def _save_model(path: Path, result, model_source: str) -> list[str]:
             "checkpoint_step": result.checkpoint.step,
         }
     }
+    if result.gate is not None:  # rolled back (the unadapted weights), or overruled: say so
+        update["adapted"]["gate"] = {"kept": result.gate.keep, "summary": result.gate.summary}
     result.model.save(path, provenance=_plain(update))
     return [str(p) for p in result.model.saved_files(path)]
 

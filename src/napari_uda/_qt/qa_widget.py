@@ -244,10 +244,11 @@ class QAWidget(QWidget):
             return {}
 
     def _show_flags(self, lines: list[str]) -> None:
-        """Loud lines about volumes outside their expected range, and the gate's decision."""
+        """Loud lines about volumes outside their expected range, and the gate's decision
+        when it rolled back or the user overruled it."""
         result = self.state.result
         gate = result.gate if result is not None else None
-        if gate is not None and gate.rolled_back:
+        if gate is not None and (gate.rolled_back or gate.overruled):
             lines = [f"Gate: {gate.summary}", *lines]
         self.flags.setText("\n".join(f"⚠ {line}" for line in lines))
         self.flags.setVisible(bool(lines))

@@ -193,12 +193,15 @@ def _kept(prediction: Prediction, keep: np.ndarray | None) -> Prediction:
 
 
 def _kept_in_result(result: Any, keep: np.ndarray | None) -> Any:
-    """The run's result whose final segmentation of the target keeps ``keep``."""
+    """The run's result whose final segmentation of the target keeps ``keep`` (and so does
+    the adapted one the gate rolled back, should the user take it anyway)."""
     if keep is None or not isinstance(result, AdaptationResult):
         return result
-    result.prediction = _kept(result.prediction, keep)
-    if result.predictions:
-        result.predictions[0] = result.prediction
+    for held in (result, result.rolled_back):
+        if held is not None:
+            held.prediction = _kept(held.prediction, keep)
+            if held.predictions:
+                held.predictions[0] = held.prediction
     return result
 
 

@@ -94,6 +94,11 @@ class AdaptationResult:
             (``prediction`` and ``initial_prediction`` are the first of each).
         gate: the keep-or-roll-back decision (:class:`~napari_uda.adaptation.gate.
             GateDecision`), or None when the run was not gated.
+        rolled_back: what the gate rolled back (:class:`~napari_uda.adaptation.gate.
+            RolledBack`: the adapted model, its predictions, checkpoint and reference Dice),
+            kept for :func:`~napari_uda.adaptation.gate.overrule_gate`; None when nothing was
+            rolled back or it was dropped. It travels with the result (pickled whole) from a
+            separate engine process.
     """
 
     model: ModelAdapter
@@ -114,6 +119,7 @@ class AdaptationResult:
     predictions: list[Prediction] = field(default_factory=list)
     initial_predictions: list[Prediction] = field(default_factory=list)
     gate: Any = None
+    rolled_back: Any = None
 
     def summary(self) -> str:
         """One line for the user (CLI, widget status): how the run ended, which checkpoint it

@@ -20,7 +20,8 @@ adapted and the unadapted (source) model on the target with signals that need no
 :func:`model_signals` measures one model (the source's can be measured once and reused across
 rounds); :func:`mask_change` compares the two; :func:`decide` is the pure rule on them;
 :func:`gate` does all three and :func:`predict_and_gate` predicts scans with both models first
-(batch site models, *Apply to other scans*). The
+(batch site models, *Apply to other scans*); :func:`apply_gate` gates a finished run, and
+:func:`overrule_gate` gives the user the adapted result the gate rolled back. The
 decision (:class:`GateDecision`) says which model to keep, why, and which loud warnings the
 kept result carries (a volume outside its range, a large change of volume). Thresholds are
 fields of :class:`GateOptions`; docs/reliability.md has the measured effect.
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -226,6 +227,9 @@ class GateDecision:
         expected_ml: the expected ranges used (class -> [low, high]).
         flags: volume flags of the kept result (class, volume, range).
         seconds: wall time of the gate (signals and decision).
+        adapted_warnings: on a roll-back, the loud lines the adapted mask would carry (shown
+            if the user keeps it anyway: :func:`overrule_gate`).
+        overruled: the gate rolled back, and the user kept the adapted model anyway.
     """
 
     keep: Literal["adapted", "source"]
@@ -238,6 +242,8 @@ class GateDecision:
     expected_ml: dict[str, list[float]] = field(default_factory=dict)
     flags: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    adapted_warnings: list[str] = field(default_factory=list)
+    overruled: bool = False
 
     @property
     def rolled_back(self) -> bool:
@@ -246,6 +252,11 @@ class GateDecision:
     @property
     def summary(self) -> str:
         """One line for a status bar, the CLI and the report."""
+        if self.overruled:
+            return (
+                "the user kept the adapted model against the gate's advice (the gate would "
+                f"have kept the unadapted model: {'; '.join(self.reasons)})"
+            )
         if self.rolled_back:
             line = "kept the unadapted model: adaptation did not look better"
         else:
@@ -577,12 +588,12 @@ def decide(
         fixed = {f.class_name for f in flags[0]} - {f.class_name for f in flags[1]}
         if fixed:
             reasons.append(f"brings {', '.join(sorted(fixed))} into the expected range")
+    adapted_warnings = _warnings(adapted, flags[1], change, volumes_ml, options)
     if keep == "source":
         kept_flags = flags[0]
         warnings = _warnings(source, kept_flags, None, [], options)
     else:
-        kept_flags = flags[1]
-        warnings = _warnings(adapted, kept_flags, change, volumes_ml, options)
+        kept_flags, warnings, adapted_warnings = flags[1], adapted_warnings, []
     return GateDecision(
         keep=keep,
         reasons=reasons,
@@ -593,6 +604,7 @@ def decide(
         change=change,
         expected_ml={k: list(v) for k, v in expected.items()},
         flags=[asdict(f) for f in kept_flags],
+        adapted_warnings=adapted_warnings,
     )
 
 
@@ -739,7 +751,9 @@ def apply_gate(
     only the target ``volumes`` and both models predict them here (:func:`predict_and_gate`).
     The decision goes to ``result.gate`` and ``result.extra["gate"]``; when it keeps the
     source, the result's model becomes a copy of ``source_model`` and its predictions,
-    checkpoint and reference Dice the unadapted ones, with the reason.
+    checkpoint and reference Dice the unadapted ones, with the reason; the adapted ones go to
+    ``result.rolled_back`` (:class:`RolledBack`), for the user to overrule the gate
+    (:func:`overrule_gate`).
     """
     common = dict(
         expected=expected, options=options, device=device, source_signals=source_signals, seed=seed
@@ -775,9 +789,30 @@ def apply_gate(
     return decision
 
 
+@dataclass
+class RolledBack:
+    """What the gate rolled back on a result, kept so that the user can take it anyway
+    (:func:`overrule_gate`): the adapted model (on the CPU), its predictions, checkpoint and
+    reference Dice. It is one more model and one more set of predictions in memory: drop it
+    (``result.rolled_back = None``) when the user moves on (a new run or round)."""
+
+    model: ModelAdapter
+    prediction: Prediction
+    predictions: list[Prediction]
+    checkpoint: Any  # events.CheckpointChoice
+    reference_dice_after: list[float] | None
+
+
 def _roll_back(result, source_model: ModelAdapter, decision: GateDecision) -> None:
     from .events import CheckpointChoice
 
+    result.rolled_back = RolledBack(
+        result.model,
+        result.prediction,
+        list(result.predictions),
+        result.checkpoint,
+        result.reference_dice_after,
+    )
     model = source_model.clone()
     model.network.requires_grad_(True)  # as an adapted model (a later round may train it)
     model.network.eval().to("cpu")
@@ -786,3 +821,39 @@ def _roll_back(result, source_model: ModelAdapter, decision: GateDecision) -> No
     result.predictions = list(result.initial_predictions)
     result.reference_dice_after = result.reference_dice_before
     result.checkpoint = CheckpointChoice(0, f"the unadapted model ({decision.summary})", None)
+
+
+def overrule_gate(result) -> GateDecision:
+    """Keep the adapted result the gate rolled back, as the user decided against its advice.
+
+    The result's model, predictions, checkpoint and reference Dice become the adapted ones
+    again (``result.rolled_back``, which is then emptied); the decision
+    (``result.gate`` and ``result.extra["gate"]``) says the user overruled it, keeps the
+    gate's reasons, and carries the adapted mask's loud lines and volume flags.
+
+    Raises:
+        ValueError: nothing was rolled back (the gate kept the adapted model, the run was
+            not gated, or what was rolled back has been dropped).
+    """
+    kept, decision = getattr(result, "rolled_back", None), result.gate
+    if kept is None or decision is None or not decision.rolled_back:
+        raise ValueError(
+            "There is no rolled-back result to keep: the gate did not roll this run back, "
+            "or a newer run or round replaced it."
+        )
+    result.model, result.checkpoint = kept.model, kept.checkpoint
+    result.prediction, result.predictions = kept.prediction, list(kept.predictions)
+    result.reference_dice_after = kept.reference_dice_after
+    result.rolled_back = None
+    adapted_flags = _flags(decision.volumes_ml, decision.expected_ml, "adapted")
+    decision = replace(
+        decision,
+        keep="adapted",
+        overruled=True,
+        warnings=list(decision.adapted_warnings),
+        adapted_warnings=[],
+        flags=[asdict(f) for f in adapted_flags],
+    )
+    result.gate = decision
+    result.extra["gate"] = decision.to_dict()
+    return decision
