@@ -13,7 +13,12 @@ one adaptation from the Adapt widget exactly as a user would, and saves into
 * ``corrections_widget.png`` and ``corrections_window.png``: then three axial slices of
   ``segmentation (after)`` corrected (to the reference, through the layer's editing API) and
   one round of *Adapt with corrections*: the Adapt widget with the list of corrected slices and
-  the round, and the whole window.
+  the round, and the whole window;
+* ``adapt_rolled_back.png`` and ``adapt_overruled.png``: then a run the keep-or-roll-back gate
+  rolls back (TENT, one epoch, with an expected brain volume of 1000-1300 ml that TENT's mask
+  leaves): the Adapt widget with its *Use the adapted result anyway* button, and after the
+  button (``--overrule-only`` takes only these two; it prints the window's size, which must
+  stay within the screen).
 
 Needs a display; run under Xvfb::
 
@@ -152,12 +157,43 @@ def corrections_views(viewer, adapt, dock, app, out: Path) -> str:
     return summary
 
 
+def overrule_views(viewer, adapt, dock, app, out: Path) -> str:
+    """A run the gate rolls back (an expected volume the adapted mask leaves), then the user
+    keeps the adapted result anyway: save the Adapt widget before and after."""
+    adapt.state.corrections.clear()  # a new run, without the corrected slices of a round
+    adapt.corrections.show_slices()
+    for layer in viewer.layers:
+        layer.visible = layer.name in ("head (new scanner)", "segmentation (after)")
+    adapt.method_combo.setCurrentIndex(adapt.method_combo.findData("tent"))
+    adapt.form.set_values({"epochs": 1, "batch_size": 32})
+    adapt.expected_volume.value = "brain=1000:1300"  # the unadapted brain: about 1070 ml
+    adapt.run_button.click()
+    while adapt.state.running or adapt.runner.running:
+        app.processEvents()
+        time.sleep(0.01)
+    if adapt.overrule_button.isHidden():
+        return f"the gate did not roll back, no overrule screenshots: {adapt.status.text()}"
+    dock.raise_()
+    settle(app, 1.0)
+    save_trimmed(dock.grab(), out / "adapt_rolled_back.png")
+    rolled_back = adapt.status.text()
+    adapt.overrule_button.click()
+    settle(app, 1.0)
+    save_trimmed(dock.grab(), out / "adapt_overruled.png")
+    window = viewer.window._qt_window
+    return (
+        f"rolled back: {rolled_back}\noverruled: {adapt.status.text()}\n"
+        f"window {window.width()}x{window.height()} px"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="tent", help="method to run (default tent)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--model", help="model bundle (default: the demo model)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--overrule-only", action="store_true", help="only the gate overrule")
     args = parser.parse_args(argv)
 
     import napari
@@ -197,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     axial_view(viewer, target)
 
     adapt = widgets["Adapt"]
+    if args.overrule_only:
+        adapt.reference.value = viewer.layers["brain mask (new scanner)"]
+        print(overrule_views(viewer, adapt, docks["Adapt"], app, args.out))
+        viewer.close()
+        return 0
     adapt.method_combo.setCurrentIndex(adapt.method_combo.findData(args.method))
     if args.set:
         method = adapt.methods[args.method]
@@ -254,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"screenshots in {args.out}; {result.method}: {result.stop_reason}, Dice "
           f"{dice[0]:.3f} -> {dice[1]:.3f}")  # fmt: skip
     print(corrections_views(viewer, adapt, docks["Adapt"], app, args.out))
+    print(overrule_views(viewer, adapt, docks["Adapt"], app, args.out))
     viewer.close()
     return 0
 

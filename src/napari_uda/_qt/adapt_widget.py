@@ -88,6 +88,8 @@ OVERRULE_TIP = (
     "'after' layers of the last run), keep it anyway: the after layers, QA, Export and the "
     "report then use the adapted model, and the report says you overruled the gate."
 )
+#: The status's first line once the user used the adapted result anyway.
+OVERRULED = "You kept the adapted result against the gate's advice (the gate's view below)."
 
 
 def capped(label: QLabel, height: int) -> QScrollArea:
@@ -106,6 +108,21 @@ def fit_height(scroll: QScrollArea, content: QWidget) -> None:
     height = min(content.sizeHint().height() + 2, SETTINGS_MAX_HEIGHT)
     scroll.setMinimumHeight(height)
     scroll.setMaximumHeight(height)
+
+
+def status_lines(summary: str, gate) -> list[str]:
+    """The status after a run: its ``summary`` and the gate's decision with a ``⚠`` line per
+    warning. After a roll-back the decision comes first; after the user overruled the gate,
+    :data:`OVERRULED` and the adapted mask's warnings (the status shows about four lines before
+    it scrolls)."""
+    if gate is None:
+        return [summary]
+    warnings = [f"⚠ {line}" for line in gate.warnings]
+    if gate.overruled:
+        return [OVERRULED, *warnings, f"Gate: {gate.summary}", summary]
+    if gate.rolled_back:
+        return [f"Gate: {gate.summary}", *warnings, summary]
+    return [f"{summary}. Gate: {gate.summary}", *warnings]
 
 
 def _clock(seconds: float) -> str:
@@ -571,20 +588,18 @@ class AdaptWidget(QWidget):
         return summary
 
     def _say_gate(self, outcome: AdaptationResult, summary: str) -> None:
-        """The run's summary with the gate's decision in the status; a napari warning for a
-        roll-back and for every loud line (implausible volume, large change of volume)."""
+        """The run's summary and the gate's decision in the status (:func:`status_lines`); a
+        napari warning for a roll-back, an overruled gate and every loud line (implausible
+        volume, large change of volume)."""
         gate = outcome.gate
-        if gate is not None:
-            summary += f". Gate: {gate.summary}"
-        lines = list(gate.warnings) if gate is not None else []
-        self.status.setText("\n".join([summary, *(f"⚠ {line}" for line in lines)]))
+        self.status.setText("\n".join(status_lines(summary, gate)))
         if gate is not None and gate.rolled_back:
             show_warning(f"Adaptation did not look better: {gate.summary}")
         elif gate is not None and gate.overruled:
             show_warning(f"Gate overruled: {gate.summary}")
         else:
             show_info(summary)
-        for line in lines:
+        for line in gate.warnings if gate is not None else []:
             show_warning(line)
 
     # -- overruling the gate ----------------------------------------------------------------
