@@ -15,15 +15,21 @@ from napari_uda._qt.state import RunStatus, get_state
 from napari_uda.core.models import load_model
 
 
-def test_a_run_ends_with_the_gate_decision_and_a_loud_volume_flag(
-    docked, qtbot, notifications, wait_for_run
-):
-    viewer, widgets = docked
+def _demo_tent(viewer, widgets):
+    """The Adapt widget on the demo head and model, TENT for one epoch."""
     viewer.open_sample("napari-uda", "target_head")
     widgets["Model"].demo_button.click()
     adapt = widgets["Adapt"]
     adapt.method_combo.setCurrentIndex(adapt.method_combo.findData("tent"))
     adapt.form.set_values({"epochs": 1, "batch_size": 32})
+    return adapt
+
+
+def test_a_run_ends_with_the_gate_decision_and_a_loud_volume_flag(
+    docked, qtbot, notifications, wait_for_run
+):
+    viewer, widgets = docked
+    adapt = _demo_tent(viewer, widgets)
 
     adapt.expected_volume.value = "tumour=1:2"  # not a class of the model: never starts
     adapt.run_button.click()
@@ -57,11 +63,7 @@ def test_the_user_keeps_the_adapted_result_the_gate_rolled_back(
     docked, qtbot, notifications, wait_for_run, tmp_path
 ):
     viewer, widgets = docked
-    viewer.open_sample("napari-uda", "target_head")
-    widgets["Model"].demo_button.click()
-    adapt = widgets["Adapt"]
-    adapt.method_combo.setCurrentIndex(adapt.method_combo.findData("tent"))
-    adapt.form.set_values({"epochs": 1, "batch_size": 32})
+    adapt = _demo_tent(viewer, widgets)
     # the unadapted brain (about 1070 ml) is in this range, TENT's (about 1620 ml, with more
     # Dice) is not: the gate rolls the run back
     adapt.expected_volume.value = "brain=1000:1300"
