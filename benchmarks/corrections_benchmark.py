@@ -278,14 +278,28 @@ def run_user(case_name: str, user: str, rounds: int, method: str, threads: int) 
               f"{row['just_paint']['dice']:.3f}) volume x{row['volume_ratio']:.2f} "
               f"{seconds:.1f} s load {load:.1f}", flush=True)  # fmt: skip
     final = history.model()
-    return {
-        "case": case_name,
-        "user": user,
-        "method": method,
-        "rounds": rows,
-        "carry_over": scores(_predict(final, case.carry_over), case.carry_over),
-        "clean": scores(_predict(final, case.clean), case.clean),
-    }
+    run = {"case": case_name, "user": user, "method": method, "rounds": rows}
+    run.update(other_scans(final, case))
+    return run
+
+
+def other_scans(final, case: Case) -> dict:
+    """The final model on the carry-over and the clean head, as *Apply to other scans* gives
+    it: the adapted mask's scores and whether the check warned (it gates each scan against
+    the unadapted model, label-free)."""
+    from napari_uda.adaptation.rounds import check_other_scans
+
+    scans = {"carry_over": case.carry_over, "clean": case.clean}
+    checks = check_other_scans(final, case.model, [scan.image for scan in scans.values()])
+    found = {}
+    for (key, scan), check in zip(scans.items(), checks):
+        found[key] = scores(check.prediction.labels, scan)
+        found[key]["check"] = {
+            "warned": bool(check.warning),
+            "gate_keeps": check.decision.keep,
+            "warning": check.warning,
+        }
+    return found
 
 
 def _in_process(function, *args):
@@ -350,8 +364,9 @@ def case_tables(payload: dict) -> str:
         parts.append("\n".join(lines))
         summary = [
             "| user | rounds to 0.90 | rounds to 0.95 | carry-over Dice (before -> after) | "
-            "clean head Dice (before -> after) |",
-            "|---|---|---|---|---|",
+            "clean head Dice (before -> after) | *Apply to other scans* says (carry-over; "
+            "clean) |",
+            "|---|---|---|---|---|---|",
         ]
         for run in case["users"]:
             checks = []
@@ -359,14 +374,27 @@ def case_tables(payload: dict) -> str:
                 before, after = none[key]["dice"], (run.get(key) or {}).get("dice")
                 text = f"{before:.3f} -> {_fmt(after, '.3f')}"
                 checks.append(text + (f" ({after - before:+.3f})" if after is not None else ""))
+            warned = [_warned((run.get(key) or {}).get("check")) for key in ("carry_over", "clean")]
             summary.append(
                 f"| {run['user']} | {rounds_to(run['rounds'], 0.90) or '-'} | "
-                f"{rounds_to(run['rounds'], 0.95) or '-'} | {checks[0]} | {checks[1]} |"
+                f"{rounds_to(run['rounds'], 0.95) or '-'} | {checks[0]} | {checks[1]} | "
+                f"{'; '.join(warned)} |"
             )
             if run.get("note"):
-                summary.append(f"| {run['user']} | {run['note']} | | | |")
+                summary.append(f"| {run['user']} | {run['note']} | | | | |")
         parts.append("\n".join(summary))
     return "\n\n".join(parts)
+
+
+def _warned(check: dict | None) -> str:
+    """What *Apply to other scans* said on a scan: "may be worse" (the gate would keep the
+    unadapted model there), "check the mask" (another warning), "no"; "-" for a run from
+    before the check was measured."""
+    if check is None:
+        return "-"
+    if check["gate_keeps"] == "source":
+        return "may be worse"
+    return "check the mask" if check["warned"] else "no"
 
 
 def write_docs(payload: dict) -> None:
