@@ -80,7 +80,10 @@ def test_a_stopped_run_leaves_pending_cases_and_resumes(client, tiny_model_path,
     job = make_job(tiny_model_path, tmp_path)
     finished = []
     outcome = run_batch(
-        client, job, cases, on_progress=lambda p: finished.append(p.finished),
+        client,
+        job,
+        cases,
+        on_progress=lambda p: finished.append(p.finished),
         should_stop=lambda: finished[-1] >= 1,  # stop once the first case is finished
     )
     assert outcome.progress.stopped

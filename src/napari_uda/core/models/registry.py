@@ -43,6 +43,7 @@ __all__ = [
     "named_models",
 ]
 
+
 @dataclass(frozen=True)
 class NamedModel:
     """A model known by name rather than by path (shown in the UI's model list)."""
