@@ -3,6 +3,7 @@ only behind --debug, and outputs that appear all together or not at all (also on
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,7 @@ def nifti(path: Path, data, affine=None, **sform) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, files, tiny_target):
+def bad_inputs(tmp_path_factory, files, tiny_target, tiny_model):
     """Files a new user or an attacker might hand over."""
     import gzip
     import json
@@ -136,6 +137,14 @@ def bad_inputs(tmp_path_factory, files, tiny_target):
     singular = np.eye(4)
     singular[:3, 2] = singular[:3, 1]
     made["singular"] = nifti(folder / "singular.nii", np.ones((4, 4, 4)), sform=singular)
+    rng = np.random.default_rng(0)  # a small file of 60 mm voxels: a huge grid at 1 mm
+    made["vast"] = nifti(
+        folder / "vast.nii.gz", rng.random((40, 40, 40)), np.diag([60.0] * 3 + [1])
+    )
+    fine = dataclasses.replace(tiny_model.bundle.preprocessing, target_spacing=(1.0, 1.0, 1.0))
+    made["fine_model"] = dataclasses.replace(tiny_model.bundle, preprocessing=fine).save(
+        folder / "fine.safetensors"
+    )
     labels = np.zeros(shape, np.int64)
     labels[1, 1, 1] = 70000
     made["label70000"] = nifti(
@@ -167,6 +176,8 @@ def bad_commands(files, bad, out: Path) -> list[tuple[list, str]]:
         ([*predict, "--image", bad["folder"] / "huge.nii"], "the file is truncated"),
         ([*predict, "--image", bad["folder"] / "huge.nii.gz"], "compressed file can hold"),
         ([*predict, "--image", bad["singular"]], "singular"),
+        ([*predict, "--image", bad["vast"], "--model", bad["fine_model"]],
+         "vast.nii.gz: resampled to the model's 1x1x1 mm spacing it is 2400x2400x2400"),
         ([*predict, "--image", image, "--model", bad["hostile_spec"]], "outside the spec's"),
         ([*adapt, "--image", image, "--reference", bad["label3"]], "holds label 3 but the model"),
         ([*adapt, "--image", image, "--reference", bad["shifted"]], "not on the grid"),

@@ -22,7 +22,7 @@ from napari_uda.core.models.adapter import NORM_AFFINE
 from napari_uda.core.models.nnunet import NnUNetAdapter, region_class_logits
 from napari_uda.core.models.registry import ModelLoadError
 from napari_uda.core.outputs import OutputSet
-from napari_uda.core.volume import Volume, load_volume
+from napari_uda.core.volume import Volume, VolumeError, load_volume
 from napari_uda.data import demo_files
 from nnunet_factory import DATASET, nnunet_checkpoint, train_folder, write_folder
 
@@ -137,6 +137,13 @@ def test_opens_the_folder_and_describes_the_model(folder_3d):
         load_model(folder_3d, folds=[7])
     with pytest.raises(ModelLoadError, match="options folds, checkpoint and mirroring"):
         load_model(folder_3d, trainable="all")
+
+
+def test_a_scan_too_large_for_the_models_spacing_is_refused_before_resampling(folder_3d):
+    data = np.random.default_rng(0).random((40, 40, 40)).astype(np.float32)
+    vast = Volume(data, np.diag([300.0, 300.0, 300.0, 1.0]), path=Path("vast.nii.gz"))
+    with pytest.raises(VolumeError, match=r"vast.nii.gz: resampled to the model's 6x6x6 mm"):
+        load_model(folder_3d).prepare(vast)
 
 
 def test_best_checkpoint_is_used_when_there_is_no_final_one(tmp_path, folder_3d):

@@ -260,3 +260,15 @@ def test_a_volume_larger_than_the_available_memory_is_refused_before_reading(tmp
     monkeypatch.setattr(volume_module.np, "asanyarray", must_not_read)
     with pytest.raises(VolumeError, match=r"needs 32\.0 kB of memory but only 10\.0 kB"):
         load_volume(path)
+
+
+def test_a_model_grid_too_large_for_memory_is_refused_before_resampling():
+    from napari_uda.core.models.volumetric import prepare_on_grid
+
+    rng = np.random.default_rng(0)
+    data = rng.random((40, 40, 40)).astype(np.float32)
+    vast = Volume(data, np.diag([60.0, 60.0, 60.0, 1.0]), path=Path("vast.nii.gz"))
+    with pytest.raises(VolumeError, match=r"vast.nii.gz: resampled to the model's 1x1x1 mm "):
+        prepare_on_grid(vast, normalize=lambda a: a, spacing=(1.0, 1.0, 1.0))
+    coarse = prepare_on_grid(vast, normalize=lambda a: a, spacing=(120.0, 120.0, 120.0))
+    assert tuple(coarse.model_shape) == (20, 20, 20)  # a grid that fits is made as before

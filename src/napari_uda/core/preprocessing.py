@@ -24,7 +24,7 @@ from .fields import (
     spacing_mm,
     whole_number,
 )
-from .volume import Volume
+from .volume import Volume, require_room_on_model_grid
 
 Normalization = Literal["percentile_zscore", "zscore", "minmax", "none"]
 NORMALIZATIONS: tuple[str, ...] = ("percentile_zscore", "zscore", "minmax", "none")
@@ -247,6 +247,7 @@ def prepare_volume(volume: Volume, config: PreprocessingConfig) -> PreparedVolum
     canonical = volume.to_canonical()
     data = normalize_intensity(canonical.data, config)
     model_shape = model_grid_shape(canonical.shape, canonical.spacing, config)
+    require_room_on_model_grid(volume, model_shape, 1, config.target_spacing)
     resampled = resample_channels(torch.from_numpy(data)[None], model_shape)
     slices = torch.movedim(resampled, 1 + config.slice_axis, 1).permute(1, 0, 2, 3)
     height, width = slices.shape[-2:]

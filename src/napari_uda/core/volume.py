@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +265,36 @@ def check_declared_size(path: Path, header: nib.Nifti1Header) -> None:
             f"{path}: reading it needs {_size(in_memory)} of memory but only "
             f"{_size(available)} is available"
         )
+
+
+def require_room_on_model_grid(
+    volume: Volume, shape: Sequence[int], channels: int = 1, spacing: Sequence[float] | None = None
+) -> None:
+    """Refuse, before resampling, a scan whose copy on the model's grid cannot fit in memory.
+
+    A model with a fine ``target_spacing`` turns a large scan into a much larger grid. The
+    estimate is a lower bound: the resampled inputs (``channels`` float32 values per voxel of
+    ``shape``) and the interpolation's own copy, so only a grid that certainly cannot fit is
+    refused (the network's outputs need more on top).
+
+    Raises:
+        VolumeError: one line naming the scan, the grid and the sizes.
+    """
+    voxels = int(np.prod([int(n) for n in shape], dtype=object))
+    needed = 2 * voxels * max(int(channels), 1) * 4
+    available = available_memory()
+    if available is None or needed <= available:
+        return
+    name = str(volume.path) if volume.path else "the scan"
+    where = (
+        f"resampled to the model's {'x'.join(f'{s:g}' for s in spacing)} mm spacing"
+        if spacing
+        else "on the model's grid"
+    )
+    raise VolumeError(
+        f"{name}: {where} it is {'x'.join(str(int(n)) for n in shape)} voxels, which needs at "
+        f"least {_size(needed)} of memory; only {_size(available)} is available"
+    )
 
 
 def affine_problem(affine: np.ndarray) -> str | None:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..preprocessing import check_labels_shape
-from ..volume import Volume, VolumeError
+from ..volume import Volume, VolumeError, require_room_on_model_grid
 from .adapter import NORM_AFFINE, FolderModelMixin, ModelAdapter, ModelInfo, atomic_folder
 from .errors import ModelLoadError
 from .nnunet_pipeline import (
@@ -798,6 +798,7 @@ class NnUNetAdapter(FolderModelMixin, ModelAdapter):
         new_shape = new_shape_for(data.shape[1:], spacing, target)
         if (new_shape < 1).any():
             raise VolumeError(f"the scan is too small for the model's spacing {config.spacing}")
+        require_room_on_model_grid(volume, new_shape, data.shape[0], target)
         for c in range(data.shape[0]):
             data[c] = normalize_channel(
                 data[c],

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from ..preprocessing import check_labels_shape
-from ..volume import Volume
+from ..volume import Volume, require_room_on_model_grid
 
 Interpolation = Literal["trilinear", "nearest-exact"]
 Weighting = Literal["gaussian", "constant"]
@@ -391,6 +391,7 @@ def prepare_on_grid(
             max(1, round(n * s / t))
             for n, s, t in zip(oriented.shape, spacing_in_network_axes, spacing)
         )
+        require_room_on_model_grid(volume, grid.model_shape, 1, spacing)
     data = np.asarray(normalize(oriented), dtype=np.float32)
     channels = grid.to_model(torch.from_numpy(data)[None])
     if spatial_dims == 2:
