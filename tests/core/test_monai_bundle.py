@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from napari_uda.core.models import ModelSaveError, load_model
 from napari_uda.core.models.adapter import BATCHNORM, NORM_AFFINE
 from napari_uda.core.models.monai_bundle import MonaiBundleAdapter
 from napari_uda.core.models.registry import ModelLoadError
-from napari_uda.core.volume import load_volume
+from napari_uda.core.volume import Volume, VolumeError, load_volume
 from napari_uda.data import demo_files
 
 pytest.importorskip("monai")
@@ -54,6 +55,15 @@ def test_opens_the_bundle_and_describes_it(bundle):
     assert info.spacing == (4.0, 4.0, 4.0) and info.spatial_dims == 3
     assert info.norm_type == "batch (affine)"
     assert info.capabilities == {NORM_AFFINE, BATCHNORM}
+
+
+def test_a_scan_too_large_for_the_bundles_spacing_is_refused_before_resampling(bundle):
+    model = load_model(bundle)
+    assert model.target_spacing, "the test bundle resamples (Spacingd)"
+    data = np.random.default_rng(0).random((40, 40, 40)).astype(np.float32)
+    vast = Volume(data, np.diag([300.0, 300.0, 300.0, 1.0]), path=Path("vast.nii.gz"))
+    with pytest.raises(VolumeError, match=r"vast.nii.gz: resampled to the model's .* mm spacing"):
+        model.prepare(vast)
 
 
 def test_prediction_equals_the_bundles_own_inference(bundle, demo):

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..preprocessing import check_labels_shape
-from ..volume import Volume
+from ..volume import Volume, require_room_on_model_grid
 from .adapter import (
     BATCHNORM,
     NORM_AFFINE,
@@ -362,6 +362,11 @@ class MonaiBundleAdapter(FolderModelMixin, ModelAdapter):
     def prepare(self, volume: Volume) -> MonaiPrepared:
         from monai.data import MetaTensor
 
+        spacing = self.target_spacing
+        if spacing:  # the grid Spacingd will make, at least (its axes may be reoriented)
+            coarsest = max(spacing)
+            shape = [max(1, round(n * s / coarsest)) for n, s in zip(volume.shape, volume.spacing)]
+            require_room_on_model_grid(volume, shape, 1, spacing)
         image = MetaTensor(
             torch.from_numpy(np.asarray(volume.data, dtype=np.float32)[None].copy()),
             affine=torch.as_tensor(volume.affine, dtype=torch.float64),
@@ -382,7 +387,9 @@ class MonaiBundleAdapter(FolderModelMixin, ModelAdapter):
             caps.add(BATCHNORM)
         return caps
 
-    def info(self) -> ModelInfo:
+    @property
+    def target_spacing(self) -> tuple[float, ...] | None:
+        """The voxel size (mm) the bundle's ``Spacingd`` resamples to, if it has one."""
         spacing = next(
             (
                 e.get("pixdim")
@@ -391,12 +398,18 @@ class MonaiBundleAdapter(FolderModelMixin, ModelAdapter):
             ),
             None,
         )
+        if not isinstance(spacing, list) or not all(isinstance(v, (int, float)) for v in spacing):
+            return None
+        return tuple(float(v) for v in spacing)
+
+    def info(self) -> ModelInfo:
+        spacing = self.target_spacing
         return ModelInfo(
             name=self.name,
             class_names=self.class_names,
             spatial_dims=self.spatial_dims,
             norm_type=norm_description(self.network),
-            spacing=tuple(float(s) for s in spacing) if isinstance(spacing, list) else None,
+            spacing=spacing,
             capabilities=self.capabilities,
             details={
                 "adapter": "monai_bundle",
