@@ -60,6 +60,30 @@ def test_corrections_raise_dice_on_the_demo_shift(
     assert result.extra["corrections"]["corrected_items"] == 3
 
 
+def test_with_corrections_the_gate_advises_and_says_the_corrections_outrank_it(
+    demo_model, demo_target_slab, demo_reference_slab
+):
+    from napari_uda.adaptation.gate import GateOptions
+
+    truth = np.asarray(demo_reference_slab.data).astype(np.int16)
+    corrections = corrections_from_slices(truth, _axial(demo_target_slab), [8, 16])
+    strict = GateOptions(min_agreement_gain=1.0)  # no run can pass: the gate would roll back
+    result = adapt(
+        demo_model,
+        demo_target_slab,
+        "corrections",
+        {"epochs": 1, "steps_per_epoch": 2},
+        corrections=corrections,
+        device="cpu",
+        gate=strict,
+    )
+    decision = result.gate
+    assert decision.keep == "adapted" and not decision.rolled_back
+    assert decision.reasons[0].startswith("your corrections outrank the label-free gate")
+    assert result.extra["gate"]["reasons"][0] == decision.reasons[0]
+    assert any(r.startswith("not more consistent") for r in decision.reasons[1:])
+
+
 def test_corrections_raise_dice_for_a_3d_torchscript_model(tmp_path):
     from napari_uda.core.models import load_model
 

@@ -54,6 +54,9 @@ from .base import preserved_modes
 from .guard import confusion_in_pieces
 from .intensity import intensity_support
 
+#: The first reason of a decision made with the gate off (it keeps the adapted model anyway).
+GATE_OFF = "gate off; it would have kept the unadapted model"
+
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
@@ -579,7 +582,7 @@ def decide(
     keep: Literal["adapted", "source"] = "source" if reasons else "adapted"
     if reasons and not options.gate:
         keep = "adapted"
-        reasons.insert(0, "gate off; it would have kept the unadapted model")
+        reasons.insert(0, GATE_OFF)
     elif not reasons:
         reasons.append(
             f"agreement {source.agreement:.3f} -> {adapted.agreement:.3f}, "
