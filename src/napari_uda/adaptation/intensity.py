@@ -58,8 +58,9 @@ def _bin_llr(
     low, high = _percentiles(channel[box], 0.005, 0.995)
     high = high if high > low else low + 1.0
     counts = []
-    for where in (foreground, background):
-        counts.append(torch.histc(channel[where].float(), bins=bins, min=low, max=high).double())
+    for where in (foreground, background):  # the tails go to the end bins, as in _mean_llr
+        values = channel[where].float().clamp(low, high)
+        counts.append(torch.histc(values, bins=bins, min=low, max=high).double())
     fg_counts, bg_counts = counts
     llr = torch.log((fg_counts + 1) / (fg_counts.sum() + bins)) - torch.log(
         (bg_counts + 1) / (bg_counts.sum() + bins)
