@@ -101,9 +101,11 @@ def intensity_support(
     source, adapted = source_foreground & where, adapted_foreground & where
     added, dropped = adapted & ~source, source & ~adapted
     changed = int(added.sum()) + int(dropped.sum())
+    if changed == 0:
+        return None
     box = widened_box(source | adapted, margin) & where
     foreground, background = source & adapted, ~source & ~adapted & box
-    if changed == 0 or not bool(foreground.any()) or not bool(background.any()):
+    if not bool(foreground.any()) or not bool(background.any()):
         return None
     support = 0.0
     for c in range(inputs.shape[1]):
