@@ -51,7 +51,7 @@ from .checkpoints import CheckpointKeeper
 from .corrections import CorrectionSettingsInput, resolve_correction_settings
 from .evaluation import Evaluator, reference_dice
 from .events import AdaptationEvent, AdaptationResult, CheckpointChoice
-from .gate import GATE_OFF, GateOptions, apply_gate, left_right_dim
+from .gate import GateOptions, apply_gate, left_right_dim
 from .guard import CollapseGuard, GuardOptions, Signals
 from .plan import AdaptationError, RunPlan, SettingsInput, plan_run, resolve_settings
 from .targets import TargetSet
@@ -301,6 +301,13 @@ def _start_run(
     )
 
 
+#: Why a round with corrections is never rolled back (the gate's first reason there).
+CORRECTIONS_OUTRANK_GATE = (
+    "your corrections outrank the label-free gate, which alone would have kept the model this "
+    "round started from"
+)
+
+
 def run_adaptation(
     model: ModelAdapter,
     volumes: Volume | Sequence[Volume],
@@ -370,22 +377,9 @@ def run_adaptation(
     result = _result(run, reference, seed, device)
     if gate is not None:
         if corrections is not None:  # the user's labels outrank the label-free gate: it warns
-            gate = dataclasses.replace(gate, gate=False)
+            gate = dataclasses.replace(gate, gate=False, off_reason=CORRECTIONS_OUTRANK_GATE)
         _gate_result(run, result, gate, expected_volumes, device, seed)
-        if corrections is not None:
-            _say_corrections_outrank(result)
     return result
-
-
-def _say_corrections_outrank(result: AdaptationResult) -> None:
-    """With corrections the gate only advises: say why it is off in the user's words."""
-    decision = result.gate
-    if decision is not None and decision.reasons and decision.reasons[0] == GATE_OFF:
-        decision.reasons[0] = (
-            "your corrections outrank the label-free gate, which alone would have kept the "
-            "model this round started from"
-        )
-        result.extra["gate"] = decision.to_dict()
 
 
 def _gate_result(

@@ -69,6 +69,12 @@ class GateOptions:
         "At the end of a run, compare the adapted and the unadapted model with label-free "
         "signals and keep the unadapted one when adaptation does not look better.",
     )
+    off_reason: str = setting(
+        GATE_OFF,
+        "With the gate off, the first reason of its decision: why it only advised, in the "
+        "user's words (a round with corrections says the corrections outrank it).",
+        hidden=True,
+    )
     flip: bool = setting(True, "Test-time augmentation: mirror the input left-right.")
     intensity_change: float = setting(
         0.1,
@@ -582,7 +588,7 @@ def decide(
     keep: Literal["adapted", "source"] = "source" if reasons else "adapted"
     if reasons and not options.gate:
         keep = "adapted"
-        reasons.insert(0, GATE_OFF)
+        reasons.insert(0, options.off_reason)
     elif not reasons:
         reasons.append(
             f"agreement {source.agreement:.3f} -> {adapted.agreement:.3f}, "
